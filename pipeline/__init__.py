@@ -1,0 +1,7 @@
+"""quantize-pipeline: recipe -> quantized, verified, gated, vLLM-ready checkpoint.
+
+Importing this package is cheap on purpose: torch, Quark, vLLM and lm-eval are
+imported only inside the stages that need them (in child processes).
+"""
+
+__version__ = "0.1.0"

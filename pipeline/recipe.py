@@ -1,0 +1,196 @@
+"""The recipe language: the single source of truth for every setting and default.
+
+A recipe is one YAML file validated by these pydantic models (`extra="forbid"`
+everywhere, so a typo is an error, not a silently ignored key). Importing this
+module must stay cheap: `validate` and `--help` never import torch or vLLM.
+
+Relative paths in a recipe are resolved against the current working directory,
+as lm-eval and llm-compressor do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import schemes
+from pipeline.errors import RecipeError
+
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+SHIPPED_CORPORA = ("wikipedia",)
+SHIPPED_HELDOUT_TEXTS = ("wikipedia-heldout",)
+SHIPPED_TASKS = ("arc_easy",)
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "def fibonacci(n):",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    source: str = Field(
+        description="'builtin:smollm2-135m-instruct' (shipped, converted from GGUF) or a local HF model folder"
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source.startswith("builtin:"):
+            name = source.removeprefix("builtin:")
+            if name not in BUILTIN_MODELS:
+                raise ValueError(f"unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+        elif not Path(source).is_dir():
+            raise ValueError(f"'{source}' is not a local model folder (or use builtin:{BUILTIN_MODELS[0]})")
+        return source
+
+
+class CalibrationSpec(Strict):
+    source: str = Field(
+        "wikipedia", description="shipped corpus name (wikipedia) or a local .jsonl/.txt file"
+    )
+    samples: int = Field(64, ge=1, le=100_000)
+    max_seq_len: int = Field(512, ge=16, le=131_072)
+    seed: int = 0
+    text_field: str = Field("text", description="jsonl field that holds the text")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source in SHIPPED_CORPORA:
+            return source
+        path = Path(source)
+        if path.suffix not in (".jsonl", ".txt"):
+            raise ValueError(
+                f"'{source}' is neither a shipped corpus ({', '.join(SHIPPED_CORPORA)}) nor a .jsonl/.txt file"
+            )
+        if not path.is_file():
+            raise ValueError(f"file not found: {source}")
+        return source
+
+
+class QuantizationSpec(Strict):
+    scheme: str = Field(description="one of: " + ", ".join(schemes.SCHEMES))
+    kv_cache: Literal["fp8"] | None = None
+    exclude: tuple[str, ...] = Field(
+        ("lm_head",), description="layer names, globs (*, ?) or 're:' regexes left unquantized"
+    )
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, scheme: str) -> str:
+        if scheme not in schemes.SCHEMES:
+            raise ValueError(schemes.unknown_scheme_message(scheme))
+        return scheme
+
+    @field_validator("exclude")
+    @classmethod
+    def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+        return patterns
+
+
+class EvaluationSpec(Strict):
+    engine: Literal["vllm"] = "vllm"
+    tasks: tuple[str, ...] = Field(("arc_easy",), description="shipped lm-eval tasks: " + ", ".join(SHIPPED_TASKS))
+    limit: int | None = Field(200, ge=1, description="questions per task (None: all)")
+    perplexity_text: str | None = Field("wikipedia-heldout", description="held-out text for perplexity, or null")
+    perplexity_limit: int | None = Field(None, ge=1, description="held-out paragraphs to score (None: all)")
+    max_model_len: int = Field(2048, ge=128)
+    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        for task in tasks:
+            if task not in SHIPPED_TASKS:
+                raise ValueError(f"unknown task '{task}' (known: {', '.join(SHIPPED_TASKS)})")
+        return tasks
+
+    @field_validator("perplexity_text")
+    @classmethod
+    def _known_text(cls, text: str | None) -> str | None:
+        if text is not None and text not in SHIPPED_HELDOUT_TEXTS:
+            raise ValueError(f"unknown held-out text '{text}' (known: {', '.join(SHIPPED_HELDOUT_TEXTS)})")
+        return text
+
+
+class GatesSpec(Strict):
+    min_recovery: float | None = Field(0.97, gt=0, description="quantized acc / base acc, per task")
+    max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl")
+
+
+class PublishSpec(Strict):
+    target: str = Field(description="local folder that receives the model and its card")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    description: str = ""
+    model: ModelSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    quantization: QuantizationSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    gates: GatesSpec = GatesSpec()
+    publish: PublishSpec | None = None
+
+    @property
+    def scheme(self) -> schemes.SchemeSpec:
+        return schemes.SCHEMES[self.quantization.scheme]
+
+    def content_hash(self) -> str:
+        """sha256 of the resolved recipe (defaults included): what produced a run."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; any problem is one RecipeError line naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), "", "file not found")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise RecipeError(str(path), "", "binary file, expected a YAML recipe")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), "", "not UTF-8 text, expected a YAML recipe") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(str(path), "", f"YAML syntax error{where}: {problem}") from None
+    if data is None:
+        raise RecipeError(str(path), "", "empty recipe")
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "", f"expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check spelling)"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        raise RecipeError(str(path), field, message) from None

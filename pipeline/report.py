@@ -1,0 +1,48 @@
+"""report.md: the table a reviewer reads in a PR, rendered from report.json."""
+
+from __future__ import annotations
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"# {report['recipe']}: {report['verdict'].upper()}",
+        "",
+        f"Scheme `{report['scheme']}`.",
+        "",
+        "## Gate",
+        "",
+        "| rule | figure | threshold | result | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in report["rules"]:
+        result = "pass" if rule["passed"] else "**FAIL**"
+        lines.append(f"| {rule['rule']} | {_fmt(rule['figure'])} | {_fmt(rule['threshold'])} | {result} | {rule['detail']} |")
+    evaluation = report.get("evaluation", {})
+    lines += ["", "## Evaluation (base vs quantized)", "", "| metric | base | quantized |", "|---|---|---|"]
+    for task, figures in evaluation.get("tasks", {}).items():
+        lines.append(f"| {task} acc | {_fmt(figures.get('base', {}).get('acc'))} | {_fmt(figures.get('quantized', {}).get('acc'))} |")
+    perplexity = evaluation.get("perplexity")
+    if perplexity:
+        lines.append(f"| word perplexity | {_fmt(perplexity.get('base'))} | {_fmt(perplexity.get('quantized'))} |")
+    export = report.get("export", {})
+    serve = report.get("serve", {})
+    if export or serve:
+        lines += ["", "## Export and serving", ""]
+        if export:
+            lines.append(f"- export size: {export.get('export_size_bytes', 0) / 2**20:.1f} MiB "
+                         f"({_fmt(export.get('size_ratio'))} of base)")
+        if serve:
+            lines.append(f"- vLLM {serve.get('engine_version')}: load {_fmt(serve.get('load_s'))} s, "
+                         f"{_fmt(serve.get('tokens_per_s'))} tokens/s, peak RSS {_fmt(serve.get('peak_rss_mb'))} MiB")
+            for item in serve.get("completions", []):
+                completion = item["completion"].replace("\n", " ").replace("|", "\\|")
+                lines.append(f"  - `{item['prompt']}` → {completion}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,225 @@
+"""Order the stages, time them, measure their memory, write the manifest.
+
+The runner process stays light (no torch): heavy stages run in child processes
+via worker.call_isolated. Each stage writes only its own folder of the run
+directory, staged and renamed into place when the stage succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from pipeline import models
+from pipeline.errors import GateFailed, PipelineError
+from pipeline.manifest import Manifest
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.rundir import atomic_write_text, read_json, staged_folder, tree_digest
+from pipeline.stages import calibrate, evaluate, gate, publish, verify
+from pipeline.worker import call_isolated
+
+STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
+# Folder each stage writes in the run directory (the export is the model itself).
+STAGE_FOLDERS = {stage: stage for stage in STAGES} | {"export": "model"}
+ROOT_REPORT_FILES = ("report.json", "report.md")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report: dict | None = None
+    published_to: str | None = None
+    stage_records: dict = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return self.report["verdict"] if self.report else "not reached"
+
+
+Say = Callable[[str], None]
+
+
+def _self_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def new_run_dir(output_root: Path, recipe: Recipe) -> tuple[Path, str]:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = f"{stamp}-{recipe.content_hash()[:8]}"
+    run_dir = output_root / recipe.name / run_id
+    suffix = 1
+    while run_dir.exists():  # two runs in the same second
+        suffix += 1
+        run_dir = output_root / recipe.name / f"{run_id}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir, run_dir.name
+
+
+def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
+    """The base model as a local HF folder; the shipped default is converted once and cached."""
+    source = recipe.model.source
+    if not source.startswith("builtin:"):
+        return Path(source).resolve()
+    name = source.removeprefix("builtin:")
+    model_dir = models.builtin_model_dir(name)
+    if not models.is_prepared(model_dir):
+        say(f"preparing builtin model {name} (once per machine) -> {model_dir}")
+        call_isolated(
+            "pipeline.models:convert_builtin", {"name": name, "output_dir": str(model_dir)},
+            log_path=log_path, stage="prepare",
+        )
+    return model_dir
+
+
+class Run:
+    """One execution of a recipe: holds the run directory, the manifest and the stage records."""
+
+    def __init__(self, recipe: Recipe, recipe_path: Path, run_dir: Path, run_id: str, say: Say,
+                 refresh_baseline: bool = False):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.run_dir = run_dir
+        self.say = say
+        self.refresh_baseline = refresh_baseline
+        self.manifest = Manifest(run_dir, recipe_name=recipe.name, recipe_sha256=recipe.content_hash(), run_id=run_id)
+        self.result = RunResult(run_dir=run_dir)
+        self.base_model_dir: Path | None = None
+
+    def folder(self, stage: str) -> Path:
+        return self.run_dir / STAGE_FOLDERS[stage]
+
+    def log(self, stage: str) -> Path:
+        return self.run_dir / "logs" / f"{stage}.log"
+
+    def _record(self, stage: str, summary: dict, wall_s: float, peak_rss_mb: float) -> None:
+        record = {
+            "status": "done",
+            "wall_s": round(wall_s, 2),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+            "log": f"logs/{stage}.log",
+            "summary": summary,
+        }
+        log = self.log(stage)
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"[{stage}] done in {wall_s:.2f} s, peak RSS {peak_rss_mb:.0f} MiB\n")
+        self.manifest.record_stage(stage, record, STAGE_FOLDERS[stage])
+        self.result.stage_records[stage] = record
+        self.say(f"✓ {stage:<9} {wall_s:7.1f} s  peak RSS {peak_rss_mb:7.0f} MiB")
+
+    def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
+        """Run an in-process stage into its staged folder."""
+        started = time.perf_counter()
+        with staged_folder(self.folder(stage)) as out_dir:
+            summary = work(out_dir)
+        self._record(stage, summary, time.perf_counter() - started, _self_peak_rss_mb())
+        return summary
+
+    def _isolated(self, stage: str, target: str, kwargs: dict) -> dict:
+        """Run a child-process stage into its staged folder (the child gets `out_dir`)."""
+        started = time.perf_counter()
+        with staged_folder(self.folder(stage)) as out_dir:
+            summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage), stage=stage)
+        summary["peak_rss_mb"] = round(peak_mb, 1)
+        self._record(stage, summary, time.perf_counter() - started, peak_mb)
+        return summary
+
+    def execute(self) -> RunResult:
+        recipe = self.recipe
+        atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        self.base_model_dir = resolve_base_model(recipe, self.log("prepare"), self.say)
+        self.manifest.set("base_model", {
+            "source": recipe.model.source, "path": str(self.base_model_dir), "sha256": tree_digest(self.base_model_dir),
+        })
+
+        self._in_process("calibrate", lambda out: calibrate.calibrate(recipe, self.base_model_dir, out))
+        self._quark_stages()
+        linear_layers = read_json(self.folder("quantize") / "quantize.json")["linear_layer_names"]
+        export = self._in_process(
+            "verify", lambda out: verify.verify(recipe, self.base_model_dir, self.folder("export"), linear_layers, out)
+        )
+        serve = self._isolated("serve", "pipeline.stages.serve:generate", {
+            "model_dir": str(self.folder("export")),
+            "prompts": list(recipe.evaluation.prompts),
+            "max_new_tokens": recipe.evaluation.max_new_tokens,
+            "max_model_len": recipe.evaluation.max_model_len,
+            "dtype": recipe.model.dtype,
+            "kv_cache_dtype": recipe.quantization.kv_cache,
+        })
+        evaluation = self._evaluate()
+        run_facts = {
+            "run_dir": str(self.run_dir),
+            "base_model": self.manifest.data["base_model"],
+            "export": {key: export[key] for key in ("export_size_bytes", "base_size_bytes", "size_ratio")},
+            "serve": serve,
+            "packages": self.manifest.data["packages"],
+        }
+        report = self._in_process("gate", lambda out: gate.gate(recipe, run_facts, evaluation, out))
+        for name in ROOT_REPORT_FILES:
+            shutil.copy2(self.folder("gate") / name, self.run_dir / name)
+        self.result.report = report
+        if report["verdict"] != "pass":
+            raise GateFailed(f"gate failed: {', '.join(report['failed_rules'])}; nothing published", stage="gate")
+        if recipe.publish is not None:
+            published = self._in_process(
+                "publish", lambda out: publish.publish(recipe, self.folder("export"), report, out)
+            )
+            self.result.published_to = published["target"]
+        return self.result
+
+    def _quark_stages(self) -> None:
+        """quantize, freeze and export share one child: the quantized model lives in its memory."""
+        folders = {stage: self.folder(stage) for stage in ("quantize", "freeze", "export")}
+        with staged_folder(folders["quantize"]) as quantize_dir, staged_folder(folders["freeze"]) as freeze_dir, \
+                staged_folder(folders["export"]) as model_dir:
+            records, _ = call_isolated(
+                "pipeline.stages.quantize:quantize_freeze_export",
+                {
+                    "recipe": self.recipe.model_dump(mode="json"),
+                    "model_dir": str(self.base_model_dir),
+                    "calibrate_dir": str(self.folder("calibrate")),
+                    "out_dirs": {"quantize": str(quantize_dir), "freeze": str(freeze_dir), "model": str(model_dir)},
+                },
+                log_path=self.log("quantize"), stage="quantize",
+            )
+        for stage in ("quantize", "freeze", "export"):
+            record = records[stage]
+            self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+
+    def _evaluate(self) -> dict:
+        started = time.perf_counter()
+        with staged_folder(self.folder("evaluate")) as out_dir:
+            evaluation, peak_mb = evaluate.evaluate(
+                self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
+                refresh_baseline=self.refresh_baseline,
+            )
+        self._record("evaluate", evaluation, time.perf_counter() - started, peak_mb)
+        return evaluation
+
+
+def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
+    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
+    recipe = load_recipe(recipe_path)
+    run_dir, run_id = new_run_dir(output_root, recipe)
+    say(f"run directory: {run_dir}")
+    current = Run(recipe, recipe_path, run_dir, run_id, say, refresh_baseline=refresh_baseline)
+    try:
+        result = current.execute()
+    except PipelineError as exc:
+        current.manifest.data["error"] = {"stage": exc.stage, "message": exc.one_line(), "exit_code": exc.exit_code}
+        current.manifest.finish("failed")
+        exc.run_dir = run_dir
+        raise
+    except BaseException:
+        current.manifest.finish("crashed")
+        raise
+    current.manifest.finish("passed")
+    return result

@@ -1,0 +1,135 @@
+"""verify: the exported tensors and config are what the recipe asked for.
+
+Reads only safetensors headers and config.json (fast, no torch). This is where a
+mislabelled export ("FP8" that is really INT8, a per-tensor scale where the
+recipe said per-channel, an excluded layer that got quantized) is caught.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import layers
+from pipeline.errors import VerifyFailed
+from pipeline.recipe import Recipe
+from pipeline.safetensors_header import folder_size, read_folder
+from pipeline.schemes import STORED_WEIGHT_DTYPE, SchemeSpec
+
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+# How Quark's quantization_config names our granularities.
+QUARK_QSCHEME = {"per_tensor": "per_tensor", "per_channel": "per_channel", "per_group": "per_group", "per_token": "per_channel"}
+QUARK_DTYPE = {"int8": "int8", "fp8_e4m3": "fp8_e4m3", "int4": "int4"}
+
+
+def _scale_shape_problem(scheme: SchemeSpec, weight_shape: list[int], scale_shape: list[int]) -> str | None:
+    out_features, in_features = weight_shape[0], weight_shape[-1]
+    if scheme.weight_granularity == "per_tensor":
+        ok = scale_shape in ([], [1])
+        wanted = "one scale"
+    elif scheme.weight_granularity == "per_channel":
+        ok = scale_shape in ([out_features], [out_features, 1])
+        wanted = f"one scale per output row ({out_features})"
+    else:
+        groups = in_features // scheme.group_size
+        ok = scale_shape in ([out_features, groups], [groups, out_features])
+        wanted = f"{out_features}x{groups} group scales"
+    return None if ok else f"scale shape {scale_shape}, expected {wanted}"
+
+
+def check_config(scheme: SchemeSpec, config: dict) -> list[str]:
+    """Problems in config.json's quantization_config against the scheme."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return ["config.json has no quantization_config"]
+    problems = []
+    if quantization.get("quant_method") != "quark":
+        problems.append(f"quant_method is {quantization.get('quant_method')!r}, expected 'quark'")
+    global_config = quantization.get("global_quant_config") or {}
+    weight = global_config.get("weight") or {}
+    if weight.get("dtype") != QUARK_DTYPE[scheme.weight_dtype]:
+        problems.append(f"weight dtype is {weight.get('dtype')!r}, expected {QUARK_DTYPE[scheme.weight_dtype]!r}")
+    if weight.get("qscheme") != QUARK_QSCHEME[scheme.weight_granularity]:
+        problems.append(f"weight qscheme is {weight.get('qscheme')!r}, expected {scheme.weight_granularity!r}")
+    activation = global_config.get("input_tensors")
+    if scheme.weight_only:
+        if activation:
+            problems.append("activations are quantized, but the scheme is weight-only")
+    elif not activation:
+        problems.append("activations are not quantized")
+    else:
+        if activation.get("dtype") != QUARK_DTYPE[scheme.activation_dtype]:
+            problems.append(
+                f"activation dtype is {activation.get('dtype')!r}, expected {QUARK_DTYPE[scheme.activation_dtype]!r}"
+            )
+        if activation.get("qscheme") != QUARK_QSCHEME[scheme.activation_granularity]:
+            problems.append(f"activation qscheme is {activation.get('qscheme')!r}, expected {scheme.activation_granularity!r}")
+        if bool(activation.get("is_dynamic")) == scheme.activation_static:
+            wanted = "static" if scheme.activation_static else "dynamic"
+            problems.append(f"activation quantization is not {wanted}")
+    return problems
+
+
+def check_tensors(
+    scheme: SchemeSpec, exported: dict[str, dict], base: dict[str, dict], linear_layers: list[str], exclude: tuple[str, ...]
+) -> tuple[list[str], int]:
+    """Problems in the exported tensors; also returns how many layers were checked as quantized."""
+    problems = []
+    excluded = set(layers.select(linear_layers, exclude))
+    stored_dtype = STORED_WEIGHT_DTYPE[scheme.weight_dtype]
+    checked = 0
+    for layer in linear_layers:
+        weight, scale = exported.get(f"{layer}.weight"), exported.get(f"{layer}.weight_scale")
+        if layer in excluded:
+            if scale is not None:
+                problems.append(f"{layer}: excluded by the recipe but quantized")
+            elif weight is not None and weight["dtype"] not in FLOAT_DTYPES:
+                problems.append(f"{layer}: excluded by the recipe but stored as {weight['dtype']}")
+            continue
+        if weight is None:
+            if f"{layer}.weight" in base:  # tied weights (lm_head) are absent from both
+                problems.append(f"{layer}: weight missing from the export")
+            continue
+        checked += 1
+        if weight["dtype"] != stored_dtype:
+            problems.append(f"{layer}: weight stored as {weight['dtype']}, expected {stored_dtype} for {scheme.name}")
+        if scale is None:
+            problems.append(f"{layer}: no weight_scale")
+        else:
+            base_shape = base.get(f"{layer}.weight", weight)["shape"]
+            problem = _scale_shape_problem(scheme, base_shape, scale["shape"])
+            if problem:
+                problems.append(f"{layer}: {problem}")
+        has_input_scale = f"{layer}.input_scale" in exported
+        if scheme.activation_static and not has_input_scale:
+            problems.append(f"{layer}: static activation scheme but no input_scale")
+        if not scheme.activation_static and has_input_scale:
+            problems.append(f"{layer}: dynamic/weight-only scheme but a static input_scale was stored")
+    return problems, checked
+
+
+def verify(recipe: Recipe, base_model_dir: Path, model_dir: Path, linear_layers: list[str], out_dir: Path) -> dict:
+    scheme = recipe.scheme
+    config = json.loads((model_dir / "config.json").read_text())
+    exported, base = read_folder(model_dir), read_folder(base_model_dir)
+    problems = check_config(scheme, config)
+    tensor_problems, checked = check_tensors(scheme, exported, base, linear_layers, recipe.quantization.exclude)
+    problems += tensor_problems
+    if checked == 0:
+        problems.append("no quantized layer found in the export")
+    size_ratio = folder_size(model_dir) / folder_size(base_model_dir)
+    summary = {
+        "scheme": scheme.name,
+        "quantized_layers_checked": checked,
+        "excluded_layers": layers.select(linear_layers, recipe.quantization.exclude),
+        "export_size_bytes": folder_size(model_dir),
+        "base_size_bytes": folder_size(base_model_dir),
+        "size_ratio": round(size_ratio, 4),
+        "problems": problems,
+        "passed": not problems,
+    }
+    (out_dir / "verify.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerifyFailed(f"export does not match scheme {scheme.name}: {problems[0]}{more}", stage="verify")
+    return summary

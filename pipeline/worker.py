@@ -1,0 +1,110 @@
+"""Run heavy work (Quark, vLLM, lm-eval) in a fresh child process.
+
+Why a child: memory is returned to the OS between stages, vLLM's spawned
+workers need a `__main__` guard, and the parent CLI never imports torch. The
+parent samples the RSS of the child's whole process tree (vLLM runs its engine
+in a grandchild), so "peak RSS" is the real memory the work needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline import errors
+
+SAMPLE_INTERVAL_S = 0.2
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage: str) -> tuple[Any, float]:
+    """Call `package.module:function(**kwargs)` in a child; return (its result, peak tree RSS in MiB).
+
+    The child's output goes to `log_path`. A PipelineError raised in the child
+    is raised again here with the same type, so exit codes survive the hop.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qp-worker-") as tmp:
+        args_file, result_file = Path(tmp, "args.json"), Path(tmp, "result.json")
+        args_file.write_text(json.dumps(kwargs))
+        command = [sys.executable, "-m", "pipeline.worker", target, str(args_file), str(result_file)]
+        peak_bytes = 0
+        with open(log_path, "ab") as log:
+            log.write(f"\n$ {target}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+            log.flush()
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                while child.poll() is None:
+                    peak_bytes = max(peak_bytes, _tree_rss_bytes(child.pid))
+                    time.sleep(SAMPLE_INTERVAL_S)
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+        outcome = json.loads(result_file.read_text()) if result_file.exists() else {}
+    peak_mb = max(peak_bytes / 2**20, outcome.get("ru_maxrss_mb", 0.0))
+    if "error" in outcome:
+        error = outcome["error"]
+        error_type = getattr(errors, error["type"], errors.StageError)
+        if error_type is errors.RecipeError:
+            raise errors.StageError(error["message"], stage=stage)
+        raise error_type(error["message"], stage=stage)
+    if child.returncode != 0 or "result" not in outcome:
+        raise errors.StageError(f"{target} exited with code {child.returncode}; see {log_path}", stage=stage)
+    return outcome["result"], peak_mb
+
+
+def _main(target: str, args_file: str, result_file: str) -> int:
+    module_name, function_name = target.split(":")
+    kwargs = json.loads(Path(args_file).read_text())
+    outcome: dict[str, Any]
+    exit_code = 0
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        outcome = {"result": function(**kwargs)}
+    except errors.PipelineError as exc:
+        traceback.print_exc()
+        outcome = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        exit_code = exc.exit_code
+    except Exception as exc:  # a crash: the log has the traceback, the user gets one line
+        traceback.print_exc()
+        outcome = {"error": {"type": "StageError", "message": f"{type(exc).__name__}: {exc}"}}
+        exit_code = 1
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    outcome["ru_maxrss_mb"] = max(own, children) / 1024  # Linux reports KiB
+    Path(result_file).write_text(json.dumps(outcome))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return exit_code
+
+
+if __name__ == "__main__":
+    code = _main(*sys.argv[1:4])
+    # vLLM and lm-eval can leave non-daemon threads behind; do not hang on them.
+    os._exit(code)
