@@ -26,12 +26,23 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
-def llm_kwargs(model_dir: str, dtype: str, max_model_len: int, kv_cache_dtype: str | None) -> dict:
-    """Keyword arguments for vllm.LLM; the export's config.json selects Quark on its own."""
+def llm_kwargs(model_dir: str, options: dict) -> dict:
+    """Keyword arguments for vllm.LLM from engine options; the export's config.json selects Quark on its own."""
     return {
         "model": model_dir,
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "kv_cache_dtype": kv_cache_dtype or "auto",
+        "dtype": options["dtype"],
+        "max_model_len": options["max_model_len"],
+        "kv_cache_dtype": options.get("kv_cache_dtype") or "auto",
+        "enforce_eager": options.get("enforce_eager", False),
         "seed": 0,
+    }
+
+
+def engine_options(recipe, *, quantized: bool) -> dict:
+    """The engine settings a recipe asks for (JSON-able: they travel to child processes)."""
+    return {
+        "dtype": recipe.model.dtype,
+        "max_model_len": recipe.evaluation.max_model_len,
+        "enforce_eager": recipe.evaluation.enforce_eager,
+        "kv_cache_dtype": recipe.quantization.kv_cache if quantized else None,
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import models
+from pipeline import engine, models
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe, load_recipe
@@ -150,9 +150,7 @@ class Run:
             "model_dir": str(self.folder("export")),
             "prompts": list(recipe.evaluation.prompts),
             "max_new_tokens": recipe.evaluation.max_new_tokens,
-            "max_model_len": recipe.evaluation.max_model_len,
-            "dtype": recipe.model.dtype,
-            "kv_cache_dtype": recipe.quantization.kv_cache,
+            "engine_options": engine.engine_options(recipe, quantized=True),
         })
         evaluation = self._evaluate()
         run_facts = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import lm_eval_tasks
+from pipeline import engine, lm_eval_tasks
 from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
@@ -19,22 +19,15 @@ from pipeline.worker import call_isolated
 ENGINE = "vllm"
 
 
-def evaluate_model(
-    model_dir: str, tasks: dict[str, int | None], dtype: str, max_model_len: int, kv_cache_dtype: str | None,
-    samples_path: str,
-) -> dict:
+def evaluate_model(model_dir: str, tasks: dict[str, int | None], engine_options: dict, samples_path: str) -> dict:
     """Child-process job: {task: {metric: value}} for one model; per-document results to samples_path."""
-    from pipeline import engine
-
     engine.prepare_environment()
     import lm_eval
 
     from pipeline.lm_eval_vllm import vllm_lm_class
 
-    model = vllm_lm_class()(
-        pretrained=model_dir, dtype=dtype, max_model_len=max_model_len,
-        kv_cache_dtype=kv_cache_dtype or "auto", seed=0, batch_size="auto",
-    )
+    llm_kwargs = engine.llm_kwargs(model_dir, engine_options)
+    model = vllm_lm_class()(pretrained=llm_kwargs.pop("model"), batch_size="auto", **llm_kwargs)
     figures = {}
     with open(samples_path, "w", encoding="utf-8") as samples_file:
         for name, limit in tasks.items():  # one call per task: each has its own limit
@@ -58,8 +51,9 @@ def evaluate_model(
     return figures
 
 
-def _baseline_path(base_digest: str, task: str, limit: int | None, engine_version: str) -> Path:
-    key = f"{task}-limit{limit if limit is not None else 'all'}-{ENGINE}-{engine_version}"
+def _baseline_path(base_digest: str, task: str, limit: int | None, engine_version: str, options: dict) -> Path:
+    mode = "eager" if options["enforce_eager"] else "compiled"
+    key = f"{task}-limit{limit if limit is not None else 'all'}-{options['dtype']}-{ENGINE}-{engine_version}-{mode}"
     return cache_root() / "baselines" / base_digest[:32] / f"{key}.json"
 
 
@@ -81,32 +75,34 @@ def evaluate(
     engine_version = vllm_version()
     limits = _limits(recipe)
     base_digest = tree_digest(base_model_dir)
-    common = {"dtype": recipe.model.dtype, "max_model_len": recipe.evaluation.max_model_len}
+    base_options = engine.engine_options(recipe, quantized=False)
     peak_mb = 0.0
 
     base: dict[str, dict] = {}
     if not refresh_baseline:
         for task, limit in limits.items():
-            cached = _baseline_path(base_digest, task, limit, engine_version)
+            cached = _baseline_path(base_digest, task, limit, engine_version, base_options)
             if cached.is_file():
                 base[task] = json.loads(cached.read_text())
     missing = {task: limit for task, limit in limits.items() if task not in base}
     if missing:
         computed, child_peak = call_isolated(
             "pipeline.stages.evaluate:evaluate_model",
-            {"model_dir": str(base_model_dir), "tasks": missing, "kv_cache_dtype": None,
-             "samples_path": str(out_dir / "base-samples.jsonl"), **common},
+            {"model_dir": str(base_model_dir), "tasks": missing,
+             "engine_options": base_options,
+             "samples_path": str(out_dir / "base-samples.jsonl")},
             log_path=log_path, stage="evaluate",
         )
         peak_mb = max(peak_mb, child_peak)
         for task, figures in computed.items():
-            atomic_write_json(_baseline_path(base_digest, task, limits[task], engine_version), figures)
+            atomic_write_json(_baseline_path(base_digest, task, limits[task], engine_version, base_options), figures)
             base[task] = figures
 
     quantized, child_peak = call_isolated(
         "pipeline.stages.evaluate:evaluate_model",
-        {"model_dir": str(model_dir), "tasks": limits, "kv_cache_dtype": recipe.quantization.kv_cache,
-         "samples_path": str(out_dir / "quantized-samples.jsonl"), **common},
+        {"model_dir": str(model_dir), "tasks": limits,
+         "engine_options": engine.engine_options(recipe, quantized=True),
+         "samples_path": str(out_dir / "quantized-samples.jsonl")},
         log_path=log_path, stage="evaluate",
     )
     peak_mb = max(peak_mb, child_peak)

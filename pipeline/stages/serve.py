@@ -11,10 +11,7 @@ import time
 from pathlib import Path
 
 
-def generate(
-    model_dir: str, prompts: list[str], max_new_tokens: int, max_model_len: int, dtype: str,
-    kv_cache_dtype: str | None, out_dir: str,
-) -> dict:
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, engine_options: dict, out_dir: str) -> dict:
     """Child-process job: returns load time, throughput and the completions (also in generations.json)."""
     from pipeline import engine
 
@@ -22,7 +19,7 @@ def generate(
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(**engine.llm_kwargs(model_dir, dtype, max_model_len, kv_cache_dtype))
+    llm = LLM(**engine.llm_kwargs(model_dir, engine_options))
     load_s = time.perf_counter() - started
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
