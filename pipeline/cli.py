@@ -80,6 +80,31 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, quiet: bool) -> 
     click.echo(f"published: {result.published_to or 'no publish target in the recipe'}")
 
 
+@main.command()
+def schemes() -> None:
+    """The scheme x engine table: which engine serves which scheme, and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import compat
+    from pipeline.schemes import SCHEMES
+
+    installed = compat.installed_vllm_engine()
+    table = Table(title=f"schemes (installed engine: {installed or 'none'})", show_lines=True)
+    table.add_column("scheme", style="bold")
+    table.add_column("what it is")
+    for engine in compat.ENGINES:
+        table.add_column(engine)
+    for name, spec in SCHEMES.items():
+        cells = []
+        for engine in compat.ENGINES:
+            entry = compat.support(name, engine)
+            mark = "[green]yes[/green]" if entry.supported else "[red]no[/red]"
+            cells.append(f"{mark} ({entry.source})\n{entry.reason}")
+        table.add_row(name, spec.description, *cells)
+    Console(width=200).print(table)
+
+
 @main.command("prepare-model")
 @click.argument("name", default="smollm2-135m-instruct")
 def prepare_model(name: str) -> None:

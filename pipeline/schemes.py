@@ -24,6 +24,8 @@ class SchemeSpec:
     group_size: int | None = None
     # Name in Quark's LLMTemplate vocabulary, or None where we build the spec ourselves.
     quark_scheme: str | None = None
+    # Weights quantized in two steps (Quark's progressive int4_fp8: FP8 then INT4).
+    progressive: bool = False
 
     @property
     def weight_only(self) -> bool:
@@ -59,6 +61,12 @@ SCHEMES: dict[str, SchemeSpec] = {
             "FP8 E4M3 weights per output channel + FP8 activations per token (dynamic)",
             "fp8_e4m3", "per_channel", "fp8_e4m3", "per_token", activation_static=False,
             quark_scheme="ptpc_fp8",
+        ),
+        SchemeSpec(
+            "int4_fp8",
+            "INT4 weights per output channel (quantized via FP8) + FP8 activations per tensor (dynamic); W4A8",
+            "int4", "per_channel", "fp8_e4m3", "per_tensor", activation_static=False,
+            quark_scheme="int4_fp8", progressive=True,
         ),
         *(
             SchemeSpec(

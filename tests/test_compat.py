@@ -1,0 +1,59 @@
+"""The compatibility check refuses, before any heavy work, what the engine cannot serve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import compat
+from pipeline.schemes import SCHEMES
+from tests.conftest import MINIMAL_RECIPE, REPO
+
+
+def test_every_scheme_has_an_entry_for_every_engine():
+    for scheme in SCHEMES:
+        for engine in compat.ENGINES:
+            entry = compat.support(scheme, engine)
+            assert entry.reason and "not in the compatibility table" not in entry.reason, (scheme, engine)
+
+
+def test_known_cpu_facts():
+    assert compat.support("int8_per_channel", "vllm-cpu").supported
+    assert not compat.support("fp8", "vllm-cpu").supported
+    assert "static_scaled_fp8_quant" in compat.support("fp8", "vllm-cpu").reason
+
+
+def test_int4_fp8_only_on_moe_experts():
+    assert not compat.support("int4_fp8", "vllm-cuda").supported
+    assert "QuarkW4A8Fp8MoEMethod" in compat.support("int4_fp8", "vllm-cuda").reason
+    assert compat.support("int4_fp8", "vllm-cuda", moe_experts_only=True).supported
+
+
+def test_unknown_pair_is_refused():
+    assert not compat.support("int8_per_channel", "tpu").supported
+
+
+def test_run_refuses_unservable_scheme_before_loading_anything(tmp_path):
+    if compat.installed_vllm_engine() != "vllm-cpu":
+        pytest.skip("the refusal below is the CPU build's; GPU engines serve fp8")
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text(MINIMAL_RECIPE.replace("int8_per_channel", "fp8"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--output-dir", str(tmp_path / "exports")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert f"{recipe}: quantization.scheme: fp8 cannot be served by vllm-cpu" in done.stderr
+    assert not (tmp_path / "exports").exists()
+
+
+def test_schemes_command_lists_every_scheme():
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "schemes"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    for scheme in SCHEMES:
+        assert scheme in done.stdout
