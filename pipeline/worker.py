@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,14 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def _kill_session(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
+
+
 def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage: str) -> tuple[Any, float]:
     """Call `package.module:function(**kwargs)` in a child; return (its result, peak tree RSS in MiB).
 
@@ -57,15 +66,17 @@ def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage:
         with open(log_path, "ab") as log:
             log.write(f"\n$ {target}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
             log.flush()
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # Own session: when the stage ends, every process it started ends with it
+            # (vLLM's engine and workers otherwise outlive a child that exits early).
+            child = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
             try:
                 while child.poll() is None:
                     peak_bytes = max(peak_bytes, _tree_rss_bytes(child.pid))
                     time.sleep(SAMPLE_INTERVAL_S)
-            except BaseException:
-                child.kill()
-                child.wait()
-                raise
+            finally:
+                _kill_session(child)
         outcome = json.loads(result_file.read_text()) if result_file.exists() else {}
     peak_mb = max(peak_bytes / 2**20, outcome.get("ru_maxrss_mb", 0.0))
     if "error" in outcome:

@@ -1,0 +1,44 @@
+"""Child-process isolation: results, memory, errors and leftovers, on real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from pipeline.errors import StageError, VerifyFailed
+from pipeline.worker import call_isolated
+
+
+def test_result_and_peak_memory_of_the_child(tmp_path):
+    result, peak_mb = call_isolated("tests.worker_targets:allocate", {"megabytes": 300}, log_path=tmp_path / "x.log", stage="t")
+    assert result == {"allocated": 300 * 2**20}
+    assert peak_mb > 300
+
+
+def test_no_process_outlives_its_stage(tmp_path):
+    pid_file = tmp_path / "pid"
+    call_isolated("tests.worker_targets:spawn_grandchild", {"pid_file": str(pid_file)}, log_path=tmp_path / "x.log", stage="t")
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {grandchild} still alive after the stage ended")
+
+
+def test_pipeline_errors_keep_their_type_and_exit_code(tmp_path):
+    with pytest.raises(VerifyFailed, match="tensors do not match") as caught:
+        call_isolated("tests.worker_targets:raise_verify_failed", {}, log_path=tmp_path / "x.log", stage="verify")
+    assert caught.value.exit_code == 3 and caught.value.stage == "verify"
+
+
+def test_a_crash_is_one_line_with_the_traceback_in_the_log(tmp_path):
+    log = tmp_path / "x.log"
+    with pytest.raises(StageError, match="ZeroDivisionError: boom"):
+        call_isolated("tests.worker_targets:crash", {}, log_path=log, stage="serve")
+    assert "Traceback" in log.read_text()

@@ -1,0 +1,29 @@
+"""Functions that tests run through pipeline.worker.call_isolated (real child processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pipeline.errors import VerifyFailed
+
+
+def spawn_grandchild(pid_file: str) -> dict:
+    """Leave a long-running grandchild behind, as vLLM's engine can."""
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pid_file, "w") as handle:
+        handle.write(str(grandchild.pid))
+    return {"grandchild": grandchild.pid}
+
+
+def allocate(megabytes: int) -> dict:
+    block = bytearray(megabytes * 2**20)
+    return {"allocated": len(block)}
+
+
+def raise_verify_failed() -> dict:
+    raise VerifyFailed("tensors do not match")
+
+
+def crash() -> dict:
+    raise ZeroDivisionError("boom")
