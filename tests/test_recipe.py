@@ -37,7 +37,7 @@ def test_defaults_fill_in_from_the_schema(write_recipe):
         (MINIMAL_RECIPE + "calibration: {samples: 0}\n", "calibration.samples", "greater than or equal to 1"),
         (MINIMAL_RECIPE + "calibration: {samples: many}\n", "calibration.samples", "valid integer"),
         (MINIMAL_RECIPE + "calibration: {source: /nonexistent/x.jsonl}\n", "calibration.source", "file not found"),
-        (MINIMAL_RECIPE.replace("builtin:smollm2-135m-instruct", "/no/such/model"), "model.source", "not a local model folder"),
+        (MINIMAL_RECIPE.replace("builtin:smollm2-135m-instruct", "/no/such/model"), "model.source", "neither a local model folder"),
         (MINIMAL_RECIPE + "evaluation: {tasks: [mmlu_pro]}\n", "evaluation.tasks", "unknown task"),
         (MINIMAL_RECIPE + "quantization: {scheme: fp8, exclude: ['re:(']}\n", "quantization.exclude", "bad regex"),
         ("name: tiny\nquantization: {scheme: fp8}\n", "model", "required field is missing"),

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from pipeline.corpora import read_texts, resolve_text_source
+from pipeline.corpora import read_hub_dataset, read_texts, resolve_text_source
 from pipeline.recipe import Recipe
 from pipeline.rundir import sha256_file
 
@@ -18,7 +18,10 @@ def calibrate(recipe: Recipe, model_dir: Path, out_dir: Path) -> dict:
     from tokenizers import Tokenizer  # the fast tokenizer alone: no torch needed here
 
     spec = recipe.calibration
-    texts = read_texts(resolve_text_source(spec.source), spec.text_field)
+    if spec.source.startswith("hf:"):
+        texts = read_hub_dataset(spec.source[3:], spec.subset, spec.split, spec.text_field)
+    else:
+        texts = read_texts(resolve_text_source(spec.source), spec.text_field)
     rng = random.Random(spec.seed)
     chosen = rng.sample(texts, k=min(spec.samples, len(texts)))
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import layers
 from pipeline.recipe import Recipe
-from pipeline.schemes import SchemeSpec
+from pipeline.schemes import SCHEMES, SchemeSpec
 from pipeline.stages.calibrate import load_token_batches
 
 # Quark's template vocabulary has no INT8 per-channel weight + per-token
@@ -50,12 +50,24 @@ def quark_scheme_name(scheme: SchemeSpec) -> str:
     return scheme.quark_scheme or scheme.name
 
 
-def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[str]):
+def layer_overrides(recipe: Recipe, linear_names: list[str], excluded: list[str]) -> dict[str, str]:
+    """Exact layer name -> recipe scheme name for the recipe's `layers` patterns (first pattern wins)."""
+    overrides: dict[str, str] = {}
+    for pattern, scheme_name in recipe.quantization.layers.items():
+        for name in layers.select(linear_names, [pattern]):
+            if name not in excluded:
+                overrides.setdefault(name, scheme_name)
+    return overrides
+
+
+def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[str], overrides: dict[str, str]):
     _register_custom_schemes()
     return _template_for(model_type).get_config(
         scheme=quark_scheme_name(recipe.scheme),
+        algorithm=recipe.quantization.algorithm,
         kv_cache_scheme=recipe.quantization.kv_cache,
         exclude_layers=excluded_layers,
+        layer_config={name: quark_scheme_name(SCHEMES[scheme]) for name, scheme in overrides.items()} or None,
     )
 
 
@@ -72,7 +84,8 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
 
     linear_names = linear_layer_names(model)
     excluded = layers.select(linear_names, recipe.quantization.exclude)
-    config = build_quark_config(recipe, model.config.model_type, excluded)
+    overrides = layer_overrides(recipe, linear_names, excluded)
+    config = build_quark_config(recipe, model.config.model_type, excluded, overrides)
     quantizer = ModelQuantizer(config)
     batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
     with torch.no_grad():
@@ -82,6 +95,8 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
         "kv_cache": recipe.quantization.kv_cache,
         "linear_layers": len(linear_names),
         "excluded_layers": excluded,
+        "layer_overrides": overrides,
+        "algorithm": recipe.quantization.algorithm,
         "quantized_layers": len(linear_names) - len(excluded),
         "linear_layer_names": linear_names,
         "calibration_batches": len(batches),

@@ -14,7 +14,7 @@ from pipeline import layers
 from pipeline.errors import VerifyFailed
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import folder_size, read_folder
-from pipeline.schemes import STORED_WEIGHT_DTYPE, SchemeSpec
+from pipeline.schemes import SCHEMES, STORED_WEIGHT_DTYPE, SchemeSpec
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 # How Quark's quantization_config names our granularities.
@@ -71,14 +71,20 @@ def check_config(scheme: SchemeSpec, config: dict) -> list[str]:
 
 
 def check_tensors(
-    scheme: SchemeSpec, exported: dict[str, dict], base: dict[str, dict], linear_layers: list[str], exclude: tuple[str, ...]
+    default_scheme: SchemeSpec, exported: dict[str, dict], base: dict[str, dict], linear_layers: list[str],
+    exclude: tuple[str, ...], overrides: dict[str, SchemeSpec] | None = None,
 ) -> tuple[list[str], int]:
-    """Problems in the exported tensors; also returns how many layers were checked as quantized."""
+    """Problems in the exported tensors; also returns how many layers were checked as quantized.
+
+    `overrides` maps a layer name to the scheme the recipe's `layers` gave it.
+    """
     problems = []
     excluded = set(layers.select(linear_layers, exclude))
-    stored_dtype = STORED_WEIGHT_DTYPE[scheme.weight_dtype]
+    overrides = overrides or {}
     checked = 0
     for layer in linear_layers:
+        scheme = overrides.get(layer, default_scheme)
+        stored_dtype = STORED_WEIGHT_DTYPE[scheme.weight_dtype]
         weight, scale = exported.get(f"{layer}.weight"), exported.get(f"{layer}.weight_scale")
         if layer in excluded:
             if scale is not None:
@@ -108,12 +114,18 @@ def check_tensors(
     return problems, checked
 
 
-def verify(recipe: Recipe, base_model_dir: Path, model_dir: Path, linear_layers: list[str], out_dir: Path) -> dict:
+def verify(
+    recipe: Recipe, base_model_dir: Path, model_dir: Path, linear_layers: list[str], out_dir: Path,
+    layer_overrides: dict[str, str] | None = None,
+) -> dict:
     scheme = recipe.scheme
     config = json.loads((model_dir / "config.json").read_text())
     exported, base = read_folder(model_dir), read_folder(base_model_dir)
     problems = check_config(scheme, config)
-    tensor_problems, checked = check_tensors(scheme, exported, base, linear_layers, recipe.quantization.exclude)
+    overrides = {name: SCHEMES[scheme_name] for name, scheme_name in (layer_overrides or {}).items()}
+    tensor_problems, checked = check_tensors(
+        scheme, exported, base, linear_layers, recipe.quantization.exclude, overrides
+    )
     problems += tensor_problems
     if checked == 0:
         problems.append("no quantized layer found in the export")
