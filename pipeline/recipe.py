@@ -197,8 +197,22 @@ class EvaluationSpec(Strict):
 
 
 class GatesSpec(Strict):
-    min_recovery: float | None = Field(0.97, gt=0, description="quantized acc / base acc, per task")
-    max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl")
+    """Gate rules. Defaults fit FP8/INT8 W8A8 on a small model; null switches a rule off."""
+
+    min_recovery: float | None = Field(0.97, gt=0, le=2, description="quantized acc / base acc, per task")
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, le=1,
+        description="upper bound of the 95% paired-bootstrap interval of (base acc - quantized acc), per task",
+    )
+    max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl on held-out text")
+    no_garbage: bool = Field(True, description="greedy generations must not be garbage (see the garbage_* limits)")
+    garbage_max_repetition_rate: float = Field(0.5, gt=0, le=1, description="share of repeated word 3-grams")
+    garbage_max_non_printable_share: float = Field(0.01, ge=0, le=1)
+    garbage_max_completion_perplexity: float | None = Field(
+        200.0, gt=1, description="the base model's perplexity of a quantized completion (catches word salad)"
+    )
+    max_export_size_ratio: float | None = Field(None, gt=0, le=2, description="export size / base size")
+    max_peak_memory_gb: float | None = Field(None, gt=0, description="peak RSS of the serving process tree, GiB")
 
 
 class PublishSpec(Strict):

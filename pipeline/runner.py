@@ -179,7 +179,7 @@ class Run:
             "max_new_tokens": recipe.evaluation.max_new_tokens,
             "engine_options": engine.engine_options(recipe, quantized=True),
         })
-        evaluation = self._evaluate()
+        evaluation = self._evaluate(serve["completions"])
         run_facts = {
             "run_dir": str(self.run_dir),
             "base_model": self.manifest.data["base_model"],
@@ -219,12 +219,12 @@ class Run:
             record = records[stage]
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, completions: list[dict]) -> dict:
         started = time.perf_counter()
         with staged_folder(self.folder("evaluate")) as out_dir:
             evaluation, peak_mb = evaluate.evaluate(
                 self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
-                refresh_baseline=self.refresh_baseline,
+                completions=completions, refresh_baseline=self.refresh_baseline,
             )
         self._record("evaluate", evaluation, time.perf_counter() - started, peak_mb)
         return evaluation

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import engine, lm_eval_tasks
+from pipeline import engine, lm_eval_tasks, metrics
 from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
@@ -19,8 +19,15 @@ from pipeline.worker import call_isolated
 ENGINE = "vllm"
 
 
-def evaluate_model(model_dir: str, tasks: dict[str, int | None], engine_options: dict, samples_path: str) -> dict:
-    """Child-process job: {task: {metric: value}} for one model; per-document results to samples_path."""
+def evaluate_model(
+    model_dir: str, tasks: dict[str, int | None], engine_options: dict, score_texts: list[list[str]] | None = None,
+) -> dict:
+    """Child-process job: {"tasks": {task: {"metrics": {...}, "per_doc": [[doc_id, value], ...]}},
+    "completion_perplexities": [...]} for one model.
+
+    score_texts: [prompt, completion] pairs whose completion this model scores
+    (the base model judging the quantized model's generations).
+    """
     engine.prepare_environment()
     import lm_eval
 
@@ -28,32 +35,54 @@ def evaluate_model(model_dir: str, tasks: dict[str, int | None], engine_options:
 
     llm_kwargs = engine.llm_kwargs(model_dir, engine_options)
     model = vllm_lm_class()(pretrained=llm_kwargs.pop("model"), batch_size="auto", **llm_kwargs)
-    figures = {}
-    with open(samples_path, "w", encoding="utf-8") as samples_file:
-        for name, limit in tasks.items():  # one call per task: each has its own limit
-            task_name = lm_eval_tasks.lm_eval_name(name)
-            results = lm_eval.simple_evaluate(
-                model=model, tasks=[lm_eval_tasks.task_config(name)], limit=limit, log_samples=True,
-                bootstrap_iters=0,
-            )
-            metrics = results["results"][task_name]
-            figures[name] = {
-                key.split(",")[0]: value for key, value in metrics.items()
-                if "," in key and isinstance(value, (int, float))
-            }
-            figures[name]["samples"] = len(results["samples"][task_name])
-            metric = lm_eval_tasks.gated_metric(name)
-            for sample in results["samples"][task_name]:
-                value = sample.get(metric)
-                if isinstance(value, (list, tuple)):  # rolling loglikelihood: (loglikelihood, words)
-                    value = list(value)
-                samples_file.write(json.dumps({"task": name, "doc_id": sample["doc_id"], metric: value}) + "\n")
-    return figures
+    results: dict = {"tasks": {}}
+    for name, limit in tasks.items():  # one call per task: each has its own limit
+        task_name = lm_eval_tasks.lm_eval_name(name)
+        outcome = lm_eval.simple_evaluate(
+            model=model, tasks=[lm_eval_tasks.task_config(name)], limit=limit, log_samples=True, bootstrap_iters=0,
+        )
+        metrics = {
+            key.split(",")[0]: value for key, value in outcome["results"][task_name].items()
+            if "," in key and isinstance(value, (int, float))
+        }
+        metric = lm_eval_tasks.gated_metric(name)
+        per_doc = []
+        for sample in outcome["samples"].get(task_name, []):
+            value = sample.get(metric)
+            per_doc.append([sample["doc_id"], list(value) if isinstance(value, (list, tuple)) else value])
+        metrics["samples"] = len(per_doc)
+        results["tasks"][name] = {"metrics": metrics, "per_doc": per_doc}
+    if score_texts:
+        results["completion_perplexities"] = _completion_perplexities(model.model, score_texts)
+    return results
+
+
+def _completion_perplexities(llm, pairs: list[list[str]]) -> list[float]:
+    """Perplexity of each completion given its prompt, under this model (vLLM prompt logprobs)."""
+    import math
+
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    outputs = llm.generate(
+        [prompt + completion for prompt, completion in pairs],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False,
+    )
+    perplexities = []
+    for (prompt, _), output in zip(pairs, outputs):
+        start = len(tokenizer(prompt)["input_ids"])
+        token_ids = output.prompt_token_ids
+        logprobs = [
+            entry[token_ids[position]].logprob
+            for position, entry in enumerate(output.prompt_logprobs) if position >= start and entry
+        ]
+        perplexities.append(math.exp(-sum(logprobs) / len(logprobs)) if logprobs else float("inf"))
+    return perplexities
 
 
 def _baseline_path(base_digest: str, task: str, limit: int | None, engine_version: str, options: dict) -> Path:
     mode = "eager" if options["enforce_eager"] else "compiled"
-    key = f"{task}-limit{limit if limit is not None else 'all'}-{options['dtype']}-{ENGINE}-{engine_version}-{mode}"
+    key = f"v2-{task}-limit{limit if limit is not None else 'all'}-{options['dtype']}-{ENGINE}-{engine_version}-{mode}"
     return cache_root() / "baselines" / base_digest[:32] / f"{key}.json"
 
 
@@ -65,11 +94,26 @@ def _limits(recipe: Recipe) -> dict[str, int | None]:
     return limits
 
 
+def _paired(task: str, base: dict, quantized: dict) -> dict | None:
+    """Paired comparison on the questions both models answered (matched by doc_id)."""
+    if lm_eval_tasks.gated_metric(task) != "acc":
+        return None
+    base_by_doc = {doc_id: value for doc_id, value in base["per_doc"]}
+    pairs = [(base_by_doc[doc_id], value) for doc_id, value in quantized["per_doc"] if doc_id in base_by_doc]
+    if not pairs:
+        return None
+    return metrics.paired_accuracy_comparison([b for b, _ in pairs], [q for _, q in pairs])
+
+
 def evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, out_dir: Path, log_path: Path, *,
-    refresh_baseline: bool = False,
+    completions: list[dict] | None = None, refresh_baseline: bool = False,
 ) -> tuple[dict, float]:
-    """Returns (figures for the report, peak RSS in MiB of the evaluation children)."""
+    """Returns (figures for the report, peak RSS in MiB of the evaluation children).
+
+    completions: the quantized model's generations from `serve`; the base model
+    scores them (its perplexity of each), which is how word salad is caught.
+    """
     from pipeline.lm_eval_vllm import vllm_version
 
     engine_version = vllm_version()
@@ -85,27 +129,33 @@ def evaluate(
             if cached.is_file():
                 base[task] = json.loads(cached.read_text())
     missing = {task: limit for task, limit in limits.items() if task not in base}
-    if missing:
+    score_texts = [[item["prompt"], item["completion"]] for item in completions or []]
+    completion_perplexities = None
+    if missing or score_texts:
         computed, child_peak = call_isolated(
             "pipeline.stages.evaluate:evaluate_model",
-            {"model_dir": str(base_model_dir), "tasks": missing,
-             "engine_options": base_options,
-             "samples_path": str(out_dir / "base-samples.jsonl")},
+            {"model_dir": str(base_model_dir), "tasks": missing, "engine_options": base_options,
+             "score_texts": score_texts},
             log_path=log_path, stage="evaluate",
         )
         peak_mb = max(peak_mb, child_peak)
-        for task, figures in computed.items():
+        completion_perplexities = computed.get("completion_perplexities")
+        for task, figures in computed["tasks"].items():
             atomic_write_json(_baseline_path(base_digest, task, limits[task], engine_version, base_options), figures)
             base[task] = figures
 
     quantized, child_peak = call_isolated(
         "pipeline.stages.evaluate:evaluate_model",
-        {"model_dir": str(model_dir), "tasks": limits,
-         "engine_options": engine.engine_options(recipe, quantized=True),
-         "samples_path": str(out_dir / "quantized-samples.jsonl")},
+        {"model_dir": str(model_dir), "tasks": limits, "engine_options": engine.engine_options(recipe, quantized=True)},
         log_path=log_path, stage="evaluate",
     )
     peak_mb = max(peak_mb, child_peak)
+    quantized = quantized["tasks"]
+    for role, figures in (("base", base), ("quantized", quantized)):
+        with open(out_dir / f"{role}-samples.jsonl", "w", encoding="utf-8") as handle:
+            for task, entry in figures.items():
+                for doc_id, value in entry["per_doc"]:
+                    handle.write(json.dumps({"task": task, "doc_id": doc_id, "value": value}) + "\n")
 
     evaluation: dict = {
         "engine": ENGINE,
@@ -117,15 +167,21 @@ def evaluate(
         },
         "limits": limits,
         "tasks": {
-            task: {"base": base[task], "quantized": quantized[task]} for task in recipe.evaluation.tasks
+            task: {
+                "base": base[task]["metrics"],
+                "quantized": quantized[task]["metrics"],
+                "paired": _paired(task, base[task], quantized[task]),
+            }
+            for task in recipe.evaluation.tasks
         },
+        "completion_perplexities_under_base": completion_perplexities,
     }
     text = recipe.evaluation.perplexity_text
     if text is not None:
         evaluation["perplexity"] = {
             "text": text,
-            "base": base[text].get("word_perplexity"),
-            "quantized": quantized[text].get("word_perplexity"),
+            "base": base[text]["metrics"].get("word_perplexity"),
+            "quantized": quantized[text]["metrics"].get("word_perplexity"),
         }
     (out_dir / "evaluate.json").write_text(json.dumps(evaluation, indent=2, sort_keys=True) + "\n")
     return evaluation, peak_mb

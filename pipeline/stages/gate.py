@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import metrics
 from pipeline.recipe import Recipe
 from pipeline.report import render_markdown
 
@@ -25,38 +26,82 @@ def _rule(name: str, figure: float | None, threshold: float, passed: bool, detai
     }
 
 
-def evaluate_rules(recipe: Recipe, evaluation: dict) -> list[dict]:
+def evaluate_rules(recipe: Recipe, evaluation: dict, run_facts: dict | None = None) -> list[dict]:
     gates = recipe.gates
+    run_facts = run_facts or {}
     rules = []
-    if gates.min_recovery is not None:
-        for task in recipe.evaluation.tasks:
-            figures = evaluation.get("tasks", {}).get(task, {})
-            base, quantized = figures.get("base", {}).get("acc"), figures.get("quantized", {}).get("acc")
+    for task in recipe.evaluation.tasks:
+        figures = evaluation.get("tasks", {}).get(task, {})
+        base, quantized = figures.get("base", {}).get("acc"), figures.get("quantized", {}).get("acc")
+        if gates.min_recovery is not None:
             recovery = quantized / base if base and quantized is not None else None
-            rules.append(
-                _rule(
-                    f"min_recovery[{task}]", recovery, gates.min_recovery,
-                    recovery is not None and recovery >= gates.min_recovery,
-                    f"acc {quantized} / base {base}",
-                )
-            )
+            rules.append(_rule(
+                f"min_recovery[{task}]", recovery, gates.min_recovery,
+                recovery is not None and recovery >= gates.min_recovery, f"acc {quantized} / base {base}",
+            ))
+        if gates.max_accuracy_drop is not None:
+            paired = figures.get("paired") or {}
+            upper = paired.get("drop_ci_high")
+            rules.append(_rule(
+                f"max_accuracy_drop[{task}]", upper, gates.max_accuracy_drop,
+                upper is not None and upper <= gates.max_accuracy_drop,
+                f"drop {paired.get('accuracy_drop')}, 95% paired interval upper bound (McNemar p {paired.get('mcnemar_p_value')})",
+            ))
     if gates.max_perplexity_ratio is not None and recipe.evaluation.perplexity_text is not None:
         figures = evaluation.get("perplexity", {})
         base, quantized = figures.get("base"), figures.get("quantized")
         ratio = quantized / base if base and quantized is not None else None
-        rules.append(
-            _rule(
-                "max_perplexity_ratio", ratio, gates.max_perplexity_ratio,
-                ratio is not None and ratio <= gates.max_perplexity_ratio,
-                f"word perplexity {quantized} / base {base}",
-            )
-        )
+        rules.append(_rule(
+            "max_perplexity_ratio", ratio, gates.max_perplexity_ratio,
+            ratio is not None and ratio <= gates.max_perplexity_ratio, f"word perplexity {quantized} / base {base}",
+        ))
+    if gates.no_garbage:
+        rules.append(_garbage_rule(recipe, evaluation, run_facts))
+    if gates.max_export_size_ratio is not None:
+        ratio = run_facts.get("export", {}).get("size_ratio")
+        rules.append(_rule(
+            "max_export_size_ratio", ratio, gates.max_export_size_ratio,
+            ratio is not None and ratio <= gates.max_export_size_ratio, "export safetensors / base safetensors",
+        ))
+    if gates.max_peak_memory_gb is not None:
+        peak_mb = run_facts.get("serve", {}).get("peak_rss_mb")
+        peak_gb = peak_mb / 1024 if peak_mb is not None else None
+        rules.append(_rule(
+            "max_peak_memory_gb", peak_gb, gates.max_peak_memory_gb,
+            peak_gb is not None and peak_gb <= gates.max_peak_memory_gb, "peak RSS of the vLLM process tree while serving",
+        ))
     return rules
+
+
+def _garbage_rule(recipe: Recipe, evaluation: dict, run_facts: dict) -> dict:
+    """Generation sanity: one garbage completion fails the gate; the report shows the worst one."""
+    gates = recipe.gates
+    completions = [item["completion"] for item in run_facts.get("serve", {}).get("completions", [])]
+    perplexities = evaluation.get("completion_perplexities_under_base")
+    use_perplexity = gates.garbage_max_completion_perplexity is not None and perplexities is not None
+    verdict = metrics.garbage_verdict(
+        completions,
+        base_perplexity_of_completions=perplexities if use_perplexity else None,
+        max_repetition_rate=gates.garbage_max_repetition_rate,
+        max_non_printable_share=gates.garbage_max_non_printable_share,
+        max_completion_perplexity=gates.garbage_max_completion_perplexity if use_perplexity else None,
+    )
+    worst = verdict["worst_sample"] or {}
+    detail = "; ".join(verdict["reasons"][:3]) or "all completions sane"
+    if worst:
+        detail += f"; worst sample: {worst['text'][:80]!r}"
+    if gates.garbage_max_completion_perplexity is not None and perplexities is None:
+        verdict["garbage"] = True  # fail closed: the perplexity check was asked for and did not run
+        detail = "base-model perplexity of the completions missing; " + detail
+    rule = _rule("no_garbage", 0.0 if verdict["garbage"] else 1.0, 1.0, not verdict["garbage"], detail)
+    rule["verdict"] = "garbage" if verdict["garbage"] else "sane"
+    rule["worst_sample"] = worst
+    return rule
 
 
 def gate(recipe: Recipe, run_facts: dict, evaluation: dict, out_dir: Path) -> dict:
     """Write report.json and report.md into out_dir; return the report."""
-    rules = evaluate_rules(recipe, evaluation)
+    rules = evaluate_rules(recipe, evaluation, run_facts)
     passed = bool(rules) and all(rule["passed"] for rule in rules)
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
