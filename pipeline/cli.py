@@ -126,6 +126,46 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
     click.echo(f"served by: {', '.join(served) if served else 'no engine: this recipe cannot be served'}")
 
 
+@main.command("publish")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded; upload nothing.")
+@click.option("--target", help="Publish here instead of the recipe's publish.target (hf://ORG/NAME or a folder).")
+def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
+    """Publish a finished run whose gate passed (e.g. after a human review).
+
+    Refuses (exit 3) a run whose gate did not pass or whose files no longer match
+    its manifest; publishing the same content twice changes nothing.
+    """
+    import tempfile
+
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import PublishSpec, load_recipe
+    from pipeline.rundir import staged_folder
+    from pipeline.stages import publish as publish_stage
+
+    try:
+        report = publish_stage.check_publishable(run_dir)
+        recipe = load_recipe(run_dir / "recipe.yaml")
+        if target is not None:
+            spec = (recipe.publish or PublishSpec(target=target)).model_copy(update={"target": target})
+            recipe = recipe.model_copy(update={"publish": spec})
+        if recipe.publish is None:
+            raise RecipeError(str(run_dir / "recipe.yaml"), "publish", "no publish target: pass --target")
+        if dry_run:
+            with tempfile.TemporaryDirectory() as scratch:
+                summary = publish_stage.publish(recipe, run_dir, report, Path(scratch), dry_run=True)
+            for item in summary["listing"]:
+                click.echo(f"{item['size']:>12}  {item['sha256'][:16]}  {item['path']}")
+            click.echo(f"dry run: {len(summary['listing'])} files would go to {recipe.publish.target}")
+            return
+        with staged_folder(run_dir / "publish") as out_dir:
+            summary = publish_stage.publish(recipe, run_dir, report, out_dir)
+    except PipelineError as exc:
+        _fail(exc)
+    state = "already published, unchanged" if summary.get("already_published") else "published"
+    click.echo(f"{state}: {summary['url']}" + (f" (commit {summary['commit']})" if summary.get("commit") else ""))
+
+
 @main.command()
 def schemes() -> None:
     """The scheme x engine table: which engine serves which scheme, and why."""
@@ -149,6 +189,27 @@ def schemes() -> None:
             cells.append(f"{mark} ({entry.source})\n{entry.reason}")
         table.add_row(name, spec.description, *cells)
     Console(width=200).print(table)
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--base", "base_source", required=True,
+              help="The base model the export was made from: a local folder, builtin:NAME, a .gguf file or a Hub id.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Recipe whose scheme, evaluation and gates apply (default: scheme read from the export, default gates).")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True)
+@click.option("--refresh-baseline", is_flag=True, help="Re-evaluate the base model instead of using its cached figures.")
+def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_dir: Path, refresh_baseline: bool) -> None:
+    """Gate an export made elsewhere: verify -> serve -> evaluate -> gate, same rules and exit codes as `run`."""
+    from pipeline import runner
+
+    try:
+        result = runner.check(export_dir, base_source, recipe_path, output_root=output_dir, say=click.echo,
+                              refresh_baseline=refresh_baseline)
+    except PipelineError as exc:
+        _fail(exc)
+    click.echo(f"gate: {result.verdict}")
+    click.echo(f"run directory: {result.run_dir}")
 
 
 @main.command("prepare-model")

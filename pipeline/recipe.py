@@ -216,8 +216,10 @@ class GatesSpec(Strict):
 
 
 class PublishSpec(Strict):
-    target: str = Field(description="local folder that receives the model and its card")
-    private: bool = Field(True, description="for Hub targets")
+    target: str = Field(description="hf://ORG/NAME for the Hugging Face Hub, or a local folder")
+    endpoint: str | None = Field(None, description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    revision: str | None = Field(None, description="Hub branch to publish to (default: main)")
+    private: bool = Field(True, description="for Hub targets: create the repo private")
     card_extras: dict[str, str] = Field(default_factory=dict, description="extra model-card sections: {title: text}")
 
 

@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from pipeline import checks, compat, engine, models
+from pipeline import checks, compat, engine, layers, models, schemes
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe, load_recipe
@@ -118,9 +119,10 @@ class Run:
         self.manifest = Manifest(run_dir, recipe_name=recipe.name, recipe_sha256=recipe.content_hash(), run_id=run_id)
         self.result = RunResult(run_dir=run_dir)
         self.base_model_dir: Path | None = None
+        self.export_dir = run_dir / STAGE_FOLDERS["export"]  # `check` points it at an existing export
 
     def folder(self, stage: str) -> Path:
-        return self.run_dir / STAGE_FOLDERS[stage]
+        return self.export_dir if stage == "export" else self.run_dir / STAGE_FOLDERS[stage]
 
     def log(self, stage: str) -> Path:
         return self.run_dir / "logs" / f"{stage}.log"
@@ -159,19 +161,35 @@ class Run:
         return summary
 
     def execute(self) -> RunResult:
-        recipe = self.recipe
-        atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        self.base_model_dir = resolve_base_model(recipe, self.log("prepare"), self.say)
-        self.manifest.set("base_model", {
-            "source": recipe.model.source, "path": str(self.base_model_dir), "sha256": tree_digest(self.base_model_dir),
-        })
-
-        self._in_process("calibrate", lambda out: calibrate.calibrate(recipe, self.base_model_dir, out))
+        """Every stage: calibrate .. publish."""
+        self._prepare()
+        self._in_process("calibrate", lambda out: calibrate.calibrate(self.recipe, self.base_model_dir, out))
         self._quark_stages()
         quantized = read_json(self.folder("quantize") / "quantize.json")
+        return self._verify_to_publish(quantized["linear_layer_names"], quantized["layer_overrides"])
+
+    def check(self, export_dir: Path) -> RunResult:
+        """verify .. gate on an export made elsewhere (no publish)."""
+        from pipeline.stages.quantize import layer_overrides
+
+        self.export_dir = export_dir.resolve()
+        self._prepare()
+        self.manifest.set("checked_export", {"path": str(self.export_dir), "sha256": tree_digest(self.export_dir)})
+        linear_layers = checks.weight_layer_names(self.base_model_dir)
+        excluded = layers.select(linear_layers, self.recipe.quantization.exclude)
+        return self._verify_to_publish(linear_layers, layer_overrides(self.recipe, linear_layers, excluded), publish=False)
+
+    def _prepare(self) -> None:
+        atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        self.base_model_dir = resolve_base_model(self.recipe, self.log("prepare"), self.say)
+        self.manifest.set("base_model", {
+            "source": self.recipe.model.source, "path": str(self.base_model_dir), "sha256": tree_digest(self.base_model_dir),
+        })
+
+    def _verify_to_publish(self, linear_layers: list[str], overrides: dict[str, str], *, publish_stage: bool = True) -> RunResult:
+        recipe = self.recipe
         export = self._in_process("verify", lambda out: verify.verify(
-            recipe, self.base_model_dir, self.folder("export"), quantized["linear_layer_names"], out,
-            quantized["layer_overrides"],
+            recipe, self.base_model_dir, self.folder("export"), linear_layers, out, overrides,
         ))
         serve = self._isolated("serve", "pipeline.stages.serve:generate", {
             "model_dir": str(self.folder("export")),
@@ -193,11 +211,9 @@ class Run:
         self.result.report = report
         if report["verdict"] != "pass":
             raise GateFailed(f"gate failed: {', '.join(report['failed_rules'])}; nothing published", stage="gate")
-        if recipe.publish is not None:
-            published = self._in_process(
-                "publish", lambda out: publish.publish(recipe, self.folder("export"), report, out)
-            )
-            self.result.published_to = published["target"]
+        if publish_stage and recipe.publish is not None:
+            published = self._in_process("publish", lambda out: publish.publish(recipe, self.run_dir, report, out))
+            self.result.published_to = published["url"]
         return self.result
 
     def _quark_stages(self) -> None:
@@ -230,23 +246,60 @@ class Run:
         return evaluation
 
 
-def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
-    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
-    recipe = load_recipe(recipe_path)
-    engine_name = check_engine(recipe, recipe_path)
-    run_dir, run_id = new_run_dir(output_root, recipe)
-    say(f"run directory: {run_dir}")
-    say(f"engine: {engine_name} ({compat.support(recipe.quantization.scheme, engine_name).reason})")
-    current = Run(recipe, recipe_path, run_dir, run_id, say, refresh_baseline=refresh_baseline)
+def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     try:
-        result = current.execute()
+        result = work()
     except PipelineError as exc:
         current.manifest.data["error"] = {"stage": exc.stage, "message": exc.one_line(), "exit_code": exc.exit_code}
         current.manifest.finish("failed")
-        exc.run_dir = run_dir
+        exc.run_dir = current.run_dir
         raise
     except BaseException:
         current.manifest.finish("crashed")
         raise
     current.manifest.finish("passed")
     return result
+
+
+def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool) -> Run:
+    engine_name = check_engine(recipe, recipe_path)
+    run_dir, run_id = new_run_dir(output_root, recipe)
+    say(f"run directory: {run_dir}")
+    say(f"engine: {engine_name} ({checks.recipe_support(recipe, engine_name).reason})")
+    return Run(recipe, recipe_path, run_dir, run_id, say, refresh_baseline=refresh_baseline)
+
+
+def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
+    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
+    recipe = load_recipe(recipe_path)
+    current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
+    return _execute(current, current.execute)
+
+
+def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,
+          refresh_baseline: bool = False) -> RunResult:
+    """verify -> serve -> evaluate -> gate on an existing export, with the recipe's (or default) rules."""
+    config_path = export_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{export_dir}: not a model folder (no config.json)")
+    quantization_config = read_json(config_path).get("quantization_config")
+    if not isinstance(quantization_config, dict):
+        raise InputError(f"{config_path}: quantization_config: missing: not a quantized export")
+    if recipe_path is not None:
+        base_recipe = load_recipe(recipe_path)
+        data = base_recipe.model_dump(mode="json")
+    else:
+        scheme = schemes.infer_from_quark_config(quantization_config)
+        if scheme is None:
+            raise InputError(f"{config_path}: quantization_config: not a scheme this tool knows; pass --recipe")
+        data = {"name": f"check-{export_dir.resolve().name}", "quantization": {"scheme": scheme}}
+        recipe_path = config_path
+    data["model"] = {**data.get("model", {}), "source": base_source}
+    data["publish"] = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise RecipeError(str(recipe_path), ".".join(map(str, error["loc"])), error["msg"]) from None
+    current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
+    return _execute(current, lambda: current.check(export_dir))

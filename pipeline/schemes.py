@@ -91,3 +91,30 @@ def unknown_scheme_message(name: str) -> str:
     close = difflib.get_close_matches(name, SCHEMES, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown scheme '{name}' ({hint}known: {', '.join(SCHEMES)})"
+
+
+QUARK_DTYPES = {"int8": "int8", "fp8_e4m3": "fp8_e4m3", "int4": "int4", "uint4": "int4"}
+
+
+def infer_from_quark_config(quantization_config: dict) -> str | None:
+    """The recipe scheme an exported Quark `quantization_config` claims to be, or None."""
+    global_config = quantization_config.get("global_quant_config") or {}
+    weight, activation = global_config.get("weight"), global_config.get("input_tensors")
+    if isinstance(weight, list):  # progressive (two-step) weights: Quark's int4_fp8
+        return "int4_fp8" if weight and weight[-1].get("dtype") in ("int4", "uint4") else None
+    if not isinstance(weight, dict):
+        return None
+    for spec in SCHEMES.values():
+        if QUARK_DTYPES.get(weight.get("dtype")) != spec.weight_dtype or spec.progressive:
+            continue
+        if weight.get("qscheme") != spec.weight_granularity:
+            continue
+        if spec.group_size is not None and weight.get("group_size") != spec.group_size:
+            continue
+        if spec.weight_only != (not activation):
+            continue
+        if activation and (QUARK_DTYPES.get(activation.get("dtype")) != spec.activation_dtype
+                           or bool(activation.get("is_dynamic")) == spec.activation_static):
+            continue
+        return spec.name
+    return None

@@ -1,7 +1,8 @@
-"""The default recipe through the real stack: Quark -> safetensors -> vLLM (CPU) -> lm-eval -> gate.
+"""The default recipe through the real stack: Quark -> safetensors -> vLLM (CPU) -> lm-eval -> gate -> publish.
 
-Slow (minutes): the base model's figures are cached after the first run, so the
-second test reuses them, as users' runs do.
+Slow (minutes). One passing run of the default recipe is shared by the tests of
+this module (as a user's finished run is reused by `publish RUN_DIR`); the base
+model's figures are cached after the first run, as in users' runs.
 """
 
 from __future__ import annotations
@@ -23,26 +24,37 @@ pytestmark = pytest.mark.slow
 STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
 
 
-def _run(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--output-dir", str(cwd / "exports")],
-        cwd=cwd, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 
-def _run_dir(completed: subprocess.CompletedProcess) -> Path:
+def run_recipe(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("run", str(recipe), "--output-dir", str(cwd / "exports"), cwd=cwd)
+
+
+def run_dir_of(completed: subprocess.CompletedProcess) -> Path:
     lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.startswith("run directory: ")]
     assert lines, completed.stdout + completed.stderr
     return Path(lines[-1].removeprefix("run directory: "))
 
 
-def test_default_recipe_passes_and_publishes(tmp_path):
-    completed = _run(DEFAULT_RECIPE, tmp_path)
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("default")
+    completed = run_recipe(DEFAULT_RECIPE, workdir)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert "gate: pass" in completed.stdout
-    run_dir = _run_dir(completed)
+    return workdir, completed
 
-    # Every stage recorded with wall time and peak RSS; every file hashed.
+
+def test_default_recipe_passes_and_publishes(default_run):
+    workdir, completed = default_run
+    assert "gate: pass" in completed.stdout
+    run_dir = run_dir_of(completed)
+
+    # Every stage recorded, in order, with wall time and peak RSS; every file hashed.
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "passed"
     assert tuple(manifest["stages"]) == STAGES
@@ -62,43 +74,128 @@ def test_default_recipe_passes_and_publishes(tmp_path):
     config = json.loads((run_dir / "model" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "quark"
 
-    # vLLM generated real text, with memory measured.
+    # vLLM generated real text, with memory measured over its process tree.
     serve = json.loads((run_dir / "serve" / "generations.json").read_text())
     assert serve["generated_tokens"] > 0 and serve["tokens_per_s"] > 0
     capital = next(item for item in serve["completions"] if "France" in item["prompt"])
     assert "Paris" in capital["completion"]
-    assert manifest["stages"]["serve"]["peak_rss_mb"] > 500  # the vLLM process tree, not just the parent
+    assert manifest["stages"]["serve"]["peak_rss_mb"] > 500
 
-    # The gate compared base and quantized on the same questions.
+    # The gate compared base and quantized on the same questions, and judged the generations.
     report = json.loads((run_dir / "report.json").read_text())
     assert report["verdict"] == "pass" and report["schema_version"] == 1
     arc = report["evaluation"]["tasks"]["arc_easy"]
     assert arc["base"]["samples"] == arc["quantized"]["samples"] == 200
+    assert arc["paired"]["questions"] == 200 and arc["paired"]["drop_ci_low"] <= arc["paired"]["accuracy_drop"]
     assert 0.3 < arc["quantized"]["acc"] <= 1.0
     assert report["evaluation"]["perplexity"]["quantized"] > 1.0
+    garbage = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
+    assert garbage["verdict"] == "sane"
+    assert all(value < 200 for value in report["evaluation"]["completion_perplexities_under_base"])
 
-    # Published: the same model files plus a card.
-    published = tmp_path / "exports" / "published" / "smollm2-135m-int8"
+    # Published: the same model files plus a card and the run's provenance.
+    published = workdir / "exports" / "published" / "smollm2-135m-int8"
     assert hash_tree(published)["model.safetensors"] == manifest["files"]["model/model.safetensors"]
     card = (published / "README.md").read_text()
     assert "base_model_relation: quantized" in card and "int8_per_channel" in card
+    assert (published / "provenance" / "recipe.yaml").is_file()
+
+
+def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_path):
+    _, completed = default_run
+    run_dir = run_dir_of(completed)
+    target = tmp_path / "again"
+    first = run_cli("publish", str(run_dir), "--target", str(target), cwd=REPO)
+    assert first.returncode == 0 and first.stdout.startswith("published:"), first.stderr
+    second = run_cli("publish", str(run_dir), "--target", str(target), cwd=REPO)
+    assert second.returncode == 0 and second.stdout.startswith("already published, unchanged"), second.stderr
+    dry = run_cli("publish", str(run_dir), "--target", "hf://qp-org/x", "--dry-run", cwd=REPO)
+    assert dry.returncode == 0 and "model.safetensors" in dry.stdout and "README.md" in dry.stdout
+
+    tampered = tmp_path / "tampered-run"
+    import shutil
+
+    shutil.copytree(run_dir, tampered)
+    (tampered / "model" / "config.json").write_text("{}")
+    refused = run_cli("publish", str(tampered), "--target", str(tmp_path / "never"), cwd=REPO)
+    assert refused.returncode == 3 and "does not match manifest.json" in refused.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def test_impossible_gate_exits_3_and_publishes_nothing(tmp_path):
     recipe = tmp_path / "impossible.yaml"
     recipe.write_text(
         DEFAULT_RECIPE.read_text()
-        .replace("min_recovery: 0.95", "min_recovery: 100.0")
+        .replace("min_recovery: 0.95", "min_recovery: 2.0")
         .replace("samples: 64", "samples: 16")
         .replace("limit: 200", "limit: 50")
     )
-    completed = _run(recipe, tmp_path)
+    completed = run_recipe(recipe, tmp_path)
     assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "gate failed: min_recovery[arc_easy]" in completed.stderr
-    run_dir = _run_dir(completed)
+    run_dir = run_dir_of(completed)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["verdict"] == "fail" and "min_recovery[arc_easy]" in report["failed_rules"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "publish" not in manifest["stages"]
     assert not (tmp_path / "exports" / "published").exists()
     assert not (run_dir / "publish").exists()
+    later = run_cli("publish", str(run_dir), "--target", str(tmp_path / "later"), cwd=REPO)
+    assert later.returncode == 3 and "refusing to publish" in later.stderr
+    assert not (tmp_path / "later").exists()
+
+
+HUB_TOKEN = "hf_e2eWRITEtoken0123456789abcdefghijkl"
+HUB_TOKENS = {HUB_TOKEN: {"user": "qp-ci", "orgs": ["qp-org"], "role": "write"}}
+
+
+def _hub_env(endpoint: str, token: str) -> dict:
+    # The client is online and without Xet (it would upload through Xet whenever hf-xet is installed).
+    return {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+
+
+def test_publish_to_hub_round_trip_serves_in_vllm(default_run, tmp_path):
+    """Through our Hub protocol double (tests/hub_server.py): stock huggingface_hub both ways."""
+    from pipeline.worker import call_isolated
+    from tests.hub_server import running_hub
+
+    _, completed = default_run
+    run_dir = run_dir_of(completed)
+    with running_hub(HUB_TOKENS) as server:
+        wrong = run_cli("publish", str(run_dir), "--target", "hf://qp-org/smollm2-int8", cwd=REPO,
+                        env=_hub_env(server.endpoint, "hf_wrongTOKEN0123456789abcdefghijklmno"))
+        assert wrong.returncode == 2 and "rejected" in wrong.stderr
+        assert "hf_wrongTOKEN" not in wrong.stdout + wrong.stderr
+        assert "qp-org/smollm2-int8" not in server.state.repos
+
+        env = _hub_env(server.endpoint, HUB_TOKEN)
+        first = run_cli("publish", str(run_dir), "--target", "hf://qp-org/smollm2-int8", cwd=REPO, env=env)
+        assert first.returncode == 0, first.stderr
+        again = run_cli("publish", str(run_dir), "--target", "hf://qp-org/smollm2-int8", cwd=REPO, env=env)
+        assert again.returncode == 0 and "already published" in again.stdout, again.stderr
+
+        download = tmp_path / "download"
+        fetched = subprocess.run(
+            [sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download;"
+             "snapshot_download('qp-org/smollm2-int8', local_dir=sys.argv[1])", str(download)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, **env, "HF_HOME": str(tmp_path / "hf")},
+        )
+        assert fetched.returncode == 0, fetched.stderr
+    downloaded = hash_tree(download)
+    exported = hash_tree(run_dir / "model")
+    assert all(downloaded[name] == digest for name, digest in exported.items())
+    card = (download / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    results = ModelCard(card).data.eval_results
+    report = json.loads((run_dir / "report.json").read_text())
+    assert results[0].metric_value == report["evaluation"]["tasks"]["arc_easy"]["quantized"]["acc"]
+
+    served, _ = call_isolated(
+        "pipeline.stages.serve:generate",
+        {"model_dir": str(download), "prompts": ["The capital of France is"], "max_new_tokens": 8,
+         "engine_options": {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True},
+         "out_dir": str(tmp_path)},
+        log_path=tmp_path / "serve.log", stage="serve",
+    )
+    assert served["generated_tokens"] > 0 and "Paris" in served["completions"][0]["completion"]

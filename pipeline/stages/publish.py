@@ -1,62 +1,128 @@
-"""publish: only after a passing gate, copy model/ + a model card to publish.target.
+"""publish: only after a passing gate, the model + card + provenance go to publish.target.
 
-The target appears whole or not at all (staged beside it, then renamed).
+A local folder appears whole or not at all (staged beside it, then renamed);
+a Hub repo gets one atomic commit (pipeline/hub.py). Publishing the same
+content again changes nothing and says where it already is. The HF token is
+checked before any upload and never written anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+from pipeline import hub
+from pipeline.card import build_model_card
+from pipeline.errors import GateFailed, VerifyFailed
+from pipeline.manifest import MANIFEST_FILE
 from pipeline.recipe import Recipe
 from pipeline.report import render_markdown
-from pipeline.rundir import hash_tree, staged_folder
+from pipeline.rundir import hash_tree, read_json, sha256_file, staged_folder
 
 # The Hub id that a shipped builtin model was made from, for the card's base_model.
 BUILTIN_BASE_MODEL_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Shipped task -> (dataset id, dataset name) for the card's model-index.
+TASK_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge")}
+PROVENANCE_FILES = ("recipe.yaml", "report.json", MANIFEST_FILE)
 
 
 def base_model_id(recipe: Recipe) -> str:
-    return BUILTIN_BASE_MODEL_IDS.get(recipe.model.source, Path(recipe.model.source).name)
+    source = recipe.model.source
+    if recipe.model.kind == "hub":
+        return source
+    return BUILTIN_BASE_MODEL_IDS.get(source, Path(source).stem)
 
 
-def model_card(recipe: Recipe, report: dict) -> str:
-    from huggingface_hub import ModelCardData
-
-    scheme = recipe.scheme
-    metadata = ModelCardData(
+def model_card(recipe: Recipe, report: dict, serve_as: str) -> str:
+    task_results = []
+    for task, figures in report.get("evaluation", {}).get("tasks", {}).items():
+        dataset_type, dataset_name = TASK_DATASETS.get(task, (task.removeprefix("lm_eval:"), task.removeprefix("lm_eval:")))
+        task_results.append({
+            "task_type": "text-generation", "dataset_type": dataset_type, "dataset_name": dataset_name,
+            "metric_type": "acc", "base": figures["base"]["acc"], "quantized": figures["quantized"]["acc"],
+        })
+    card = build_model_card(
+        model_name=recipe.name,
         base_model=base_model_id(recipe),
-        base_model_relation="quantized",
-        library_name="vllm",
-        tags=["quark", scheme.weight_dtype.split("_")[0], recipe.quantization.scheme, "vllm"],
+        scheme=recipe.quantization.scheme,
+        scheme_description=recipe.scheme.description,
+        weight_dtype_tag=recipe.scheme.weight_dtype.split("_")[0],
+        excluded=list(recipe.quantization.exclude),
+        kv_cache=recipe.quantization.kv_cache,
+        task_results=task_results,
+        gate_markdown=render_markdown(report),
+        serve_as=serve_as,
     )
-    kv_cache = f', kv_cache_dtype="{recipe.quantization.kv_cache}"' if recipe.quantization.kv_cache else ""
-    body = [
-        f"# {recipe.name}",
-        "",
-        f"{base_model_id(recipe)} quantized with AMD Quark: **{scheme.name}** — {scheme.description}.",
-        f"Excluded from quantization: {', '.join(recipe.quantization.exclude) or 'nothing'}.",
-        "",
-        "## Serve with vLLM",
-        "",
-        "```python",
-        "from vllm import LLM",
-        f'llm = LLM(model="path/to/this/folder", quantization="quark"{kv_cache})',
-        "```",
-        "",
-        render_markdown(report).replace("# ", "## Quality report: ", 1),
-    ]
-    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(body)
+    extras = "".join(f"\n## {title}\n\n{text}\n" for title, text in recipe.publish.card_extras.items())
+    return card + extras
 
 
-def publish(recipe: Recipe, model_dir: Path, report: dict, out_dir: Path) -> dict:
-    target = Path(recipe.publish.target)
-    with staged_folder(target) as staging:
-        shutil.copytree(model_dir, staging, dirs_exist_ok=True)
-        (staging / "README.md").write_text(model_card(recipe, report), encoding="utf-8")
-        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        files = hash_tree(staging)
-    summary = {"target": str(target.resolve()), "files": files}
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # same filesystem: no second copy of the weights
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def build_bundle(recipe: Recipe, run_dir: Path, report: dict, bundle: Path, serve_as: str) -> None:
+    """What gets published: model/ files, a model card, and the run's provenance."""
+    shutil.copytree(run_dir / "model", bundle, dirs_exist_ok=True, copy_function=_link_or_copy)
+    (bundle / "README.md").write_text(model_card(recipe, report, serve_as), encoding="utf-8")
+    provenance = bundle / "provenance"
+    provenance.mkdir()
+    for name in PROVENANCE_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, provenance / name)
+
+
+def check_publishable(run_dir: Path) -> dict:
+    """The run's report, if it passed its gate and its files still match the manifest."""
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise GateFailed(f"{run_dir}: no report.json: the run never reached its gate", stage="publish")
+    report = read_json(report_path)
+    if report.get("verdict") != "pass":
+        raise GateFailed(f"{run_dir}: gate verdict is '{report.get('verdict')}': refusing to publish", stage="publish")
+    manifest = read_json(run_dir / MANIFEST_FILE)
+    for name, digest in manifest.get("files", {}).items():
+        if not name.startswith("publish/") and (not (run_dir / name).is_file() or sha256_file(run_dir / name) != digest):
+            raise VerifyFailed(f"{run_dir}: {name} does not match manifest.json: refusing to publish", stage="publish")
+    return report
+
+
+def publish(recipe: Recipe, run_dir: Path, report: dict, out_dir: Path, *, dry_run: bool = False) -> dict:
+    target = recipe.publish.target
+    repo_id = hub.parse_hub_target(target)
+    serve_as = repo_id or str(Path(target).resolve())
+    token = None
+    if repo_id is not None and not dry_run:
+        token = hub.resolve_token()
+        hub.check_token(token, recipe.publish.endpoint)  # one line, before any upload
+    bundle = out_dir / "bundle"
+    build_bundle(recipe, run_dir, report, bundle, serve_as)
+    listing = hub.dry_run_listing(bundle)
+    summary: dict = {"target": target, "files": {item["path"]: item["sha256"] for item in listing}}
+    if dry_run:
+        summary["dry_run"] = True
+        summary["listing"] = listing
+    elif repo_id is not None:
+        result = hub.publish_folder(
+            bundle, repo_id, token=token, endpoint=recipe.publish.endpoint, private=recipe.publish.private,
+            revision=recipe.publish.revision, commit_message=f"{recipe.name}: {recipe.quantization.scheme}, gate passed",
+        )
+        summary.update(result)
+    else:
+        summary.update(_publish_local(bundle, Path(target)))
+    shutil.rmtree(bundle)  # the run keeps model/; the bundle was hard links and small files
     (out_dir / "publish.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _publish_local(bundle: Path, target: Path) -> dict:
+    if target.is_dir() and hash_tree(target) == hash_tree(bundle):
+        return {"url": str(target.resolve()), "already_published": True}
+    with staged_folder(target) as staging:
+        shutil.copytree(bundle, staging, dirs_exist_ok=True)
+    return {"url": str(target.resolve()), "already_published": False}

@@ -1,0 +1,69 @@
+"""Every scheme that vLLM's CPU build runs: the real tiny model end to end, and the exported
+tensors' dtypes checked against the scheme (how a mislabelled "FP8" that is really INT8 gets caught).
+
+Slow: each test quantizes with Quark, serves in vLLM and evaluates with lm-eval (smaller limits
+than the default recipe, to keep CI short).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.safetensors_header import read_folder
+from tests.conftest import REPO
+from tests.test_end_to_end import run_dir_of, run_recipe
+
+pytestmark = pytest.mark.slow
+
+UP = "model.layers.0.mlp.up_proj"  # [1536, 576]
+
+
+def _cheap_copy(recipe_name: str, tmp_path: Path) -> Path:
+    text = (REPO / "recipes" / recipe_name).read_text()
+    text = text.replace("samples: 64", "samples: 16").replace("limit: 200", "limit: 50").replace(
+        "perplexity_limit: 100", "perplexity_limit: 30"
+    )
+    path = tmp_path / recipe_name
+    path.write_text(text)
+    return path
+
+
+def _run(recipe_name: str, tmp_path: Path):
+    completed = run_recipe(_cheap_copy(recipe_name, tmp_path), tmp_path)
+    assert completed.returncode in (0, 3), completed.stdout[-3000:] + completed.stderr[-3000:]
+    run_dir = run_dir_of(completed)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (completed.returncode == 0) == (report["verdict"] == "pass")
+    verify = json.loads((run_dir / "verify" / "verify.json").read_text())
+    assert verify["passed"] and verify["quantized_layers_checked"] == 30 * 7
+    serve = json.loads((run_dir / "serve" / "generations.json").read_text())
+    assert serve["generated_tokens"] > 0
+    return completed, run_dir, report, read_folder(run_dir / "model")
+
+
+def test_int4_weight_only_group_64(tmp_path):
+    _, _, _, tensors = _run("smollm2-135m-int4-wo-64.yaml", tmp_path)
+    assert tensors[f"{UP}.weight"]["dtype"] == "I32"  # eight int4 values packed per int32
+    assert tensors[f"{UP}.weight"]["shape"][0] * tensors[f"{UP}.weight"]["shape"][1] * 8 == 1536 * 576
+    assert sorted(tensors[f"{UP}.weight_scale"]["shape"]) == sorted([1536, 576 // 64])
+    assert f"{UP}.input_scale" not in tensors
+
+
+def test_ptpc_fp8(tmp_path):
+    _, _, _, tensors = _run("smollm2-135m-ptpc-fp8.yaml", tmp_path)
+    assert tensors[f"{UP}.weight"]["dtype"] == "F8_E4M3"
+    assert tensors[f"{UP}.weight_scale"]["shape"] in ([1536], [1536, 1])
+    assert f"{UP}.input_scale" not in tensors  # per-token dynamic activations
+
+
+def test_int8_per_tensor_runs_but_the_default_gates_fail_it(tmp_path):
+    """The field's known failure: per-tensor INT8 runs in vLLM and its output degrades."""
+    completed, _, report, tensors = _run("smollm2-135m-int8-per-tensor.yaml", tmp_path)
+    assert tensors[f"{UP}.weight"]["dtype"] == "I8"
+    assert tensors[f"{UP}.weight_scale"]["shape"] in ([], [1])
+    assert f"{UP}.input_scale" in tensors  # static activation scale
+    assert completed.returncode == 3 and report["verdict"] == "fail"
+    assert report["failed_rules"], report["rules"]
