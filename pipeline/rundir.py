@@ -115,3 +115,25 @@ def tree_digest(root: Path) -> str:
     for name, file_hash in hash_tree(root).items():
         digest.update(f"{name}\0{file_hash}\n".encode())
     return digest.hexdigest()
+
+
+class RunLocked(Exception):
+    pass
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a run directory for the life of a run (released by the OS on a crash)."""
+    import fcntl
+
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunLocked(f"{run_dir} is being written by another run") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

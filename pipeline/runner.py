@@ -23,7 +23,8 @@ from pipeline import checks, compat, engine, layers, models, schemes
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.rundir import atomic_write_text, read_json, staged_folder, tree_digest
+from pipeline.rundir import RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
+from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
 from pipeline.worker import call_isolated
 
@@ -31,6 +32,8 @@ STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evalu
 # Folder each stage writes in the run directory (the export is the model itself).
 STAGE_FOLDERS = {stage: stage for stage in STAGES} | {"export": "model"}
 ROOT_REPORT_FILES = ("report.json", "report.md")
+# Export <= base size (quantization only shrinks weights), plus staging and headroom.
+DISK_SAFETY_FACTOR = 1.5
 
 
 @dataclass
@@ -216,8 +219,19 @@ class Run:
             self.result.published_to = published["url"]
         return self.result
 
+    def _check_disk_space(self) -> None:
+        """Fail before quantizing, not with a half-written checkpoint: the export is at most the base's size."""
+        needed = int(folder_size(self.base_model_dir) * DISK_SAFETY_FACTOR)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < needed:
+            raise InputError(
+                f"{self.run_dir}: not enough disk space for the export: {free / 2**30:.1f} GiB free, "
+                f"{needed / 2**30:.1f} GiB needed (base model size x {DISK_SAFETY_FACTOR})", stage="export",
+            )
+
     def _quark_stages(self) -> None:
         """quantize, freeze and export share one child: the quantized model lives in its memory."""
+        self._check_disk_space()
         folders = {stage: self.folder(stage) for stage in ("quantize", "freeze", "export")}
         with staged_folder(folders["quantize"]) as quantize_dir, staged_folder(folders["freeze"]) as freeze_dir, \
                 staged_folder(folders["export"]) as model_dir:
@@ -248,7 +262,10 @@ class Run:
 
 def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     try:
-        result = work()
+        with locked(current.run_dir):
+            result = work()
+    except RunLocked as exc:
+        raise InputError(str(exc)) from None
     except PipelineError as exc:
         current.manifest.data["error"] = {"stage": exc.stage, "message": exc.one_line(), "exit_code": exc.exit_code}
         current.manifest.finish("failed")

@@ -42,3 +42,14 @@ def test_a_crash_is_one_line_with_the_traceback_in_the_log(tmp_path):
     with pytest.raises(StageError, match="ZeroDivisionError: boom"):
         call_isolated("tests.worker_targets:crash", {}, log_path=log, stage="serve")
     assert "Traceback" in log.read_text()
+
+
+def test_a_run_directory_is_locked_while_written(tmp_path):
+    from pipeline.rundir import RunLocked, locked
+
+    with locked(tmp_path):
+        with pytest.raises(RunLocked, match="being written by another run"):
+            with locked(tmp_path):
+                pass
+    with locked(tmp_path):  # released after the first run ended
+        pass
