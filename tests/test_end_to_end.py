@@ -199,3 +199,38 @@ def test_publish_to_hub_round_trip_serves_in_vllm(default_run, tmp_path):
         log_path=tmp_path / "serve.log", stage="serve",
     )
     assert served["generated_tokens"] > 0 and "Paris" in served["completions"][0]["completion"]
+
+
+def _cheap_default_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "cheap.yaml"
+    recipe.write_text(
+        DEFAULT_RECIPE.read_text().replace("samples: 64", "samples: 16").replace("limit: 200", "limit: 50")
+        .replace("perplexity_limit: 100", "perplexity_limit: 30")
+    )
+    return recipe
+
+
+def test_check_catches_a_corrupted_export_as_garbage(default_run, tmp_path):
+    """Scales multiplied by 1000 in the safetensors file: it still loads and generates, as word salad."""
+    from safetensors.torch import load_file, save_file
+
+    _, completed = default_run
+    corrupted = tmp_path / "corrupted"
+    import shutil
+
+    shutil.copytree(run_dir_of(completed) / "model", corrupted)
+    weights = corrupted / "model.safetensors"
+    tensors = load_file(weights)
+    for name in [name for name in tensors if name.endswith(".weight_scale")]:
+        tensors[name] = tensors[name] * 1000.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+    checked = run_cli("check", str(corrupted), "--base", "builtin:smollm2-135m-instruct",
+                      "--recipe", str(_cheap_default_recipe(tmp_path)), "--output-dir", str(tmp_path / "exports"), cwd=REPO)
+    assert checked.returncode == 3, checked.stdout[-3000:] + checked.stderr[-3000:]
+    report = json.loads((run_dir_of(checked) / "report.json").read_text())
+    garbage = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
+    assert garbage["verdict"] == "garbage" and not garbage["passed"]
+    assert garbage["worst_sample"]["text"]
+    assert "no_garbage" in report["failed_rules"]
+

@@ -109,3 +109,17 @@ def test_static_activation_scheme_needs_input_scales():
         }}},
     )
     assert problems == ["activation quantization is not static"]
+
+
+def test_scheme_is_read_back_from_a_quark_config():
+    from pipeline.schemes import infer_from_quark_config
+
+    assert infer_from_quark_config(QUARK_INT8_PER_CHANNEL) == "int8_per_channel"
+    fp8 = {"global_quant_config": {
+        "weight": {"dtype": "fp8_e4m3", "qscheme": "per_channel", "is_dynamic": False},
+        "input_tensors": {"dtype": "fp8_e4m3", "qscheme": "per_channel", "is_dynamic": True},
+    }}
+    assert infer_from_quark_config(fp8) == "ptpc_fp8"
+    int4 = {"global_quant_config": {"weight": {"dtype": "int4", "qscheme": "per_group", "group_size": 64}, "input_tensors": None}}
+    assert infer_from_quark_config(int4) == "int4_wo_64"
+    assert infer_from_quark_config({"global_quant_config": {"weight": {"dtype": "mxfp4"}}}) is None
