@@ -13,11 +13,14 @@ import os
 CPU_KV_CACHE_GIB = "2"
 
 
-def prepare_environment() -> None:
+def prepare_environment(offline: bool = True) -> None:
+    """Child-process environment. offline: everything is local (shipped tasks, a local model),
+    so no library may reach for the Hub; registry tasks (lm_eval:TASK) need it reachable."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def vllm_version() -> str:
@@ -47,4 +50,5 @@ def engine_options(recipe, *, quantized: bool) -> dict:
         "enforce_eager": recipe.evaluation.enforce_eager,
         "tensor_parallel_size": recipe.evaluation.tensor_parallel_size,
         "kv_cache_dtype": recipe.quantization.kv_cache if quantized else None,
+        "offline": not any(task.startswith("lm_eval:") for task in recipe.evaluation.tasks),
     }

@@ -181,6 +181,12 @@ def test_publish_to_hub_round_trip_serves_in_vllm(default_run, tmp_path):
             capture_output=True, text=True, timeout=300, env={**os.environ, **env, "HF_HOME": str(tmp_path / "hf")},
         )
         assert fetched.returncode == 0, fetched.stderr
+    # The token reached no log, report, manifest, card or published file.
+    for folder in (run_dir, download):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert HUB_TOKEN.encode() not in path.read_bytes(), path
+    assert HUB_TOKEN not in first.stdout + first.stderr
     downloaded = hash_tree(download)
     exported = hash_tree(run_dir / "model")
     assert all(downloaded[name] == digest for name, digest in exported.items())

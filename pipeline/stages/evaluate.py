@@ -28,7 +28,7 @@ def evaluate_model(
     score_texts: [prompt, completion] pairs whose completion this model scores
     (the base model judging the quantized model's generations).
     """
-    engine.prepare_environment()
+    engine.prepare_environment(engine_options.get("offline", True))
     import lm_eval
 
     from pipeline.lm_eval_vllm import vllm_lm_class

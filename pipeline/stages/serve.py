@@ -15,7 +15,7 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, engine_opt
     """Child-process job: returns load time, throughput and the completions (also in generations.json)."""
     from pipeline import engine
 
-    engine.prepare_environment()
+    engine.prepare_environment(engine_options.get("offline", True))
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
