@@ -166,6 +166,38 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     click.echo(f"{state}: {summary['url']}" + (f" (commit {summary['commit']})" if summary.get("commit") else ""))
 
 
+def _read_report(run_dir: Path) -> dict:
+    import json
+
+    from pipeline.errors import InputError
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        _fail(InputError(f"{path}: not found: the run never reached its gate"))
+    return json.loads(path.read_text())
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def report(run_dir: Path) -> None:
+    """Re-render RUN_DIR/report.md from report.json and print it."""
+    from pipeline.report import render_markdown
+    from pipeline.rundir import atomic_write_text
+
+    text = render_markdown(_read_report(run_dir))
+    atomic_write_text(run_dir / "report.md", text)
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+def compare(run_dirs: tuple[Path, ...]) -> None:
+    """Put several runs side by side (Markdown table): verdict, every rule, size, speed."""
+    from pipeline.report import render_comparison
+
+    click.echo(render_comparison([(f"{path.parent.name}/{path.name}", _read_report(path)) for path in run_dirs]), nl=False)
+
+
 @main.command()
 def schemes() -> None:
     """The scheme x engine table: which engine serves which scheme, and why."""

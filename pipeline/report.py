@@ -46,3 +46,22 @@ def render_markdown(report: dict) -> str:
                 completion = item["completion"].replace("\n", " ").replace("|", "\\|")
                 lines.append(f"  - `{item['prompt']}` → {completion}")
     return "\n".join(lines) + "\n"
+
+
+def render_comparison(reports: list[tuple[str, dict]]) -> str:
+    """Several runs side by side: one column per run, one row per rule or figure."""
+    header = "| | " + " | ".join(name for name, _ in reports) + " |"
+    lines = [header, "|---" * (len(reports) + 1) + "|"]
+    lines.append("| verdict | " + " | ".join(report["verdict"] for _, report in reports) + " |")
+    lines.append("| scheme | " + " | ".join(report["scheme"] for _, report in reports) + " |")
+    rule_names = list(dict.fromkeys(rule["rule"] for _, report in reports for rule in report["rules"]))
+    for rule_name in rule_names:
+        cells = []
+        for _, report in reports:
+            rule = next((rule for rule in report["rules"] if rule["rule"] == rule_name), None)
+            cells.append("—" if rule is None else f"{_fmt(rule['figure'])} {'pass' if rule['passed'] else '**FAIL**'}")
+        lines.append(f"| {rule_name} | " + " | ".join(cells) + " |")
+    for label, key in (("export size ratio", "size_ratio"),):
+        lines.append(f"| {label} | " + " | ".join(_fmt(report.get("export", {}).get(key)) for _, report in reports) + " |")
+    lines.append("| tokens/s | " + " | ".join(_fmt(report.get("serve", {}).get("tokens_per_s")) for _, report in reports) + " |")
+    return "\n".join(lines) + "\n"

@@ -89,3 +89,28 @@ def test_no_rules_is_not_a_pass(tmp_path):
     recipe = _recipe(min_recovery=None, max_perplexity_ratio=None, no_garbage=False)
     report = gate.gate(recipe, _facts(), _evaluation(), tmp_path)
     assert report["verdict"] == "fail"
+
+
+def test_report_and_compare_commands(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    runs = []
+    for name, quant_acc in (("good", 0.49), ("bad", 0.30)):
+        run_dir = tmp_path / "exports" / name / "run1"
+        run_dir.mkdir(parents=True)
+        report = gate.gate(_recipe(), _facts(), _evaluation(quant_acc=quant_acc), run_dir)
+        (run_dir / "report.md").write_text("stale")
+        runs.append(run_dir)
+    rendered = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(runs[0])],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert rendered.returncode == 0 and (runs[0] / "report.md").read_text() == rendered.stdout
+    assert "| min_recovery[arc_easy] | 0.98 | 0.97 | pass |" in rendered.stdout
+    compared = subprocess.run([sys.executable, "-m", "pipeline.cli", "compare", *map(str, runs)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert compared.returncode == 0
+    assert "| verdict | pass | fail |" in compared.stdout
+    assert "| min_recovery[arc_easy] | 0.98 pass | 0.6 **FAIL** |" in compared.stdout
+    assert report["verdict"] == "fail"
