@@ -26,7 +26,7 @@ def local_model_dir(recipe: Recipe) -> Path | None:
     if spec.kind == "builtin":
         folder = models.builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype)
     elif spec.kind == "gguf":
-        folder = models.gguf_model_dir(Path(spec.source))
+        folder = models.gguf_model_dir(Path(spec.source), spec.dtype)
     else:
         return None
     return folder if models.is_prepared(folder) else None

@@ -45,11 +45,11 @@ def builtin_gguf_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / gguf_file
 
 
-def gguf_model_dir(gguf_path: Path) -> Path:
-    """Cache folder for a user's GGUF file, keyed by its path, size and mtime."""
+def gguf_model_dir(gguf_path: Path, dtype: str = "bfloat16") -> Path:
+    """Cache folder for a user's GGUF file, keyed by its path, size and mtime, and the target dtype."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}"
+    return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}-{dtype}"
 
 
 def convert_gguf(gguf_path: str, output_dir: str, dtype: str = "bfloat16") -> dict:

@@ -140,7 +140,7 @@ def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
     elif spec.kind == "builtin":
         candidate = models.builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype) / "config.json"
     elif spec.kind == "gguf":
-        candidate = models.gguf_model_dir(Path(spec.source)) / "config.json"
+        candidate = models.gguf_model_dir(Path(spec.source), spec.dtype) / "config.json"
     else:
         try:
             from huggingface_hub import hf_hub_download

@@ -99,7 +99,7 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
         gguf_path, model_dir = models.builtin_gguf_path(name), models.builtin_model_dir(name, spec.dtype)
     else:
         gguf_path = Path(spec.source)
-        model_dir = models.gguf_model_dir(gguf_path)
+        model_dir = models.gguf_model_dir(gguf_path, spec.dtype)
     if not models.is_prepared(model_dir):
         say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
         call_isolated(
