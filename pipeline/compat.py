@@ -14,9 +14,16 @@ from dataclasses import dataclass
 
 from pipeline.schemes import SCHEMES
 
-ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
+VLLM_ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
+TRANSFORMERS = "transformers"
+ENGINES = (*VLLM_ENGINES, TRANSFORMERS)
 MEASURED = "measured here"
 PER_VLLM_DOCS = "per vLLM docs"
+PER_QUARK_DOCS = "per Quark docs"
+# transformers loads any Quark export through Quark's emulation (QParamsLinear): right
+# numbers, slow kernels -- an evaluation engine, not a serving one.
+EMULATION = "Quark emulation in transformers (QParamsLinear): correct, slow; for evaluation"
+MEASURED_IN_TRANSFORMERS = ("fp8", "ptpc_fp8")
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "its dense Quark loader accepts multi-entry weight configs only for NVFP4",
             MEASURED if engine == "vllm-cpu" else PER_VLLM_DOCS,
         )
-        for engine in ENGINES
+        for engine in VLLM_ENGINES
     },
 }
 # Schemes whose support differs for MoE expert layers: (engine -> Support) for those layers.
@@ -74,8 +81,12 @@ MOE_EXPERT_SUPPORT: dict[str, dict[str, Support]] = {
         "vllm-cuda": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
         "vllm-rocm": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
         "vllm-cpu": Support(False, "no CPU kernel for QuarkW4A8Fp8MoEMethod", PER_VLLM_DOCS),
+        TRANSFORMERS: Support(True, EMULATION, PER_QUARK_DOCS),
     },
 }
+
+for _scheme, _engines in SUPPORT.items():
+    _engines[TRANSFORMERS] = Support(True, EMULATION, MEASURED if _scheme in MEASURED_IN_TRANSFORMERS else PER_QUARK_DOCS)
 
 assert set(SUPPORT) <= set(SCHEMES), "compatibility table names an unknown scheme"
 

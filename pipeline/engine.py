@@ -23,10 +23,26 @@ def prepare_environment(offline: bool = True) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def vllm_version() -> str:
-    import vllm
+def engine_version(engine_name: str) -> str:
+    """Version of the engine package, from metadata (no import)."""
+    import importlib.metadata
 
-    return vllm.__version__
+    if engine_name == "transformers":
+        return importlib.metadata.version("transformers")
+    from pipeline.lm_eval_vllm import vllm_version
+
+    return vllm_version()
+
+
+def load_transformers_model(model_dir: str, options: dict):
+    """(model, tokenizer) in transformers; a Quark export loads through Quark's emulation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, options["dtype"]))
+    model.eval()
+    return model, tokenizer
 
 
 def llm_kwargs(model_dir: str, options: dict) -> dict:
@@ -42,9 +58,10 @@ def llm_kwargs(model_dir: str, options: dict) -> dict:
     }
 
 
-def engine_options(recipe, *, quantized: bool) -> dict:
+def engine_options(recipe, *, quantized: bool, engine_name: str = "vllm") -> dict:
     """The engine settings a recipe asks for (JSON-able: they travel to child processes)."""
     return {
+        "engine": engine_name,
         "dtype": recipe.model.dtype,
         "max_model_len": recipe.evaluation.max_model_len,
         "enforce_eager": recipe.evaluation.enforce_eager,

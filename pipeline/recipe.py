@@ -162,7 +162,11 @@ class QuantizationSpec(Strict):
 
 
 class EvaluationSpec(Strict):
-    engine: Literal["vllm"] = Field("vllm", description="serving/evaluation engine (vLLM; its build decides GPU or CPU)")
+    engine: Literal["vllm", "transformers", "auto"] = Field(
+        "vllm",
+        description="vllm (its build decides GPU or CPU); transformers (Quark's emulation: slow, any scheme); "
+        "auto: vLLM when it can serve the scheme, else transformers, labelled as a fallback in the report",
+    )
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     tasks: tuple[str, ...] = Field(
         ("arc_easy",),

