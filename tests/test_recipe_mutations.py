@@ -1,0 +1,81 @@
+"""A generated corpus of mutated recipes: every one is accepted or refused with one line naming
+the file (and the field where there is one) -- never a traceback, never a silently ignored key."""
+
+from __future__ import annotations
+
+import copy
+import random
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import load_recipe
+from tests.conftest import DEFAULT_RECIPE, REPO
+
+BASE = yaml.safe_load(DEFAULT_RECIPE.read_text())
+ODD_VALUES = [None, "", "??", -1, 0, 10**12, 3.5, True, [], {}, ["x"], {"a": 1}, "re:(", "int8_per_chanel"]
+
+
+def _paths(node, prefix=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield prefix + (key,)
+            yield from _paths(value, prefix + (key,))
+
+
+def _mutate(rng: random.Random) -> tuple[str, dict | str]:
+    recipe = copy.deepcopy(BASE)
+    path = rng.choice(list(_paths(recipe)))
+    parent = recipe
+    for key in path[:-1]:
+        parent = parent[key]
+    kind = rng.choice(["delete", "typo", "value", "extra", "text"])
+    if kind == "delete":
+        del parent[path[-1]]
+    elif kind == "typo":
+        parent[path[-1] + rng.choice(["s", "_", "x"])] = parent.pop(path[-1])
+    elif kind == "value":
+        parent[path[-1]] = rng.choice(ODD_VALUES)
+    elif kind == "extra":
+        parent["unexpected_" + str(rng.randint(0, 99))] = 1
+    else:
+        text = DEFAULT_RECIPE.read_text()
+        cut = rng.randint(0, len(text))
+        return kind, text[:cut] + rng.choice(["", ":", "\t- [", "\x00", "  bad: [1,"]) + text[cut:]
+    return kind, recipe
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_mutated_recipe_is_accepted_or_refused_in_one_line(tmp_path, seed):
+    kind, mutated = _mutate(random.Random(seed))
+    path = tmp_path / "mutated.yaml"
+    path.write_text(mutated if isinstance(mutated, str) else yaml.safe_dump(mutated))
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        line = exc.one_line()
+        assert line.startswith(f"{path}: ") and "\n" not in line and len(line) < 600
+        if kind in ("typo", "extra"):
+            assert "unknown key" in line or "required field is missing" in line
+        return
+    # Accepted: a typo'd or extra key can never be, and nothing the mutation set may be dropped silently.
+    assert kind in ("delete", "value", "text"), (kind, mutated)
+    assert recipe.name
+
+
+def test_cli_refuses_a_mutated_corpus_with_exit_2_and_no_traceback(tmp_path):
+    paths = []
+    for seed in range(12):
+        kind, mutated = _mutate(random.Random(1000 + seed))
+        path = tmp_path / f"m{seed}.yaml"
+        path.write_text((mutated if isinstance(mutated, str) else yaml.safe_dump(mutated)) + "\nnot_a_field: 1\n")
+        paths.append(path)
+    for path in paths:
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(path)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 2, (path.read_text(), done.stdout)
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+        assert done.stderr.startswith(f"error: {path}: ")
