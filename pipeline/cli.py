@@ -65,8 +65,15 @@ def validate(recipes: tuple[Path, ...]) -> None:
     help="Root of run directories: OUTPUT_DIR/<recipe name>/<run id>/.",
 )
 @click.option("--refresh-baseline", is_flag=True, help="Re-evaluate the base model instead of using its cached figures.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Finish this earlier run of RECIPE: keep stages whose recipe inputs are unchanged and whose "
+                   "outputs match the manifest; rerun the rest.")
+@click.option("--from-stage", type=click.Choice(["calibrate", "quantize", "freeze", "export", "verify", "serve",
+                                                 "evaluate", "gate", "publish"]),
+              help="With --resume: rerun from this stage on, whatever is kept before it.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final verdict lines.")
-def run(recipe: Path, output_dir: Path, refresh_baseline: bool, quiet: bool) -> None:
+def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
+        quiet: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
@@ -79,7 +86,12 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, quiet: bool) -> 
             click.echo(line)
 
     try:
-        result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline)
+        if from_stage and not resume_dir:
+            raise click.UsageError("--from-stage needs --resume RUN_DIR")
+        if resume_dir is not None:
+            result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline)
+        else:
+            result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline)
     except PipelineError as exc:
         _fail(exc)
     click.echo(f"gate: {result.verdict}")

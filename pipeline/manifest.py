@@ -9,7 +9,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.rundir import atomic_write_json, hash_tree
+from pipeline.rundir import HashCache, atomic_write_json, hash_tree
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -56,7 +56,9 @@ class Manifest:
     def finish(self, status: str) -> None:
         self.data["status"] = status
         self.data["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.data["files"] = hash_tree(self.run_dir, skip=(MANIFEST_FILE,))
+        cache = HashCache(self.run_dir)
+        self.data["files"] = hash_tree(self.run_dir, skip=(MANIFEST_FILE,), cache=cache)
+        cache.save()
         self.save()
 
     def save(self) -> None:

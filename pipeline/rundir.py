@@ -94,10 +94,11 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def hash_tree(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
+def hash_tree(root: Path, *, skip: tuple[str, ...] = (), cache: "HashCache | None" = None) -> dict[str, str]:
     """sha256 of every file under root, keyed by its posix path relative to root.
 
-    Hidden entries (temp folders, lock files) are skipped.
+    Hidden entries (temp folders, lock files) are skipped. `cache` (rooted at root) skips
+    rehashing files whose size and mtime did not change.
     """
     hashes = {}
     for file in sorted(root.rglob("*")):
@@ -105,7 +106,8 @@ def hash_tree(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
         if any(part.startswith(".") for part in relative.parts) or relative.as_posix() in skip:
             continue
         if file.is_file():
-            hashes[relative.as_posix()] = sha256_file(file)
+            name = relative.as_posix()
+            hashes[name] = cache.sha256(name) if cache is not None else sha256_file(file)
     return hashes
 
 
@@ -137,3 +139,38 @@ def locked(run_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+class HashCache:
+    """sha256 of run files, remembered by (size, mtime): a no-op resume must not rehash gigabytes.
+
+    Safe because stage outputs are written once (staged, renamed) and never edited in place;
+    a file changed behind our back changes its size or mtime and is hashed again.
+    """
+
+    FILE = ".hashcache.json"
+
+    def __init__(self, root: Path):
+        self.root = root
+        path = root / self.FILE
+        self.entries: dict[str, list] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def sha256(self, name: str) -> str | None:
+        path = self.root / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = [stat.st_size, stat.st_mtime_ns]
+        entry = self.entries.get(name)
+        if entry and entry[:2] == key:
+            return entry[2]
+        digest = sha256_file(path)
+        self.entries[name] = [*key, digest]
+        return digest
+
+    def matches(self, name: str, digest: str) -> bool:
+        return self.sha256(name) == digest
+
+    def save(self) -> None:
+        atomic_write_json(self.root / self.FILE, self.entries)

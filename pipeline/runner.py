@@ -7,6 +7,7 @@ directory, staged and renamed into place when the stage succeeds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -21,9 +22,9 @@ from pydantic import ValidationError
 
 from pipeline import checks, compat, engine, layers, models, schemes
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
-from pipeline.manifest import Manifest
+from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.rundir import RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
+from pipeline.rundir import HashCache, RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
 from pipeline.worker import call_isolated
@@ -32,6 +33,17 @@ STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evalu
 # Folder each stage writes in the run directory (the export is the model itself).
 STAGE_FOLDERS = {stage: stage for stage in STAGES} | {"export": "model"}
 ROOT_REPORT_FILES = ("report.json", "report.md")
+# Recipe sections each stage's outputs depend on (cumulative): a change there reruns the
+# stage on --resume; a change elsewhere (a gate threshold) leaves it as it is.
+STAGE_INPUTS = {
+    "calibrate": ("model", "calibration"),
+    **{stage: ("model", "calibration", "quantization") for stage in ("quantize", "freeze", "export", "verify")},
+    "serve": ("model", "calibration", "quantization", "evaluation"),
+    "evaluate": ("model", "calibration", "quantization", "evaluation"),
+    "gate": ("model", "calibration", "quantization", "evaluation", "gates"),
+    "publish": ("model", "calibration", "quantization", "evaluation", "gates", "publish"),
+}
+QUARK_STAGES = ("quantize", "freeze", "export")
 # Export <= base size (quantization only shrinks weights), plus staging and headroom.
 DISK_SAFETY_FACTOR = 1.5
 
@@ -131,6 +143,34 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
     return model_dir
 
 
+def stage_config_sha256(recipe: Recipe, stage: str, engine_name: str) -> str:
+    data = recipe.model_dump(mode="json")
+    inputs = {section: data[section] for section in STAGE_INPUTS[stage]}
+    if "evaluation" in STAGE_INPUTS[stage]:
+        inputs["engine"] = engine_name
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_stages(previous: dict, recipe: Recipe, engine_name: str, run_dir: Path, from_stage: str | None) -> dict:
+    """Stage -> record of the leading stages of an earlier run that can be kept: done, same
+    recipe inputs, outputs still matching their sha256. Everything after the first miss reruns."""
+    hashes = HashCache(run_dir)
+    keep: dict[str, dict] = {}
+    for stage in STAGES:
+        record = previous.get("stages", {}).get(stage)
+        if stage == from_stage or record is None or record.get("status") != "done":
+            break
+        if record.get("config_sha256") != stage_config_sha256(recipe, stage, engine_name):
+            break
+        if not all(hashes.matches(name, digest) for name, digest in record.get("outputs", {}).items()):
+            break
+        keep[stage] = record
+    if not all(stage in keep for stage in QUARK_STAGES):  # one child makes all three: all or none
+        keep = {stage: record for stage, record in keep.items() if STAGES.index(stage) < STAGES.index("quantize")}
+    hashes.save()
+    return keep
+
+
 class Run:
     """One execution of a recipe: holds the run directory, the manifest and the stage records."""
 
@@ -146,6 +186,7 @@ class Run:
         self.result = RunResult(run_dir=run_dir)
         self.base_model_dir: Path | None = None
         self.export_dir = run_dir / STAGE_FOLDERS["export"]  # `check` points it at an existing export
+        self.reusable: dict[str, dict] = {}  # stage -> record kept from an earlier run (--resume)
 
     def engine_options(self, *, quantized: bool) -> dict:
         return engine.engine_options(self.recipe, quantized=quantized, engine_name=self.engine_choice.name)
@@ -156,12 +197,24 @@ class Run:
     def log(self, stage: str) -> Path:
         return self.run_dir / "logs" / f"{stage}.log"
 
+    def _reuse(self, stage: str) -> dict | None:
+        """The summary of a stage kept from an earlier run, re-recorded in this run's manifest."""
+        record = self.reusable.get(stage)
+        if record is None:
+            return None
+        self.manifest.data["stages"][stage] = {**record, "reused": True}
+        self.manifest.save()
+        self.result.stage_records[stage] = record
+        self.say(f"↷ {stage:<9} kept from the earlier run (inputs unchanged, outputs verified)")
+        return record["summary"]
+
     def _record(self, stage: str, summary: dict, wall_s: float, peak_rss_mb: float) -> None:
         record = {
             "status": "done",
             "wall_s": round(wall_s, 2),
             "peak_rss_mb": round(peak_rss_mb, 1),
             "log": f"logs/{stage}.log",
+            "config_sha256": stage_config_sha256(self.recipe, stage, self.engine_choice.name),
             "summary": summary,
         }
         log = self.log(stage)
@@ -174,6 +227,8 @@ class Run:
 
     def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
         """Run an in-process stage into its staged folder."""
+        if (kept := self._reuse(stage)) is not None:
+            return kept
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
             summary = work(out_dir)
@@ -182,6 +237,8 @@ class Run:
 
     def _isolated(self, stage: str, target: str, kwargs: dict) -> dict:
         """Run a child-process stage into its staged folder (the child gets `out_dir`)."""
+        if (kept := self._reuse(stage)) is not None:
+            return kept
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
             summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage), stage=stage)
@@ -258,6 +315,10 @@ class Run:
 
     def _quark_stages(self) -> None:
         """quantize, freeze and export share one child: the quantized model lives in its memory."""
+        if all(stage in self.reusable for stage in QUARK_STAGES):
+            for stage in QUARK_STAGES:
+                self._reuse(stage)
+            return
         self._check_disk_space()
         folders = {stage: self.folder(stage) for stage in ("quantize", "freeze", "export")}
         with staged_folder(folders["quantize"]) as quantize_dir, staged_folder(folders["freeze"]) as freeze_dir, \
@@ -277,6 +338,8 @@ class Run:
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
 
     def _evaluate(self, completions: list[dict]) -> dict:
+        if (kept := self._reuse("evaluate")) is not None:
+            return kept
         started = time.perf_counter()
         with staged_folder(self.folder("evaluate")) as out_dir:
             evaluation, peak_mb = evaluate.evaluate(
@@ -320,6 +383,36 @@ def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: boo
     recipe = load_recipe(recipe_path)
     current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
     return _execute(current, current.execute)
+
+
+def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None = None,
+           refresh_baseline: bool = False) -> RunResult:
+    """Finish an earlier run of RECIPE in RUN_DIR: keep the stages whose inputs did not change and
+    whose outputs verify against its manifest; rerun the rest (from `from_stage` at the latest)."""
+    recipe = load_recipe(recipe_path)
+    manifest_path = run_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise InputError(f"{run_dir}: no {MANIFEST_FILE}: not a run directory")
+    previous = read_json(manifest_path)
+    if previous.get("recipe") != recipe.name:
+        raise InputError(f"{run_dir}: a run of recipe '{previous.get('recipe')}', not '{recipe.name}'")
+    choice = check_engine(recipe, recipe_path)
+    say(f"resuming run directory: {run_dir}")
+    say(f"engine: {choice.label}")
+    current = Run(recipe, recipe_path, run_dir, previous.get("run_id", run_dir.name), say, choice,
+                  refresh_baseline=refresh_baseline)
+    current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+
+    def work() -> RunResult:
+        current.reusable = reusable_stages(previous, recipe, choice.name, run_dir, from_stage)
+        for stage in STAGES[len(current.reusable):]:  # stale outputs of stages that rerun go first
+            shutil.rmtree(run_dir / STAGE_FOLDERS[stage], ignore_errors=True)
+        for name in ROOT_REPORT_FILES:
+            if "gate" not in current.reusable:
+                (run_dir / name).unlink(missing_ok=True)
+        return current.execute()
+
+    return _execute(current, work)
 
 
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,

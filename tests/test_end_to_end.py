@@ -240,3 +240,53 @@ def test_check_catches_a_corrupted_export_as_garbage(default_run, tmp_path):
     assert garbage["worst_sample"]["text"]
     assert "no_garbage" in report["failed_rules"]
 
+
+
+def _stage_states(run_dir: Path) -> dict[str, bool]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {stage: bool(record.get("reused")) for stage, record in manifest["stages"].items()}
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "exports" / "smollm2-135m-int8" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_resume_of_a_finished_run_redoes_nothing(default_run, tmp_path):
+    _, completed = default_run
+    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+    before = json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"]
+    resumed = run_cli("run", str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert all(_stage_states(run_dir).values()), _stage_states(run_dir)
+    assert json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"] == before
+
+
+def test_changed_gate_threshold_reruns_only_gate_and_publish(default_run, tmp_path):
+    _, completed = default_run
+    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+    recipe = tmp_path / "stricter.yaml"
+    recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 0.9"))
+    resumed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = _stage_states(run_dir)
+    assert [stage for stage, reused in states.items() if not reused] == ["gate", "publish"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.9
+
+
+def test_truncated_export_is_detected_and_rebuilt_byte_identical(default_run, tmp_path):
+    _, completed = default_run
+    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+    weights = run_dir / "model" / "model.safetensors"
+    original = sha256_file(weights)
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    resumed = run_cli("run", str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = _stage_states(run_dir)
+    assert states["calibrate"] and not states["quantize"] and not states["export"] and not states["evaluate"]
+    assert sha256_file(weights) == original  # Quark's export is deterministic: same bytes as the uninterrupted run
