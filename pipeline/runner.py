@@ -263,7 +263,7 @@ class Run:
         self.manifest.set("checked_export", {"path": str(self.export_dir), "sha256": tree_digest(self.export_dir)})
         linear_layers = checks.weight_layer_names(self.base_model_dir)
         excluded = layers.select(linear_layers, self.recipe.quantization.exclude)
-        return self._verify_to_publish(linear_layers, layer_overrides(self.recipe, linear_layers, excluded), publish=False)
+        return self._verify_to_publish(linear_layers, layer_overrides(self.recipe, linear_layers, excluded), publish_stage=False)
 
     def _prepare(self) -> None:
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
