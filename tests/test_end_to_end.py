@@ -122,28 +122,24 @@ def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-def test_impossible_gate_exits_3_and_publishes_nothing(tmp_path):
+def test_impossible_gate_exits_3_and_publishes_nothing(default_run, tmp_path):
+    """The same export under an impossible threshold (resumed: only gate and publish rerun)."""
+    _, completed = default_run
+    run_dir = _copy_run(run_dir_of(completed), tmp_path)
     recipe = tmp_path / "impossible.yaml"
-    recipe.write_text(
-        DEFAULT_RECIPE.read_text()
-        .replace("min_recovery: 0.95", "min_recovery: 2.0")
-        .replace("samples: 64", "samples: 16")
-        .replace("limit: 200", "limit: 50")
-    )
-    completed = run_recipe(recipe, tmp_path)
-    assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert "gate failed: min_recovery[arc_easy]" in completed.stderr
-    run_dir = run_dir_of(completed)
+    recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 2.0"))
+    failed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
+    assert failed.returncode == 3, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "gate failed: min_recovery[arc_easy]" in failed.stderr
     report = json.loads((run_dir / "report.json").read_text())
     assert report["verdict"] == "fail" and "min_recovery[arc_easy]" in report["failed_rules"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "publish" not in manifest["stages"]
     assert not (tmp_path / "exports" / "published").exists()
-    assert not (run_dir / "publish").exists()
+    assert not (run_dir / "publish").exists()  # the earlier run's publish record is gone with its verdict
     later = run_cli("publish", str(run_dir), "--target", str(tmp_path / "later"), cwd=REPO)
     assert later.returncode == 3 and "refusing to publish" in later.stderr
     assert not (tmp_path / "later").exists()
-
 
 HUB_TOKEN = "hf_e2eWRITEtoken0123456789abcdefghijkl"
 HUB_TOKENS = {HUB_TOKEN: {"user": "qp-ci", "orgs": ["qp-org"], "role": "write"}}
