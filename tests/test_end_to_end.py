@@ -49,7 +49,18 @@ def default_run(tmp_path_factory):
     return workdir, completed
 
 
-def test_default_recipe_passes_and_publishes(default_run):
+@pytest.fixture(scope="module")
+def pristine_run_dir(default_run, tmp_path_factory) -> Path:
+    """A copy of the finished run taken before any test publishes it again (which rewrites publish/)."""
+    import shutil
+
+    run_dir = run_dir_of(default_run[1])
+    copy = tmp_path_factory.mktemp("pristine") / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_default_recipe_passes_and_publishes(default_run, pristine_run_dir):
     workdir, completed = default_run
     assert "gate: pass" in completed.stdout
     run_dir = run_dir_of(completed)
@@ -122,10 +133,9 @@ def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
-def test_impossible_gate_exits_3_and_publishes_nothing(default_run, tmp_path):
+def test_impossible_gate_exits_3_and_publishes_nothing(pristine_run_dir, tmp_path):
     """The same export under an impossible threshold (resumed: only gate and publish rerun)."""
-    _, completed = default_run
-    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+    run_dir = _copy_run(pristine_run_dir, tmp_path)
     recipe = tmp_path / "impossible.yaml"
     recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 2.0"))
     failed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
@@ -244,6 +254,7 @@ def _stage_states(run_dir: Path) -> dict[str, bool]:
 
 
 def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of a finished run under tmp_path/exports/<recipe>/ for a resume test."""
     import shutil
 
     copy = tmp_path / "exports" / "smollm2-135m-int8" / run_dir.name
@@ -251,9 +262,8 @@ def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def test_resume_of_a_finished_run_redoes_nothing(default_run, tmp_path):
-    _, completed = default_run
-    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+def test_resume_of_a_finished_run_redoes_nothing(pristine_run_dir, tmp_path):
+    run_dir = _copy_run(pristine_run_dir, tmp_path)
     before = json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"]
     resumed = run_cli("run", str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -261,9 +271,8 @@ def test_resume_of_a_finished_run_redoes_nothing(default_run, tmp_path):
     assert json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"] == before
 
 
-def test_changed_gate_threshold_reruns_only_gate_and_publish(default_run, tmp_path):
-    _, completed = default_run
-    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+def test_changed_gate_threshold_reruns_only_gate_and_publish(pristine_run_dir, tmp_path):
+    run_dir = _copy_run(pristine_run_dir, tmp_path)
     recipe = tmp_path / "stricter.yaml"
     recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 0.9"))
     resumed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
@@ -274,9 +283,8 @@ def test_changed_gate_threshold_reruns_only_gate_and_publish(default_run, tmp_pa
     assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.9
 
 
-def test_truncated_export_is_detected_and_rebuilt_byte_identical(default_run, tmp_path):
-    _, completed = default_run
-    run_dir = _copy_run(run_dir_of(completed), tmp_path)
+def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_dir, tmp_path):
+    run_dir = _copy_run(pristine_run_dir, tmp_path)
     weights = run_dir / "model" / "model.safetensors"
     original = sha256_file(weights)
     with open(weights, "r+b") as handle:
