@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import compat, layers
+from pipeline import checks, compat, layers
 from pipeline.recipe import Recipe
 from pipeline.schemes import SCHEMES, SchemeSpec
 
@@ -132,15 +132,10 @@ def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
     """config.json to plan from: --model-config, the local folder, or a prepared/cached copy."""
     if explicit is not None:
         return explicit
-    from pipeline import models
-
     spec = recipe.model
-    if spec.kind == "folder":
-        candidate = Path(spec.source) / "config.json"
-    elif spec.kind == "builtin":
-        candidate = models.builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype) / "config.json"
-    elif spec.kind == "gguf":
-        candidate = models.gguf_model_dir(Path(spec.source), spec.dtype) / "config.json"
+    if spec.kind != "hub":
+        model_dir = checks.local_model_dir(recipe)
+        candidate = model_dir / "config.json" if model_dir is not None else None
     else:
         try:
             from huggingface_hub import hf_hub_download
@@ -148,7 +143,7 @@ def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
             candidate = Path(hf_hub_download(spec.source, "config.json", revision=spec.revision, local_files_only=True))
         except Exception:  # not in the local HF cache
             return None
-    return candidate if candidate.is_file() else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 def summary(plan: Plan) -> dict:
