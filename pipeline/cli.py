@@ -192,12 +192,15 @@ def _read_report(run_dir: Path) -> dict:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def report(run_dir: Path) -> None:
-    """Re-render RUN_DIR/report.md from report.json and print it."""
-    from pipeline.report import render_markdown
+    """Re-render RUN_DIR/report.md and accuracy.png from report.json; print the Markdown."""
+    from pipeline.plot import write_accuracy_plot
+    from pipeline.report import ACCURACY_PLOT, render_markdown
     from pipeline.rundir import atomic_write_text
 
-    text = render_markdown(_read_report(run_dir))
+    report_data = _read_report(run_dir)
+    text = render_markdown(report_data)
     atomic_write_text(run_dir / "report.md", text)
+    write_accuracy_plot(report_data, run_dir / ACCURACY_PLOT)
     click.echo(text, nl=False)
 
 

@@ -11,6 +11,8 @@ import os
 # vLLM's CPU backend reserves this many GiB for the KV cache (its default is 4).
 # A small model needs far less; users override it in the environment.
 CPU_KV_CACHE_GIB = "2"
+# Top-k log-probs per position vLLM may return (its default cap is 20): the token divergence uses 64.
+MAX_LOGPROBS = 64
 
 
 def prepare_environment(offline: bool = True) -> None:
@@ -55,6 +57,7 @@ def llm_kwargs(model_dir: str, options: dict) -> dict:
         "enforce_eager": options.get("enforce_eager", False),
         "tensor_parallel_size": options.get("tensor_parallel_size", 1),
         "seed": 0,
+        "max_logprobs": MAX_LOGPROBS,
     }
 
 

@@ -214,16 +214,77 @@ def token_divergence(base_logprobs, quantized_logprobs) -> dict:
         per_token_kl[start:stop] = terms.sum(axis=1)
         agree[start:stop] = log_p.argmax(axis=1) == log_q.argmax(axis=1)
 
+    return divergence_summary(per_token_kl, agree)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """For report text: None stays None."""
+    return None if value is None else round(float(value), digits)
+
+
+def divergence_summary(per_token_kl, top1_agree) -> dict:
+    """The llama.cpp-style statistics of per-token KL values and top-1 agreement flags."""
     # Tiny negative values are rounding noise: KL is non-negative by definition.
-    per_token_kl = np.maximum(per_token_kl, 0.0)
+    per_token_kl = np.maximum(np.asarray(per_token_kl, dtype=np.float64), 0.0)
+    agree = np.asarray(top1_agree, dtype=bool)
+    if per_token_kl.size == 0 or per_token_kl.shape != agree.shape:
+        raise ValueError(f"need one agreement flag per token KL, got {per_token_kl.shape} and {agree.shape}")
     return {
-        "tokens": tokens,
+        "tokens": int(per_token_kl.size),
         "mean_kl": float(per_token_kl.mean()),
+        "median_kl": _percentile(per_token_kl, 50),
         "p90_kl": _percentile(per_token_kl, 90),
         "p99_kl": _percentile(per_token_kl, 99),
         "max_kl": float(per_token_kl.max()),
         "top1_agreement": float(agree.mean()),
     }
+
+
+# Below this, a "rest of the vocabulary" mass is rounding noise of the top-k sum.
+_REST_FLOOR = 1e-12
+
+
+def topk_token_kl(base_top_ids, base_top_logprobs, quantized_top_ids, quantized_top_logprobs) -> np.ndarray:
+    """Per-token KL(base || quantized) from each model's top-k next tokens.
+
+    Inputs: [tokens, k] token ids and natural-log probabilities of each model's k
+    most likely next tokens at the same positions (what vLLM's prompt log-probs give).
+    The vocabulary is split into the tokens both top-k lists hold (each known in both
+    models) and one bucket with everything else (its mass is 1 minus the known ones in
+    each model). KL of this coarser split is a lower bound of the full KL
+    (log-sum inequality), exact when k covers the vocabulary and tight when the
+    models agree on where their mass lies; it lets the base pass be cached as k
+    values per token instead of a full vocabulary (llama.cpp stores full logits).
+    """
+    p_ids, q_ids = np.asarray(base_top_ids), np.asarray(quantized_top_ids)
+    log_p = np.asarray(base_top_logprobs, dtype=np.float64)
+    log_q = np.asarray(quantized_top_logprobs, dtype=np.float64)
+    if log_p.ndim != 2 or log_p.size == 0 or not (p_ids.shape == log_p.shape and q_ids.shape == log_q.shape) \
+            or log_p.shape[0] != log_q.shape[0]:
+        raise ValueError(
+            f"need non-empty [tokens, k] ids and log-probs with the same number of tokens, got "
+            f"{p_ids.shape}, {log_p.shape}, {q_ids.shape}, {log_q.shape}"
+        )
+    for name, values in (("base", log_p), ("quantized", log_q)):
+        if np.isnan(values).any() or np.isposinf(values).any() or (values > 1e-6).any():
+            raise ValueError(f"{name} top-k values must be log-probabilities (<= 0, no NaN)")
+        if (np.exp(values).sum(axis=1) > 1 + NORMALIZATION_TOLERANCE).any():
+            raise ValueError(f"{name} top-k probabilities sum to more than 1: pass log-probabilities, not logits")
+    per_token = np.empty(log_p.shape[0])
+    for start in range(0, log_p.shape[0], _KL_BLOCK_ROWS):
+        rows = slice(start, start + _KL_BLOCK_ROWS)
+        # shared[i, a, b]: base's a-th token is quantized's b-th token (ids are unique per row)
+        shared = p_ids[rows, :, None] == q_ids[rows, None, :]
+        in_both = shared.any(axis=2)
+        p = np.where(in_both, np.exp(log_p[rows]), 0.0)
+        log_q_matched = np.where(in_both, (shared * log_q[rows, None, :]).sum(axis=2), 0.0)
+        q = np.where(in_both, np.exp(log_q_matched), 0.0)
+        with np.errstate(invalid="ignore"):
+            head = np.where(p > 0.0, p * (np.where(in_both, log_p[rows], 0.0) - log_q_matched), 0.0).sum(axis=1)
+        p_rest = np.clip(1.0 - p.sum(axis=1), _REST_FLOOR, 1.0)
+        q_rest = np.clip(1.0 - q.sum(axis=1), _REST_FLOOR, 1.0)
+        per_token[rows] = head + p_rest * (np.log(p_rest) - np.log(q_rest))
+    return np.maximum(per_token, 0.0)
 
 
 # --- garbage detectors for free-form completions ---------------------------

@@ -175,6 +175,10 @@ class EvaluationSpec(Strict):
     limit: int | None = Field(200, ge=1, description="questions per task (None: all)")
     perplexity_text: str | None = Field("wikipedia-heldout", description="held-out text for perplexity, or null")
     perplexity_limit: int | None = Field(None, ge=1, description="held-out paragraphs to score (None: all)")
+    divergence_text: str | None = Field(
+        "wikipedia-heldout", description="held-out text for token-level KL and top-1 agreement vs the base, or null"
+    )
+    divergence_limit: int | None = Field(32, ge=1, description="held-out paragraphs (up to 256 tokens each) for divergence")
     max_model_len: int = Field(2048, ge=128)
     enforce_eager: bool = Field(
         False, description="skip vLLM's graph compilation: faster load (~30 s vs ~100 s for a tiny model on CPU), slower decode"
@@ -192,7 +196,7 @@ class EvaluationSpec(Strict):
                 )
         return tasks
 
-    @field_validator("perplexity_text")
+    @field_validator("perplexity_text", "divergence_text")
     @classmethod
     def _known_text(cls, text: str | None) -> str | None:
         if text is not None and text not in SHIPPED_HELDOUT_TEXTS:
@@ -209,6 +213,12 @@ class GatesSpec(Strict):
         description="upper bound of the 95% paired-bootstrap interval of (base acc - quantized acc), per task",
     )
     max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl on held-out text")
+    max_mean_kl: float | None = Field(
+        0.10, gt=0, description="mean per-token KL(base || quantized) on held-out text, nats"
+    )
+    min_top1_agreement: float | None = Field(
+        0.85, gt=0, le=1, description="share of held-out tokens whose most likely next token is unchanged"
+    )
     no_garbage: bool = Field(True, description="greedy generations must not be garbage (see the garbage_* limits)")
     garbage_max_repetition_rate: float = Field(0.5, gt=0, le=1, description="share of repeated word 3-grams")
     garbage_max_non_printable_share: float = Field(0.01, ge=0, le=1)

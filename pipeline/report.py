@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+ACCURACY_PLOT = "accuracy.png"
+
 
 def _fmt(value) -> str:
     if value is None:
@@ -32,6 +34,21 @@ def render_markdown(report: dict) -> str:
     perplexity = evaluation.get("perplexity")
     if perplexity:
         lines.append(f"| word perplexity | {_fmt(perplexity.get('base'))} | {_fmt(perplexity.get('quantized'))} |")
+    if evaluation.get("tasks"):
+        lines += ["", f"![per-task accuracy, base vs quantized, 95% intervals]({ACCURACY_PLOT})"]
+    divergence = evaluation.get("divergence")
+    if divergence:
+        lines += [
+            "", f"## Token divergence from the base ({_fmt(divergence.get('tokens'))} held-out tokens)", "",
+            "| mean KL | median KL | p90 KL | p99 KL | max KL | top-1 agreement |", "|---|---|---|---|---|---|",
+            "| " + " | ".join(_fmt(divergence.get(key)) for key in
+                             ("mean_kl", "median_kl", "p90_kl", "p99_kl", "max_kl", "top1_agreement")) + " |",
+            "", f"KL in nats; {divergence.get('method', '')}.",
+        ]
+    timings = evaluation.get("timings_s")
+    if timings:
+        lines += ["", "## Seconds per metric", "", "| measurement | seconds |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(seconds)} |" for name, seconds in timings.items()]
     export = report.get("export", {})
     serve = report.get("serve", {})
     if export or serve:

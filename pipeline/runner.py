@@ -32,7 +32,7 @@ from pipeline.worker import call_isolated
 STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
 # Folder each stage writes in the run directory (the export is the model itself).
 STAGE_FOLDERS = {stage: stage for stage in STAGES} | {"export": "model"}
-ROOT_REPORT_FILES = ("report.json", "report.md")
+ROOT_REPORT_FILES = ("report.json", "report.md", "accuracy.png")
 # Recipe sections each stage's outputs depend on (cumulative): a change there reruns the
 # stage on --resume; a change elsewhere (a gate threshold) leaves it as it is.
 STAGE_INPUTS = {
@@ -294,7 +294,8 @@ class Run:
         }
         report = self._in_process("gate", lambda out: gate.gate(recipe, run_facts, evaluation, out))
         for name in ROOT_REPORT_FILES:
-            shutil.copy2(self.folder("gate") / name, self.run_dir / name)
+            if (self.folder("gate") / name).is_file():  # no plot when no task accuracy was measured
+                shutil.copy2(self.folder("gate") / name, self.run_dir / name)
         self.result.report = report
         if report["verdict"] != "pass":
             raise GateFailed(f"gate failed: {', '.join(report['failed_rules'])}; nothing published", stage="gate")

@@ -8,24 +8,28 @@ does not redo them; `--refresh-baseline` recomputes them.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from pipeline import engine, lm_eval_tasks, metrics
 from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
+from pipeline.stages import divergence
 from pipeline.worker import call_isolated
-
-
 
 def evaluate_model(
     model_dir: str, tasks: dict[str, int | None], engine_options: dict, score_texts: list[list[str]] | None = None,
+    divergence_reference: dict | None = None, divergence_against: str | None = None,
 ) -> dict:
     """Child-process job: {"tasks": {task: {"metrics": {...}, "per_doc": [[doc_id, value], ...]}},
-    "completion_perplexities": [...]} for one model.
+    "completion_perplexities": [...], "divergence": {...}} for one model.
 
     score_texts: [prompt, completion] pairs whose completion this model scores
     (the base model judging the quantized model's generations).
+    divergence_reference: {"texts": [...], "path": ...}: save this (base) model's
+    top-k next-token log-probs on the texts there.
+    divergence_against: such a saved reference: compare this (quantized) model with it.
     """
     engine.prepare_environment(engine_options.get("offline", True))
     import lm_eval
@@ -34,6 +38,7 @@ def evaluate_model(
     results: dict = {"tasks": {}}
     for name, limit in tasks.items():  # one call per task: each has its own limit
         task_name = lm_eval_tasks.lm_eval_name(name)
+        started = time.perf_counter()
         outcome = lm_eval.simple_evaluate(
             model=model, tasks=[lm_eval_tasks.task_config(name)], limit=limit, log_samples=True, bootstrap_iters=0,
         )
@@ -47,10 +52,20 @@ def evaluate_model(
             value = sample.get(metric)
             per_doc.append([sample["doc_id"], list(value) if isinstance(value, (list, tuple)) else value])
         metrics["samples"] = len(per_doc)
-        results["tasks"][name] = {"metrics": metrics, "per_doc": per_doc}
+        results["tasks"][name] = {"metrics": metrics, "per_doc": per_doc, "seconds": round(time.perf_counter() - started, 2)}
     if score_texts:
+        started = time.perf_counter()
         score = _completion_perplexities_hf if engine_options.get("engine") == "transformers" else _completion_perplexities
         results["completion_perplexities"] = score(model, score_texts)
+        results["completion_perplexities_seconds"] = round(time.perf_counter() - started, 2)
+    engine_name = engine_options.get("engine", "vllm")
+    if divergence_reference:
+        results["divergence_reference"] = divergence.write_reference(
+            model, model.tokenizer, divergence_reference["texts"], engine_options["max_model_len"], engine_name,
+            divergence_reference["path"],
+        )
+    if divergence_against:
+        results["divergence"] = divergence.compare_with_reference(model, divergence_against, engine_name)
     return results
 
 
@@ -119,6 +134,13 @@ def _baseline_path(base_digest: str, task: str, limit: int | None, engine_versio
     return cache_root() / "baselines" / base_digest[:32] / f"{key}.json"
 
 
+def _divergence_reference_path(base_digest: str, text: str, limit: int | None, engine_version: str, options: dict) -> Path:
+    mode = "eager" if options["enforce_eager"] else "compiled"
+    key = (f"v1-divergence-{text}-limit{limit if limit is not None else 'all'}-tokens{divergence.MAX_TOKENS_PER_TEXT}"
+           f"-top{divergence.TOP_K}-{options['dtype']}-{options['engine']}-{engine_version}-{mode}")
+    return cache_root() / "baselines" / base_digest[:32] / f"{key}.safetensors"
+
+
 def _limits(recipe: Recipe) -> dict[str, int | None]:
     spec = recipe.evaluation
     limits: dict[str, int | None] = {task: spec.limit for task in spec.tasks}
@@ -161,14 +183,27 @@ def evaluate(
                 base[task] = json.loads(cached.read_text())
     missing = {task: limit for task, limit in limits.items() if task not in base}
     score_texts = [[item["prompt"], item["completion"]] for item in completions or []]
-    completion_perplexities = None
-    if missing or score_texts:
+    spec = recipe.evaluation
+    reference = None
+    if spec.divergence_text is not None:
+        reference = _divergence_reference_path(base_digest, spec.divergence_text, spec.divergence_limit, engine_version,
+                                               base_options)
+    build_reference = reference is not None and (refresh_baseline or not reference.is_file())
+    completion_perplexities, timings = None, {}
+    if missing or score_texts or build_reference:
         computed, child_peak = call_isolated(
             "pipeline.stages.evaluate:evaluate_model",
             {"model_dir": str(base_model_dir), "tasks": missing, "engine_options": base_options,
-             "score_texts": score_texts},
+             "score_texts": score_texts,
+             "divergence_reference": {
+                 "texts": divergence.heldout_texts(spec.divergence_text, spec.divergence_limit), "path": str(reference),
+             } if build_reference else None},
             log_path=log_path, stage="evaluate",
         )
+        if build_reference:
+            timings["token divergence: base reference"] = computed["divergence_reference"]["seconds"]
+        if score_texts:
+            timings["base perplexity of completions"] = computed.get("completion_perplexities_seconds")
         peak_mb = max(peak_mb, child_peak)
         completion_perplexities = computed.get("completion_perplexities")
         for task, figures in computed["tasks"].items():
@@ -178,10 +213,14 @@ def evaluate(
     quantized, child_peak = call_isolated(
         "pipeline.stages.evaluate:evaluate_model",
         {"model_dir": str(model_dir), "tasks": limits,
-         "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name)},
+         "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name),
+         "divergence_against": str(reference) if reference is not None else None},
         log_path=log_path, stage="evaluate",
     )
     peak_mb = max(peak_mb, child_peak)
+    timings |= {f"lm-eval {task}: base": base[task].get("seconds") for task in missing}
+    timings |= {f"lm-eval {task}: quantized": figures["seconds"] for task, figures in quantized["tasks"].items()}
+    divergence_figures = quantized.get("divergence")
     quantized = quantized["tasks"]
     for role, figures in (("base", base), ("quantized", quantized)):
         with open(out_dir / f"{role}-samples.jsonl", "w", encoding="utf-8") as handle:
@@ -208,6 +247,15 @@ def evaluate(
         },
         "completion_perplexities_under_base": completion_perplexities,
     }
+    if divergence_figures is not None:
+        evaluation["divergence"] = {
+            **divergence_figures, "text": spec.divergence_text, "limit": spec.divergence_limit,
+            "base_reference_cached": not build_reference,
+            "method": f"{engine_name} top-{divergence.TOP_K} next-token log-probs of both models; KL over the tokens "
+                      "both lists hold + one rest-of-vocabulary bucket (a lower bound of the full KL)",
+        }
+        timings["token divergence: quantized"] = divergence_figures["seconds"]
+    evaluation["timings_s"] = timings
     text = recipe.evaluation.perplexity_text
     if text is not None:
         evaluation["perplexity"] = {

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pipeline import metrics
 from pipeline.recipe import Recipe
-from pipeline.report import render_markdown
+from pipeline.plot import write_accuracy_plot
+from pipeline.report import ACCURACY_PLOT, render_markdown
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -55,6 +56,8 @@ def evaluate_rules(recipe: Recipe, evaluation: dict, run_facts: dict | None = No
             "max_perplexity_ratio", ratio, gates.max_perplexity_ratio,
             ratio is not None and ratio <= gates.max_perplexity_ratio, f"word perplexity {quantized} / base {base}",
         ))
+    if recipe.evaluation.divergence_text is not None:
+        rules += _divergence_rules(recipe, evaluation.get("divergence") or {})
     if gates.no_garbage:
         rules.append(_garbage_rule(recipe, evaluation, run_facts))
     if gates.max_export_size_ratio is not None:
@@ -69,6 +72,27 @@ def evaluate_rules(recipe: Recipe, evaluation: dict, run_facts: dict | None = No
         rules.append(_rule(
             "max_peak_memory_gb", peak_gb, gates.max_peak_memory_gb,
             peak_gb is not None and peak_gb <= gates.max_peak_memory_gb, "peak RSS of the vLLM process tree while serving",
+        ))
+    return rules
+
+
+def _divergence_rules(recipe: Recipe, figures: dict) -> list[dict]:
+    gates = recipe.gates
+    where = f"over {figures.get('tokens')} held-out tokens"
+    rules = []
+    if gates.max_mean_kl is not None:
+        mean_kl = figures.get("mean_kl")
+        rules.append(_rule(
+            "max_mean_kl", mean_kl, gates.max_mean_kl, mean_kl is not None and mean_kl <= gates.max_mean_kl,
+            f"mean KL(base || quantized) of next-token distributions, nats, {where} "
+            f"(p99 {metrics.rounded(figures.get('p99_kl'))}, max {metrics.rounded(figures.get('max_kl'))})",
+        ))
+    if gates.min_top1_agreement is not None:
+        agreement = figures.get("top1_agreement")
+        rules.append(_rule(
+            "min_top1_agreement", agreement, gates.min_top1_agreement,
+            agreement is not None and agreement >= gates.min_top1_agreement,
+            f"share of next tokens whose most likely value is unchanged, {where}",
         ))
     return rules
 
@@ -115,4 +139,5 @@ def gate(recipe: Recipe, run_facts: dict, evaluation: dict, out_dir: Path) -> di
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
+    write_accuracy_plot(report, out_dir / ACCURACY_PLOT)
     return report
