@@ -213,8 +213,10 @@ class GatesSpec(Strict):
         description="upper bound of the 95% paired-bootstrap interval of (base acc - quantized acc), per task",
     )
     max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl on held-out text")
+    # Measured on SmolLM2-135M (5053 held-out tokens): INT8 per-channel W + per-token A 0.032 nats / 0.88;
+    # per-tensor INT8 (the known failure) 0.089 / 0.80. Larger models shift far less: tighten for them.
     max_mean_kl: float | None = Field(
-        0.10, gt=0, description="mean per-token KL(base || quantized) on held-out text, nats"
+        0.05, gt=0, description="mean per-token KL(base || quantized) on held-out text, nats"
     )
     min_top1_agreement: float | None = Field(
         0.85, gt=0, le=1, description="share of held-out tokens whose most likely next token is unchanged"

@@ -13,7 +13,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, plot_link: str = ACCURACY_PLOT) -> str:
+    """plot_link: where accuracy.png lies relative to the Markdown (the run directory, or a published bundle)."""
     lines = [
         f"# {report['recipe']}: {report['verdict'].upper()}",
         "",
@@ -35,7 +36,7 @@ def render_markdown(report: dict) -> str:
     if perplexity:
         lines.append(f"| word perplexity | {_fmt(perplexity.get('base'))} | {_fmt(perplexity.get('quantized'))} |")
     if evaluation.get("tasks"):
-        lines += ["", f"![per-task accuracy, base vs quantized, 95% intervals]({ACCURACY_PLOT})"]
+        lines += ["", f"![per-task accuracy, base vs quantized, 95% intervals]({plot_link})"]
     divergence = evaluation.get("divergence")
     if divergence:
         lines += [

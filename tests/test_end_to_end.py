@@ -103,6 +103,16 @@ def test_default_recipe_passes_and_publishes(default_run, pristine_run_dir):
     garbage = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
     assert garbage["verdict"] == "sane"
     assert all(value < 200 for value in report["evaluation"]["completion_perplexities_under_base"])
+    # Token divergence measured on held-out text against the (cached) base reference, gated.
+    divergence = report["evaluation"]["divergence"]
+    assert divergence["tokens"] > 1000 and 0 < divergence["mean_kl"] <= divergence["p99_kl"] <= divergence["max_kl"]
+    assert 0.5 < divergence["top1_agreement"] < 1.0
+    rules = {rule["rule"]: rule for rule in report["rules"]}
+    assert rules["max_mean_kl"]["passed"] and rules["min_top1_agreement"]["passed"]
+    per_token = json.loads((run_dir / "evaluate" / "divergence-per-token.json").read_text())
+    assert len(per_token["kl"]) == sum(per_token["positions_per_text"]) == divergence["tokens"]
+    assert set(report["evaluation"]["timings_s"]) >= {"lm-eval arc_easy: quantized", "token divergence: quantized"}
+    assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
     # Published: the same model files plus a card and the run's provenance.
     published = workdir / "exports" / "published" / "smollm2-135m-int8"
@@ -110,6 +120,7 @@ def test_default_recipe_passes_and_publishes(default_run, pristine_run_dir):
     card = (published / "README.md").read_text()
     assert "base_model_relation: quantized" in card and "int8_per_channel" in card
     assert (published / "provenance" / "recipe.yaml").is_file()
+    assert (published / "provenance" / "accuracy.png").is_file() and "(provenance/accuracy.png)" in card
 
 
 def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_path):

@@ -58,11 +58,11 @@ def test_each_rule_can_fail(tmp_path):
 def test_divergence_rules_report_figure_threshold_and_fail_closed(tmp_path):
     report = gate.gate(_recipe(), _facts(), _evaluation(mean_kl=0.5, top1=0.6), tmp_path)
     kl = next(rule for rule in report["rules"] if rule["rule"] == "max_mean_kl")
-    assert (kl["figure"], kl["threshold"], kl["passed"]) == (0.5, 0.1, False)
+    assert (kl["figure"], kl["threshold"], kl["passed"]) == (0.5, 0.05, False)
     assert "5000 held-out tokens" in kl["detail"] and "p99 0.3" in kl["detail"]
     assert report["failed_rules"] == ["max_mean_kl", "min_top1_agreement"]
     markdown = (tmp_path / "report.md").read_text()
-    assert "| max_mean_kl | 0.5 | 0.1 | **FAIL** |" in markdown
+    assert "| max_mean_kl | 0.5 | 0.05 | **FAIL** |" in markdown
     assert "## Token divergence from the base (5000 held-out tokens)" in markdown
 
     evaluation = _evaluation()

@@ -24,7 +24,8 @@ UP = "model.layers.0.mlp.up_proj"  # [1536, 576]
 def _cheap_copy(recipe_name: str, tmp_path: Path) -> Path:
     text = (REPO / "recipes" / recipe_name).read_text()
     text = text.replace("samples: 64", "samples: 16").replace("limit: 200", "limit: 50").replace(
-        "perplexity_limit: 100", "perplexity_limit: 30"
+        "perplexity_limit: 100", "perplexity_limit: 30").replace(
+        "divergence_limit: 32", "divergence_limit: 16"
     )
     path = tmp_path / recipe_name
     path.write_text(text)

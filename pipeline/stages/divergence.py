@@ -98,7 +98,15 @@ def compare_with_reference(lm, path: str, engine_name: str) -> dict:
     token_ids = [reference["input_ids"][end - length:end].tolist() for end, length in zip(ends, reference["lengths"])]
     top_ids, top_values = top_logprobs(lm, token_ids, engine_name)
     per_token_kl = metrics.topk_token_kl(reference["top_ids"], reference["top_logprobs"], top_ids, top_values)
-    summary = metrics.divergence_summary(per_token_kl, reference["top_ids"][:, 0] == top_ids[:, 0])
+    agree = reference["top_ids"][:, 0] == top_ids[:, 0]
+    summary = metrics.divergence_summary(per_token_kl, agree)
     summary.update(top_k=TOP_K, texts=len(token_ids), seconds=round(time.perf_counter() - started, 2))
     # JSON has no infinity: a missing figure fails its gate rule closed.
-    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
+    summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
+    # Per token, per text (positions per text = its length - 1): what bench/gate_metrics.py resamples.
+    summary["per_token"] = {
+        "kl": [round(float(value), 6) if math.isfinite(value) else None for value in per_token_kl],
+        "top1_agree": agree.astype(int).tolist(),
+        "positions_per_text": [int(length) - 1 for length in reference["lengths"]],
+    }
+    return summary

@@ -248,6 +248,7 @@ def evaluate(
         "completion_perplexities_under_base": completion_perplexities,
     }
     if divergence_figures is not None:
+        atomic_write_json(out_dir / "divergence-per-token.json", divergence_figures.pop("per_token"))
         evaluation["divergence"] = {
             **divergence_figures, "text": spec.divergence_text, "limit": spec.divergence_limit,
             "base_reference_cached": not build_reference,

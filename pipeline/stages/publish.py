@@ -18,14 +18,14 @@ from pipeline.card import build_model_card
 from pipeline.errors import GateFailed, VerifyFailed
 from pipeline.manifest import MANIFEST_FILE
 from pipeline.recipe import Recipe
-from pipeline.report import render_markdown
+from pipeline.report import ACCURACY_PLOT, render_markdown
 from pipeline.rundir import hash_tree, read_json, sha256_file, staged_folder
 
 # The Hub id that a shipped builtin model was made from, for the card's base_model.
 BUILTIN_BASE_MODEL_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # Shipped task -> (dataset id, dataset name) for the card's model-index.
 TASK_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge")}
-PROVENANCE_FILES = ("recipe.yaml", "report.json", MANIFEST_FILE)
+PROVENANCE_FILES = ("recipe.yaml", "report.json", MANIFEST_FILE, ACCURACY_PLOT)
 
 
 def base_model_id(recipe: Recipe) -> str:
@@ -52,7 +52,7 @@ def model_card(recipe: Recipe, report: dict, serve_as: str) -> str:
         excluded=list(recipe.quantization.exclude),
         kv_cache=recipe.quantization.kv_cache,
         task_results=task_results,
-        gate_markdown=render_markdown(report),
+        gate_markdown=render_markdown(report, plot_link=f"provenance/{ACCURACY_PLOT}"),
         serve_as=serve_as,
     )
     extras = "".join(f"\n## {title}\n\n{text}\n" for title, text in recipe.publish.card_extras.items())
