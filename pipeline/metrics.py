@@ -245,16 +245,19 @@ _REST_FLOOR = 1e-12
 
 
 def topk_token_kl(base_top_ids, base_top_logprobs, quantized_top_ids, quantized_top_logprobs) -> np.ndarray:
-    """Per-token KL(base || quantized) from each model's top-k next tokens.
+    """Per-token lower bound of KL(base || quantized) from each model's top-k next tokens.
 
     Inputs: [tokens, k] token ids and natural-log probabilities of each model's k
     most likely next tokens at the same positions (what vLLM's prompt log-probs give).
-    The vocabulary is split into the tokens both top-k lists hold (each known in both
-    models) and one bucket with everything else (its mass is 1 minus the known ones in
-    each model). KL of this coarser split is a lower bound of the full KL
-    (log-sum inequality), exact when k covers the vocabulary and tight when the
-    models agree on where their mass lies; it lets the base pass be cached as k
-    values per token instead of a full vocabulary (llama.cpp stores full logits).
+    Two lower bounds, the larger is returned (KL is exact when k covers the vocabulary):
+    - split the vocabulary into the tokens both lists hold (known in both models) and
+      one bucket for the rest: KL of that coarser split (log-sum inequality);
+    - term by term over the base's top k: a token missing from the quantized list has
+      q <= the quantized k-th probability, so p log(p/q) >= p log(p/q_k); the remaining
+      vocabulary by the log-sum inequality with the largest mass q can leave it.
+    The second catches a model whose mass moved off the base's tokens altogether (word
+    salad: no shared tokens, where the first bound says 0). Caching k values per token
+    of the base instead of a full vocabulary is the point (llama.cpp stores full logits).
     """
     p_ids, q_ids = np.asarray(base_top_ids), np.asarray(quantized_top_ids)
     log_p = np.asarray(base_top_logprobs, dtype=np.float64)
@@ -276,14 +279,22 @@ def topk_token_kl(base_top_ids, base_top_logprobs, quantized_top_ids, quantized_
         # shared[i, a, b]: base's a-th token is quantized's b-th token (ids are unique per row)
         shared = p_ids[rows, :, None] == q_ids[rows, None, :]
         in_both = shared.any(axis=2)
-        p = np.where(in_both, np.exp(log_p[rows]), 0.0)
-        log_q_matched = np.where(in_both, (shared * log_q[rows, None, :]).sum(axis=2), 0.0)
+        p_all = np.exp(log_p[rows])
+        p = np.where(in_both, p_all, 0.0)
+        log_q_matched = np.where(in_both, (shared * np.where(shared, log_q[rows, None, :], 0.0)).sum(axis=2), 0.0)
         q = np.where(in_both, np.exp(log_q_matched), 0.0)
-        with np.errstate(invalid="ignore"):
-            head = np.where(p > 0.0, p * (np.where(in_both, log_p[rows], 0.0) - log_q_matched), 0.0).sum(axis=1)
-        p_rest = np.clip(1.0 - p.sum(axis=1), _REST_FLOOR, 1.0)
-        q_rest = np.clip(1.0 - q.sum(axis=1), _REST_FLOOR, 1.0)
-        per_token[rows] = head + p_rest * (np.log(p_rest) - np.log(q_rest))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shared_terms = np.where(p > 0.0, p * (np.where(in_both, log_p[rows], 0.0) - log_q_matched), 0.0)
+            # Bound 1: shared tokens + one bucket for everything else.
+            p_rest = np.clip(1.0 - p.sum(axis=1), _REST_FLOOR, 1.0)
+            q_rest = np.clip(1.0 - q.sum(axis=1), _REST_FLOOR, 1.0)
+            bucket = shared_terms.sum(axis=1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+            # Bound 2: every base top-k token; q of a missing one is at most the quantized k-th value.
+            log_q_kth = log_q[rows].min(axis=1, keepdims=True)
+            missing_terms = np.where(~in_both & (p_all > 0.0), p_all * (log_p[rows] - log_q_kth), 0.0)
+            p_outside = np.clip(1.0 - p_all.sum(axis=1), _REST_FLOOR, 1.0)
+            termwise = shared_terms.sum(axis=1) + missing_terms.sum(axis=1) + p_outside * (np.log(p_outside) - np.log(q_rest))
+        per_token[rows] = np.maximum(bucket, termwise)
     return np.maximum(per_token, 0.0)
 
 

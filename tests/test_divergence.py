@@ -56,6 +56,14 @@ def test_topk_kl_is_a_lower_bound_that_tightens_with_k(k):
         assert bound.mean() >= topk_token_kl(*_top(base, k - 1), *_top(quantized, k - 1)).mean() - 1e-12
 
 
+def test_topk_kl_sees_mass_moved_off_the_base_tokens():
+    # Word salad: no token in common. Base top-2 {0: 0.6, 1: 0.3}; quantized top-2 {5: 0.5, 6: 0.3}:
+    # q(0), q(1) <= 0.3, so KL >= 0.6 ln(0.6/0.3) + 0.3 ln(0.3/0.3) + 0.1 ln(0.1/1) = 0.185630
+    kl = topk_token_kl([[0, 1]], np.log([[0.6, 0.3]]), [[5, 6]], np.log([[0.5, 0.3]]))
+    assert kl[0] == pytest.approx(0.6 * math.log(2) + 0.1 * math.log(0.1))
+    assert kl[0] == pytest.approx(0.185630, abs=1e-6)
+
+
 def test_topk_kl_identical_is_zero_and_disjoint_lists_still_measure_the_shift():
     rng = np.random.default_rng(3)
     base = _normalized(rng, 5, 30)

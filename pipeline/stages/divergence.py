@@ -96,9 +96,18 @@ def compare_with_reference(lm, path: str, engine_name: str) -> dict:
     reference = load_file(path)
     ends = reference["lengths"].cumsum()
     token_ids = [reference["input_ids"][end - length:end].tolist() for end, length in zip(ends, reference["lengths"])]
+    import numpy as np
+
     top_ids, top_values = top_logprobs(lm, token_ids, engine_name)
-    per_token_kl = metrics.topk_token_kl(reference["top_ids"], reference["top_logprobs"], top_ids, top_values)
-    agree = reference["top_ids"][:, 0] == top_ids[:, 0]
+    # A broken export can give NaN log-probs: those tokens count as infinitely far from the base
+    # (the gate then fails closed) instead of crashing the stage.
+    broken = ~(np.isfinite(top_values) | np.isneginf(top_values)).all(axis=1)
+    per_token_kl = np.full(len(top_ids), np.inf)
+    if (~broken).any():
+        per_token_kl[~broken] = metrics.topk_token_kl(
+            reference["top_ids"][~broken], reference["top_logprobs"][~broken], top_ids[~broken], top_values[~broken],
+        )
+    agree = (reference["top_ids"][:, 0] == top_ids[:, 0]) & ~broken
     summary = metrics.divergence_summary(per_token_kl, agree)
     summary.update(top_k=TOP_K, texts=len(token_ids), seconds=round(time.perf_counter() - started, 2))
     # JSON has no infinity: a missing figure fails its gate rule closed.
