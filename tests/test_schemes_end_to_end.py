@@ -67,7 +67,9 @@ def test_int8_per_tensor_runs_but_the_default_gates_fail_it(tmp_path):
     assert tensors[f"{UP}.weight_scale"]["shape"] in ([], [1])
     assert f"{UP}.input_scale" in tensors  # static activation scale
     assert completed.returncode == 3 and report["verdict"] == "fail"
-    assert report["failed_rules"], report["rules"]
+    # ARC accuracy alone cannot tell (a recovery of 1.02 was measured here); the token-level
+    # rules can: mean KL 0.09 nats and top-1 agreement 0.80 vs 0.033 and 0.88 for per-channel.
+    assert {"max_mean_kl", "min_top1_agreement"} <= set(report["failed_rules"]), report["rules"]
 
 
 def test_fp8_is_evaluated_by_the_fallback_engine_and_labelled(tmp_path):
