@@ -44,11 +44,10 @@ def _tensor_spec(dtype: str, granularity: str, *, symmetric: bool, dynamic: bool
     qscheme = "per_channel" if granularity == "per_token" else granularity
     spec_class = getattr(quark_config, _SPEC_CLASS_NAMES[(dtype, qscheme)])
     arguments: dict = {"is_dynamic": dynamic}
-    if dtype == "fp8_e4m3":
-        # Quark's FP8 per-tensor spec has no symmetric argument (always symmetric); its templates pass min_max/float.
-        arguments.update(observer_method="min_max", scale_type="float") if qscheme == "per_tensor" else None
-    else:
+    if dtype != "fp8_e4m3":  # Quark's FP8 specs are symmetric (no zero point)
         arguments["symmetric"] = symmetric
+    elif qscheme == "per_tensor":  # as Quark's fp8 template passes them
+        arguments.update(observer_method="min_max", scale_type="float")
     if qscheme == "per_channel":
         arguments["ch_axis"] = 1 if activation else 0
     elif qscheme == "per_group":
