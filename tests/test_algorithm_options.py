@@ -54,3 +54,12 @@ def test_bad_algorithm_settings_are_refused_in_one_line(write_recipe, algorithm,
     line = caught.value.one_line()
     assert line.startswith(f"{path}: {field}"), line
     assert words in line and "\n" not in line
+
+
+def test_algorithm_calibration_batches_are_packed_to_one_length():
+    """Quark's layer-wise algorithms need batches of one length (see equal_length_batches)."""
+    from pipeline.stages.quantize import equal_length_batches
+
+    batches = equal_length_batches([[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11, 12]])
+    assert batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    assert equal_length_batches([[1, 2], [3, 4]]) == [[1, 2], [3, 4]]

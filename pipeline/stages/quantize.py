@@ -137,6 +137,18 @@ def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[st
     )
 
 
+def equal_length_batches(token_batches: list[list[int]]) -> list[list[int]]:
+    """The same tokens packed into as many batches of one length.
+
+    Why: Quark's layer-wise algorithms (SmoothQuant, AWQ, GPTQ) replay every cached batch through
+    each decoder layer with the keyword arguments (rotary position embeddings) captured from one
+    batch, so batches of different lengths fail with a shape mismatch.
+    """
+    stream = [token for ids in token_batches for token in ids]
+    length = max(1, min(max(len(ids) for ids in token_batches), len(stream) // len(token_batches)))
+    return [stream[start:start + length] for start in range(0, length * len(token_batches), length)]
+
+
 def linear_layer_names(model) -> list[str]:
     import torch
 
@@ -153,6 +165,8 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
     overrides = layer_overrides(recipe, linear_names, excluded)
     config = build_quark_config(recipe, model.config.model_type, excluded, overrides)
     quantizer = ModelQuantizer(config)
+    if recipe.quantization.algorithm_name is not None:
+        token_batches = equal_length_batches(token_batches)
     batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
     with torch.no_grad():
         model = quantizer.quantize_model(model, batches)
