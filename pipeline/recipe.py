@@ -359,6 +359,8 @@ class QuantizationSpec(Strict):
     def _algorithm_by_name(cls, algorithm: Any) -> Any:
         """A bare name means the template's defaults; unknown names get a did-you-mean."""
         name = algorithm if isinstance(algorithm, str) else algorithm.get("name") if isinstance(algorithm, dict) else None
+        if isinstance(algorithm, dict) and "name" not in algorithm:
+            raise ValueError(f"required field is missing: name (one of: {', '.join(ALGORITHM_OPTIONS)})")
         if isinstance(name, str) and name not in ALGORITHM_OPTIONS:
             close = difflib.get_close_matches(name, ALGORITHM_OPTIONS, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""

@@ -43,7 +43,7 @@ def test_options_are_typed_and_only_the_chosen_ones_are_passed_on(write_recipe):
         ({"name": "smoothquant", "options": {"alpha": 2}}, "quantization.algorithm.options.alpha", "less than or equal to 1"),
         ({"name": "gptqq"}, "quantization.algorithm", "unknown algorithm 'gptqq' (did you mean 'gptq'?"),
         ("smoothqant", "quantization.algorithm", "did you mean 'smoothquant'"),
-        ({"options": {"alpha": 0.5}}, "quantization.algorithm", "name"),
+        ({"options": {"alpha": 0.5}}, "quantization.algorithm", "required field is missing: name (one of: gptq"),
         ({"name": "gptq", "option": {}}, "quantization.algorithm.option", "unknown key"),
     ],
 )
