@@ -141,6 +141,8 @@ def test_compat_decides_explicit_forms_from_vllm_loader_rules():
         entry = compat.support(int8_wo, engine)
         assert not entry.supported and "int4/uint4 weight-only only" in entry.reason
     assert compat.support(int8_wo, "transformers").supported
+    asym_activations = compat.support(_recipe(INT8_ASYM_ACT).scheme.name, "vllm-cpu")
+    assert asym_activations.supported and asym_activations.source == compat.MEASURED
     asym_weights = {"weight": {"dtype": "int8", "granularity": "per_channel", "symmetric": False},
                     "activation": INT8_ASYM_ACT["activation"]}
     assert "symmetric weights only" in compat.support(_recipe(asym_weights).scheme.name, "vllm-cuda").reason
