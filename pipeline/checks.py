@@ -11,7 +11,6 @@ from pathlib import Path
 from pipeline import compat, layers
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import read_folder
-from pipeline.schemes import SCHEMES
 
 DIMENSION_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size")
 
@@ -45,9 +44,9 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
     """(field, problem) pairs for a recipe against a local model."""
     problems = []
     config = json.loads((model_dir / "config.json").read_text())
-    used = {recipe.quantization.scheme, *recipe.quantization.layers.values()}
-    for scheme in sorted(used):
-        group = SCHEMES[scheme].group_size
+    used = {spec.name: spec for spec in (recipe.scheme, *recipe.quantization.layer_schemes().values())}
+    for scheme, spec in sorted(used.items()):
+        group = spec.group_size
         for key in DIMENSION_KEYS:
             size = config.get(key)
             if group and isinstance(size, int) and size % group:
@@ -67,12 +66,19 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
 
 
 def recipe_support(recipe: Recipe, engine: str) -> compat.Support:
-    """Engine support for every scheme the recipe uses; `layers` patterns naming experts count as MoE-only."""
-    entry = compat.support(recipe.quantization.scheme, engine)
+    """Engine support for every scheme the recipe uses and its KV cache; `layers` patterns naming
+    experts count as MoE-only."""
+    entry = compat.support(recipe.scheme.name, engine)
     if not entry.supported:
         return entry
-    for pattern, scheme in recipe.quantization.layers.items():
-        override = compat.support(scheme, engine, moe_experts_only="experts" in pattern)
+    for pattern, spec in recipe.quantization.layer_schemes().items():
+        override = compat.support(spec.name, engine, moe_experts_only="experts" in pattern)
         if not override.supported:
-            return compat.Support(False, f"{scheme} on {pattern!r}: {override.reason}", override.source)
+            return compat.Support(False, f"{spec.name} on {pattern!r}: {override.reason}", override.source)
+    kv_cache = compat.kv_cache_support(recipe.quantization.kv_cache, engine)
+    if not kv_cache.supported:
+        return compat.Support(False, f"kv_cache {recipe.quantization.kv_cache}: {kv_cache.reason}", kv_cache.source)
+    if recipe.quantization.kv_cache is not None:
+        return compat.Support(True, f"{entry.reason}; kv_cache {recipe.quantization.kv_cache}: {kv_cache.reason}",
+                              entry.source)
     return entry

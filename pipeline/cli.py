@@ -55,7 +55,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
         except PipelineError as exc:
             _fail(exc)
         checked = "checked against the local model" if model_dir else "model not local: model checks at run time"
-        click.echo(f"{path}: ok ({recipe.name}: {recipe.quantization.scheme}; {checked})")
+        click.echo(f"{path}: ok ({recipe.name}: {recipe.scheme.name}; {checked})")
 
 
 @main.command()
@@ -123,7 +123,7 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
         click.echo(planning.to_json(result))
         return
     gib = 2**30
-    click.echo(f"recipe {parsed.name}: {parsed.quantization.scheme} on {parsed.model.source} ({config_path})")
+    click.echo(f"recipe {parsed.name}: {parsed.scheme.name} on {parsed.model.source} ({config_path})")
     click.echo("stages: " + " -> ".join(result.stages))
     for scheme, count in sorted(result.counts.items()):
         click.echo(f"  {count:5d} layers: {scheme}")
@@ -228,14 +228,32 @@ def schemes() -> None:
     table.add_column("what it is")
     for engine in compat.ENGINES:
         table.add_column(engine)
-    for name, spec in SCHEMES.items():
-        cells = []
+    from pipeline.schemes import get_scheme
+
+    def cells(entry_for) -> list[str]:
+        out = []
         for engine in compat.ENGINES:
-            entry = compat.support(name, engine)
+            entry = entry_for(engine)
             mark = "[green]yes[/green]" if entry.supported else "[red]no[/red]"
-            cells.append(f"{mark} ({entry.source})\n{entry.reason}")
-        table.add_row(name, spec.description, *cells)
+            out.append(f"{mark} ({entry.source})\n{entry.reason}")
+        return out
+
+    for name, spec in SCHEMES.items():
+        table.add_row(name, spec.description, *cells(lambda engine, name=name: compat.support(name, engine)))
+    for name in compat.MEASURED_EXPLICIT_ON_CPU:
+        table.add_row(name, get_scheme(name).description,
+                      *cells(lambda engine, name=name: compat.support(name, engine)))
+    for kv_cache in compat.KV_CACHE_SUPPORT:
+        table.add_row(f"kv_cache: {kv_cache}", "Quark kv_cache_group: fp8 scales on k_proj/v_proj outputs; "
+                      "combines with any scheme above",
+                      *cells(lambda engine, kv_cache=kv_cache: compat.kv_cache_support(kv_cache, engine)))
     Console(width=200).print(table)
+    click.echo(
+        "Explicit form (quantization.scheme: {weight: {dtype, granularity, group_size, symmetric}, "
+        "activation: {dtype, granularity, dynamic, symmetric}}): an explicit form that spells out a named scheme is "
+        "that scheme; any other is decided by vLLM's Quark loader rules (`plan` and `run` say which engine serves it "
+        "and why)."
+    )
 
 
 @main.command()

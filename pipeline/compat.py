@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
-from pipeline.schemes import SCHEMES
+from pipeline.schemes import SCHEMES, SchemeSpec, get_scheme
 
 VLLM_ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
 TRANSFORMERS = "transformers"
@@ -90,16 +90,102 @@ for _scheme, _engines in SUPPORT.items():
 
 assert set(SUPPORT) <= set(SCHEMES), "compatibility table names an unknown scheme"
 
+# KV cache: Quark's kv_cache_group (fp8 per-tensor scales on k_proj/v_proj outputs) read by
+# vLLM as kv_cache_dtype fp8.
+KV_CACHE_SUPPORT: dict[str, dict[str, Support]] = {
+    "fp8": {
+        "vllm-cuda": Support(True, "fp8 KV cache with the export's k/v scales", PER_VLLM_DOCS),
+        "vllm-rocm": Support(True, "fp8 KV cache with the export's k/v scales", PER_VLLM_DOCS),
+        "vllm-cpu": Support(
+            True, "kv_cache_dtype fp8 on the CPU build: loads the export's k/v output scales and generates "
+            "(q/prob scales default to 1.0; vLLM warns)", MEASURED,
+        ),
+        TRANSFORMERS: Support(True, "Quark emulation quantizes k/v outputs to fp8 (the KV cache itself stays "
+                              "in the model dtype)", PER_QUARK_DOCS),
+    },
+}
+
+
+def kv_cache_support(kv_cache: str | None, engine: str) -> Support:
+    if kv_cache is None:
+        return Support(True, "KV cache not quantized", MEASURED)
+    entry = KV_CACHE_SUPPORT.get(kv_cache, {}).get(engine)
+    return entry or Support(False, f"kv_cache {kv_cache} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
+
 
 def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Support:
     """Can `engine` serve `scheme`? Unknown pairs are refused, never guessed.
 
+    `scheme` is a named scheme or an explicit-form name (decided by `explicit_support`).
     moe_experts_only: the scheme is applied to MoE expert layers only (everything
     else excluded or overridden), where some layouts have their own kernels.
     """
+    if scheme not in SCHEMES:
+        try:
+            return explicit_support(get_scheme(scheme), engine)
+        except KeyError:
+            pass
     table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
     entry = table.get(scheme, {}).get(engine)
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
+
+
+# Explicit forms measured on this machine kind's vLLM CPU build.
+MEASURED_EXPLICIT_ON_CPU: dict[str, str] = {
+    # tests/test_schemes_end_to_end.py
+    "w-uint4-per_group64-asym": "QuarkW4A16Int4 with zero points (asymmetric W4A16)",
+    # one-off run of recipes/smollm2-135m-int8-asym-act.yaml (not in CI: it shares every kernel but
+    # the activation zero point with int8_per_channel, which CI runs)
+    "w-int8-per_channel-sym+a-int8-per_token-dynamic-asym":
+        "QuarkW8A8Int8 with asymmetric per-token activations (int8 kernels with a zero point)",
+}
+
+
+def vllm_quark_class(spec: SchemeSpec) -> tuple[str | None, str]:
+    """(vLLM Quark scheme class, why) for a layout, following vLLM 0.32's `_get_scheme_cls_from_config`
+    rules for dense layers; class None: the loader has no scheme for it (NotImplementedError at load)."""
+    w, a = spec.weight_dtype, spec.activation_dtype
+    if spec.progressive:
+        return None, "multi-entry (progressive) weight configs are served only for NVFP4"
+    if a is None:
+        if w in ("int4", "uint4") and spec.weight_granularity == "per_group":
+            return "QuarkW4A16Int4", "packed int4/uint4 weights with group scales (zero points when asymmetric)"
+        if w in ("int4", "uint4"):
+            return None, "QuarkW4A16Int4 needs weight.group_size: int4/uint4 weight-only must be per_group"
+        return None, f"no weight-only scheme for {w} weights (vLLM's Quark loader serves int4/uint4 weight-only only)"
+    if w == "int8" and a == "int8":
+        if spec.weight_granularity == "per_group":
+            return None, "QuarkW8A8Int8 takes per_tensor or per_channel weights, not per_group"
+        if not spec.weight_symmetric:
+            return None, "QuarkW8A8Int8 takes symmetric weights only"
+        if spec.activation_granularity == "per_tensor" and not spec.activation_static:
+            return None, "QuarkW8A8Int8 takes static per-tensor or dynamic per-token activations, not dynamic per-tensor"
+        return "QuarkW8A8Int8", "int8 W8A8 (symmetric and asymmetric activations)"
+    if w == "fp8_e4m3" and a == "fp8_e4m3":
+        return "QuarkW8A8Fp8", "FP8 W8A8 (per-tensor or per-channel weights)"
+    return None, f"no scheme for {w} weights with {a} activations (vLLM's Quark loader pairs int8/int8 and fp8/fp8)"
+
+
+def explicit_support(spec: SchemeSpec, engine: str) -> Support:
+    """Support for an explicit form, from vLLM's Quark loader rules (and, on CPU, what was measured)."""
+    if engine == TRANSFORMERS:
+        return Support(True, EMULATION, PER_QUARK_DOCS)
+    if engine not in VLLM_ENGINES:
+        return Support(False, f"{spec.name} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
+    quark_class, why = vllm_quark_class(spec)
+    if quark_class is None:
+        return Support(False, f"vLLM's Quark loader: {why}", PER_VLLM_DOCS)
+    if engine != "vllm-cpu":
+        return Support(True, f"{quark_class}: {why}", PER_VLLM_DOCS)
+    if spec.name in MEASURED_EXPLICIT_ON_CPU:
+        return Support(True, MEASURED_EXPLICIT_ON_CPU[spec.name], MEASURED)
+    if spec.activation_dtype == "fp8_e4m3" and spec.activation_granularity != "per_token":
+        return Support(False, "no CPU kernel for per-tensor FP8 activations (_C::static_scaled_fp8_quant, "
+                       "measured with fp8; dynamic per-tensor not measured)", MEASURED)
+    if spec.weight_granularity == "per_group" and spec.group_size not in (32, 64, 128):
+        return Support(False, f"{quark_class}: group size {spec.group_size} not measured on the CPU build "
+                       "(measured: 64; 32 and 128 per vLLM docs)", PER_VLLM_DOCS)
+    return Support(True, f"{quark_class} (the loader accepts this layout; its CPU kernel not measured here)", PER_VLLM_DOCS)
 
 
 def installed_vllm_engine() -> str | None:

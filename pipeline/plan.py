@@ -14,9 +14,7 @@ from pathlib import Path
 
 from pipeline import checks, compat, layers
 from pipeline.recipe import Recipe
-from pipeline.schemes import SCHEMES, SchemeSpec
-
-WEIGHT_BITS = {"int8": 8, "fp8_e4m3": 8, "int4": 4}
+from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 EXPERT_MARKERS = (".experts.",)
 
@@ -52,6 +50,12 @@ def engine_support(recipe: Recipe, layer_schemes: dict[str, str | None], engine:
         if entry.source != compat.MEASURED:
             verdict = compat.Support(True, "", entry.source)
         verdict = compat.Support(True, "; ".join(filter(None, [verdict.reason, f"{scheme}: {entry.reason}"])), verdict.source)
+    kv_cache = recipe.quantization.kv_cache
+    if kv_cache is not None:
+        entry = compat.kv_cache_support(kv_cache, engine)
+        if not entry.supported:
+            return compat.Support(False, f"kv_cache {kv_cache}: {entry.reason}", entry.source)
+        verdict = compat.Support(True, f"{verdict.reason}; kv_cache {kv_cache}: {entry.reason}", verdict.source)
     return verdict
 
 
@@ -63,9 +67,10 @@ def assign_schemes(recipe: Recipe, linear_names: list[str]) -> dict[str, str | N
             assigned[name] = None
             continue
         override = next(
-            (scheme for pattern, scheme in recipe.quantization.layers.items() if layers.matches(name, pattern)), None
+            (spec.name for pattern, spec in recipe.quantization.layer_schemes().items() if layers.matches(name, pattern)),
+            None,
         )
-        assigned[name] = override or recipe.quantization.scheme
+        assigned[name] = override or recipe.scheme.name
     return assigned
 
 
@@ -78,7 +83,8 @@ def _quantized_bytes(spec: SchemeSpec, shape: tuple[int, ...]) -> int:
         scales = out_features
     else:
         scales = 1
-    return weight + scales * 2
+    zero_points = 0 if spec.weight_symmetric else scales  # one per scale (int8/int4 packed: at most a byte)
+    return weight + scales * 2 + zero_points
 
 
 def meta_model_layers(config_path: Path, trust_remote_code: bool = False) -> tuple[dict[str, tuple[int, ...]], int]:
@@ -114,7 +120,7 @@ def make_plan(recipe: Recipe, config_path: Path) -> Plan:
     for name, scheme in layer_schemes.items():
         if scheme is not None:
             shape = linear[name]
-            export_size += _quantized_bytes(SCHEMES[scheme], shape) - shape[0] * shape[-1] * dtype_bytes
+            export_size += _quantized_bytes(get_scheme(scheme), shape) - shape[0] * shape[-1] * dtype_bytes
     stages = STAGES if recipe.publish is not None else STAGES[:-1]
     return Plan(
         stages=stages,

@@ -10,14 +10,17 @@ as lm-eval and llm-compressor do.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+)
 
 from pipeline import schemes
 from pipeline.errors import RecipeError
@@ -128,23 +131,213 @@ def _check_scheme_name(scheme: str) -> str:
     return scheme
 
 
+# ---- the explicit scheme form: Quark's vocabulary (dtype, qscheme, static/dynamic, symmetric) ----
+
+class WeightQuantization(Strict):
+    """How weights are quantized (offline, once): Quark's weight QuantizationSpec in recipe words."""
+
+    dtype: Literal[schemes.WEIGHT_DTYPES] = Field(description="int8, uint8, int4, uint4 or fp8_e4m3")
+    granularity: str = Field(description="per_tensor, per_channel (one scale per output row) or per_group")
+    group_size: int | None = Field(None, ge=1, description="input channels per scale; per_group only")
+    symmetric: bool = Field(True, description="false: a zero point per scale (integer dtypes only)")
+    dynamic: bool = Field(False, description="always false: weights are quantized once, offline")
+
+    @field_validator("granularity")
+    @classmethod
+    def _weight_granularity(cls, granularity: str) -> str:
+        if granularity == "per_token":
+            raise ValueError("per_token is an activation granularity; weights use per_tensor, per_channel or per_group")
+        if granularity not in schemes.WEIGHT_GRANULARITIES:
+            raise ValueError(f"unknown granularity '{granularity}' (weights: {', '.join(schemes.WEIGHT_GRANULARITIES)})")
+        return granularity
+
+    @field_validator("dynamic")
+    @classmethod
+    def _static_weights(cls, dynamic: bool) -> bool:
+        if dynamic:
+            raise ValueError("weights are quantized once, offline: dynamic applies to activations only")
+        return dynamic
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WeightQuantization:
+        if self.granularity == "per_group" and self.group_size is None:
+            raise ValueError("per_group needs group_size (e.g. 64 or 128)")
+        if self.granularity != "per_group" and self.group_size is not None:
+            raise ValueError(f"group_size applies to per_group only, not {self.granularity}")
+        if self.dtype == "fp8_e4m3" and not self.symmetric:
+            raise ValueError("fp8_e4m3 has no zero point: symmetric must be true")
+        if self.dtype == "fp8_e4m3" and self.granularity == "per_group":
+            raise ValueError("fp8_e4m3 weights are per_tensor or per_channel")
+        return self
+
+
+class ActivationQuantization(Strict):
+    """How layer inputs are quantized: static (scale calibrated once) or dynamic (computed per call)."""
+
+    dtype: Literal[schemes.ACTIVATION_DTYPES] = Field(description="int8, uint8 or fp8_e4m3")
+    granularity: str = Field(description="per_tensor or per_token")
+    dynamic: bool = Field(description="true: scales computed at run time; false: calibrated (static)")
+    symmetric: bool = Field(True, description="false: a zero point per scale (integer dtypes only)")
+
+    @field_validator("granularity")
+    @classmethod
+    def _activation_granularity(cls, granularity: str) -> str:
+        if granularity == "per_channel":
+            raise ValueError("activations are per_tensor or per_token (per_channel is a weight granularity)")
+        if granularity not in schemes.ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity '{granularity}' (activations: {', '.join(schemes.ACTIVATION_GRANULARITIES)})"
+            )
+        return granularity
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ActivationQuantization:
+        if self.granularity == "per_token" and not self.dynamic:
+            raise ValueError("per_token scales are computed at run time: per_token needs dynamic: true")
+        if self.dtype == "fp8_e4m3" and not self.symmetric:
+            raise ValueError("fp8_e4m3 has no zero point: symmetric must be true")
+        return self
+
+
+class ExplicitScheme(Strict):
+    """A scheme outside the named vocabulary, spelled out field by field."""
+
+    weight: WeightQuantization
+    activation: ActivationQuantization | None = Field(None, description="omit or null: weight-only")
+
+    def to_spec(self) -> schemes.SchemeSpec:
+        activation = self.activation
+        return schemes.explicit_scheme(
+            self.weight.dtype, self.weight.granularity, self.weight.group_size, self.weight.symmetric,
+            activation.dtype if activation else None, activation.granularity if activation else None,
+            not activation.dynamic if activation else False, activation.symmetric if activation else True,
+        )
+
+
+# A scheme is a name (str) or the explicit mapping; the tag picks the branch so an error names
+# only the branch that applies (the loader drops these tags from the field path).
+SCHEME_TAGS = ("named-scheme", "explicit-scheme")
+SchemeValue = Annotated[
+    Union[
+        Annotated[Annotated[str, Field(description="one of: " + ", ".join(schemes.SCHEMES))], Tag("named-scheme")],
+        Annotated[ExplicitScheme, Tag("explicit-scheme")],
+    ],
+    Discriminator(lambda value: "explicit-scheme" if isinstance(value, (dict, ExplicitScheme)) else "named-scheme"),
+]
+
+
+def scheme_spec(value: str | ExplicitScheme) -> schemes.SchemeSpec:
+    return value.to_spec() if isinstance(value, ExplicitScheme) else schemes.SCHEMES[value]
+
+
+# ---- algorithms: Quark's, with their options (field names and types mirror Quark's config classes) ----
+
+class _Options(Strict):
+    """Unset options keep the Quark template's default for the model type."""
+
+    def chosen(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class GPTQOptions(_Options):  # quark GPTQConfig
+    block_size: int | None = Field(None, ge=1)
+    damp_percent: float | None = Field(None, gt=0, lt=1)
+    desc_act: bool | None = None
+    static_groups: bool | None = None
+    inside_layer_modules: list[str] | None = None
+    model_decoder_layers: str | None = None
+
+    @model_validator(mode="after")
+    def _quark_rule(self) -> GPTQOptions:
+        if self.desc_act is not False and self.static_groups is False:
+            raise ValueError("Quark's GPTQ needs static_groups: true with desc_act (the default); or set desc_act: false")
+        return self
+
+
+class AWQOptions(_Options):  # quark AWQConfig
+    scaling_layers: list[dict[str, Any]] | None = None
+    model_decoder_layers: str | None = None
+
+
+class SmoothQuantOptions(_Options):  # quark SmoothQuantConfig
+    alpha: float | None = Field(None, ge=0, le=1)
+    scale_clamp_min: float | None = Field(None, gt=0)
+    scaling_layers: list[dict[str, Any]] | None = None
+    model_decoder_layers: str | None = None
+
+
+class RotationOptions(_Options):  # quark RotationConfig (graph flow)
+    r1: bool | None = None
+    r2: bool | None = None
+    r3: bool | None = None
+    r4: bool | None = None
+    rotation_size: int | None = Field(None, ge=1)
+    random_r1: bool | None = None
+    random_r2: bool | None = None
+    online_r1_rotation: bool | None = None
+    trainable: bool | None = None
+    train_smooth: bool | None = None
+    smooth_positions: list[Literal["r1", "r2", "r4"]] | None = None
+    scaling_layers: dict[str, list[dict[str, Any]]] | None = None
+    backbone: str | None = None
+    model_decoder_layers: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    self_attn: str | None = None
+    mlp: str | None = None
+
+
+ALGORITHM_OPTIONS: dict[str, type[_Options]] = {
+    "gptq": GPTQOptions, "awq": AWQOptions, "smoothquant": SmoothQuantOptions, "rotation": RotationOptions,
+}
+
+
+class GPTQAlgorithm(Strict):
+    name: Literal["gptq"]
+    options: GPTQOptions = GPTQOptions()
+
+
+class AWQAlgorithm(Strict):
+    name: Literal["awq"]
+    options: AWQOptions = AWQOptions()
+
+
+class SmoothQuantAlgorithm(Strict):
+    name: Literal["smoothquant"]
+    options: SmoothQuantOptions = SmoothQuantOptions()
+
+
+class RotationAlgorithm(Strict):
+    name: Literal["rotation"]
+    options: RotationOptions = RotationOptions()
+
+
+AlgorithmSpec = Annotated[
+    Union[GPTQAlgorithm, AWQAlgorithm, SmoothQuantAlgorithm, RotationAlgorithm], Field(discriminator="name")
+]
+
+
 class QuantizationSpec(Strict):
-    scheme: str = Field(description="one of: " + ", ".join(schemes.SCHEMES))
+    scheme: SchemeValue = Field(
+        description="a named scheme (" + ", ".join(schemes.SCHEMES) + ") or the explicit form "
+        "{weight: {dtype, granularity, group_size, symmetric}, activation: {dtype, granularity, dynamic, symmetric}}"
+    )
     kv_cache: Literal["fp8"] | None = Field(None, description="fp8: Quark kv_cache_group on k_proj/v_proj outputs")
     exclude: tuple[str, ...] = Field(
         ("lm_head",), description="layer names, globs (*, ?) or 're:' regexes left unquantized"
     )
-    layers: dict[str, str] = Field(
-        default_factory=dict, description="per-pattern scheme overrides: {pattern: scheme}"
+    layers: dict[str, SchemeValue] = Field(
+        default_factory=dict, description="per-pattern scheme overrides: {pattern: scheme name or explicit form}"
     )
-    algorithm: Literal["gptq", "awq", "smoothquant", "rotation"] | None = Field(
-        None, description="Quark algorithm applied with the template's defaults for the model type"
+    algorithm: AlgorithmSpec | None = Field(
+        None, description="Quark algorithm: a name (gptq, awq, smoothquant, rotation: the template's defaults "
+        "for the model type) or {name: NAME, options: {...}} with options from Quark's config class",
     )
 
     @field_validator("scheme")
     @classmethod
-    def _known_scheme(cls, scheme: str) -> str:
-        return _check_scheme_name(scheme)
+    def _known_scheme(cls, scheme: str | ExplicitScheme) -> str | ExplicitScheme:
+        return _check_scheme_name(scheme) if isinstance(scheme, str) else scheme
 
     @field_validator("exclude")
     @classmethod
@@ -154,11 +347,37 @@ class QuantizationSpec(Strict):
 
     @field_validator("layers")
     @classmethod
-    def _valid_overrides(cls, layers: dict[str, str]) -> dict[str, str]:
+    def _valid_overrides(cls, layers: dict[str, str | ExplicitScheme]) -> dict[str, str | ExplicitScheme]:
         _check_patterns(layers)
         for scheme in layers.values():
-            _check_scheme_name(scheme)
+            if isinstance(scheme, str):
+                _check_scheme_name(scheme)
         return layers
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm_by_name(cls, algorithm: Any) -> Any:
+        """A bare name means the template's defaults; unknown names get a did-you-mean."""
+        name = algorithm if isinstance(algorithm, str) else algorithm.get("name") if isinstance(algorithm, dict) else None
+        if isinstance(algorithm, dict) and "name" not in algorithm:
+            raise ValueError(f"required field is missing: name (one of: {', '.join(ALGORITHM_OPTIONS)})")
+        if isinstance(name, str) and name not in ALGORITHM_OPTIONS:
+            close = difflib.get_close_matches(name, ALGORITHM_OPTIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown algorithm '{name}' ({hint}known: {', '.join(ALGORITHM_OPTIONS)})")
+        return {"name": algorithm} if isinstance(algorithm, str) else algorithm
+
+    @property
+    def algorithm_name(self) -> str | None:
+        return self.algorithm.name if self.algorithm is not None else None
+
+    @property
+    def algorithm_options(self) -> dict[str, Any]:
+        return self.algorithm.options.chosen() if self.algorithm is not None else {}
+
+    def layer_schemes(self) -> dict[str, schemes.SchemeSpec]:
+        """Pattern -> scheme of the `layers` overrides."""
+        return {pattern: scheme_spec(value) for pattern, value in self.layers.items()}
 
 
 class EvaluationSpec(Strict):
@@ -251,12 +470,23 @@ class Recipe(Strict):
 
     @property
     def scheme(self) -> schemes.SchemeSpec:
-        return schemes.SCHEMES[self.quantization.scheme]
+        """The recipe's scheme, named or explicit (`.name` is what reports and manifests carry)."""
+        return scheme_spec(self.quantization.scheme)
 
     def content_hash(self) -> str:
         """sha256 of the resolved recipe (defaults included): what produced a run."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the recipe's field path, without union branch tags."""
+    parts = [str(part) for part in loc]
+    kept = [
+        part for index, part in enumerate(parts)
+        if part not in SCHEME_TAGS and not (index and parts[index - 1] == "algorithm" and part in ALGORITHM_OPTIONS)
+    ]
+    return ".".join(kept)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -284,7 +514,7 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        field = field_path(error["loc"]) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check spelling)"

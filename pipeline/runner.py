@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pipeline import checks, compat, engine, layers, models, schemes
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import Recipe, field_path, load_recipe
 from pipeline.rundir import HashCache, RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
@@ -88,7 +88,7 @@ class EngineChoice:
 def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
     """Pick the engine, refusing before any heavy work what the chosen engine cannot serve."""
     requested = recipe.evaluation.engine
-    scheme = recipe.quantization.scheme
+    scheme = recipe.scheme.name
     if requested == "transformers":
         return EngineChoice("transformers", f"transformers ({compat.EMULATION}), as the recipe asks")
     vllm_build = compat.installed_vllm_engine()
@@ -100,8 +100,9 @@ def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
     if verdict.supported:
         return EngineChoice("vllm", f"{vllm_build}: {verdict.reason}")
     if requested == "vllm":
+        field = "quantization.kv_cache" if verdict.reason.startswith("kv_cache ") else "quantization.scheme"
         raise RecipeError(
-            str(recipe_path), "quantization.scheme",
+            str(recipe_path), field,
             f"{scheme} cannot be served by {vllm_build}: {verdict.reason} ({verdict.source}); "
             "set evaluation.engine: auto to evaluate it with transformers instead; see `quantize-pipeline schemes`",
         )
@@ -432,7 +433,10 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
         scheme = schemes.infer_from_quark_config(quantization_config)
         if scheme is None:
             raise InputError(f"{config_path}: quantization_config: not a scheme this tool knows; pass --recipe")
-        data = {"name": f"check-{export_dir.resolve().name}", "quantization": {"scheme": scheme}}
+        data = {"name": f"check-{export_dir.resolve().name}", "quantization": {
+            "scheme": schemes.recipe_value(schemes.get_scheme(scheme)),
+            "kv_cache": schemes.infer_kv_cache(quantization_config),
+        }}
         recipe_path = config_path
     data["model"] = {**data.get("model", {}), "source": base_source}
     data["publish"] = None
@@ -440,6 +444,6 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise RecipeError(str(recipe_path), ".".join(map(str, error["loc"])), error["msg"]) from None
+        raise RecipeError(str(recipe_path), field_path(error["loc"]), error["msg"]) from None
     current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
     return _execute(current, lambda: current.check(export_dir))

@@ -16,6 +16,13 @@ from pipeline.recipe import load_recipe
 from tests.conftest import DEFAULT_RECIPE, REPO
 
 BASE = yaml.safe_load(DEFAULT_RECIPE.read_text())
+# The explicit scheme form and algorithm options: nested mappings behind tagged unions.
+EXPLICIT_RECIPE = REPO / "recipes" / "smollm2-135m-uint4-wo-64-asym.yaml"
+EXPLICIT_BASE = yaml.safe_load(EXPLICIT_RECIPE.read_text())
+EXPLICIT_BASE["quantization"] = {
+    **EXPLICIT_BASE["quantization"],
+    "algorithm": {"name": "gptq", "options": {"damp_percent": 0.05}},
+}
 ODD_VALUES = [None, "", "??", -1, 0, 10**12, 3.5, True, [], {}, ["x"], {"a": 1}, "re:(", "int8_per_chanel"]
 
 
@@ -26,8 +33,8 @@ def _paths(node, prefix=()):
             yield from _paths(value, prefix + (key,))
 
 
-def _mutate(rng: random.Random) -> tuple[str, dict | str]:
-    recipe = copy.deepcopy(BASE)
+def _mutate(rng: random.Random, base: dict = BASE, text_source=DEFAULT_RECIPE) -> tuple[str, dict | str]:
+    recipe = copy.deepcopy(base)
     path = rng.choice(list(_paths(recipe)))
     parent = recipe
     for key in path[:-1]:
@@ -42,7 +49,7 @@ def _mutate(rng: random.Random) -> tuple[str, dict | str]:
     elif kind == "extra":
         parent["unexpected_" + str(rng.randint(0, 99))] = 1
     else:
-        text = DEFAULT_RECIPE.read_text()
+        text = text_source.read_text()
         cut = rng.randint(0, len(text))
         return kind, text[:cut] + rng.choice(["", ":", "\t- [", "\x00", "  bad: [1,"]) + text[cut:]
     return kind, recipe
@@ -64,6 +71,24 @@ def test_mutated_recipe_is_accepted_or_refused_in_one_line(tmp_path, seed):
     # Accepted: a typo'd or extra key can never be, and nothing the mutation set may be dropped silently.
     assert kind in ("delete", "value", "text"), (kind, mutated)
     assert recipe.name
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_mutated_explicit_recipe_is_accepted_or_refused_in_one_line(tmp_path, seed):
+    kind, mutated = _mutate(random.Random(seed), EXPLICIT_BASE, EXPLICIT_RECIPE)
+    path = tmp_path / "mutated.yaml"
+    path.write_text(mutated if isinstance(mutated, str) else yaml.safe_dump(mutated))
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        line = exc.one_line()
+        assert line.startswith(f"{path}: ") and "\n" not in line and len(line) < 600
+        assert "explicit-scheme" not in line and "named-scheme" not in line  # union tags never leak
+        if kind in ("typo", "extra"):
+            assert "unknown key" in line or "required field is missing" in line, line
+        return
+    assert kind in ("delete", "value", "text"), (kind, mutated)
+    assert recipe.scheme.name
 
 
 def test_cli_refuses_a_mutated_corpus_with_exit_2_and_no_traceback(tmp_path):

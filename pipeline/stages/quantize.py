@@ -13,28 +13,68 @@ from pathlib import Path
 
 from pipeline import layers
 from pipeline.recipe import Recipe
-from pipeline.schemes import SCHEMES, SchemeSpec
+from pipeline.schemes import SchemeSpec, get_scheme
 from pipeline.stages.calibrate import load_token_batches
-
-# Quark's template vocabulary has no INT8 per-channel weight + per-token
-# activation scheme; we register one built from Quark's own specs.
-CUSTOM_QUARK_SCHEMES = ("int8_per_channel",)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _register_custom_schemes() -> None:
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.config.config import Int8PerChannelSpec, QLayerConfig
+# Quark's *Spec helper class per (dtype, granularity). Per-token activations are Quark's
+# per-channel spec with ch_axis=1 on a [tokens, hidden] input, as its own ptpc_fp8 does.
+_SPEC_CLASS_NAMES = {
+    ("int8", "per_tensor"): "Int8PerTensorSpec", ("int8", "per_channel"): "Int8PerChannelSpec",
+    ("int8", "per_group"): "Int8PerGroupSpec",
+    ("uint8", "per_tensor"): "Uint8PerTensorSpec", ("uint8", "per_channel"): "Uint8PerChannelSpec",
+    ("uint8", "per_group"): "Uint8PerGroupSpec",
+    ("int4", "per_tensor"): "Int4PerTensorSpec", ("int4", "per_channel"): "Int4PerChannelSpec",
+    ("int4", "per_group"): "Int4PerGroupSpec",
+    ("uint4", "per_tensor"): "Uint4PerTensorSpec", ("uint4", "per_channel"): "Uint4PerChannelSpec",
+    ("uint4", "per_group"): "Uint4PerGroupSpec",
+    ("fp8_e4m3", "per_tensor"): "FP8E4M3PerTensorSpec", ("fp8_e4m3", "per_channel"): "FP8E4M3PerChannelSpec",
+}
 
-    if "int8_per_channel" in LLMTemplate.get_supported_schemes():
-        return
-    weight = Int8PerChannelSpec(ch_axis=0, symmetric=True, is_dynamic=False).to_quantization_spec()
-    # ch_axis=1 on a [tokens, hidden] input gives one scale per token, as Quark's ptpc_fp8 does.
-    per_token = Int8PerChannelSpec(ch_axis=1, symmetric=True, is_dynamic=True).to_quantization_spec()
-    LLMTemplate.register_scheme("int8_per_channel", QLayerConfig(weight=weight, input_tensors=per_token))
+
+def _tensor_spec(dtype: str, granularity: str, *, symmetric: bool, dynamic: bool, group_size: int | None = None,
+                 activation: bool = False):
+    """One Quark QTensorConfig, built with Quark's own helper classes and the arguments its templates use."""
+    from quark.torch.quantization.config import config as quark_config
+
+    qscheme = "per_channel" if granularity == "per_token" else granularity
+    spec_class = getattr(quark_config, _SPEC_CLASS_NAMES[(dtype, qscheme)])
+    arguments: dict = {"is_dynamic": dynamic}
+    if dtype != "fp8_e4m3":  # Quark's FP8 specs are symmetric (no zero point)
+        arguments["symmetric"] = symmetric
+    elif qscheme == "per_tensor":  # as Quark's fp8 template passes them
+        arguments.update(observer_method="min_max", scale_type="float")
+    if qscheme == "per_channel":
+        arguments["ch_axis"] = 1 if activation else 0
+    elif qscheme == "per_group":
+        arguments.update(ch_axis=-1, group_size=group_size)
+    return spec_class(**arguments).to_quantization_spec()
+
+
+def layer_config(scheme: SchemeSpec):
+    """The Quark QLayerConfig of a (non-progressive) scheme, from its fields alone."""
+    from quark.torch.quantization.config.config import QLayerConfig
+
+    weight = _tensor_spec(scheme.weight_dtype, scheme.weight_granularity, symmetric=scheme.weight_symmetric,
+                          dynamic=False, group_size=scheme.group_size)
+    if scheme.weight_only:
+        return QLayerConfig(weight=weight)
+    activation = _tensor_spec(scheme.activation_dtype, scheme.activation_granularity,
+                              symmetric=scheme.activation_symmetric, dynamic=not scheme.activation_static,
+                              activation=True)
+    return QLayerConfig(weight=weight, input_tensors=activation)
+
+
+def _register_scheme(scheme: SchemeSpec) -> None:
+    """Make a scheme outside Quark's template vocabulary (int8_per_channel, explicit forms) known to it."""
+    from quark.torch import LLMTemplate
+
+    if scheme.quark_scheme is None and scheme.name not in LLMTemplate.get_supported_schemes():
+        LLMTemplate.register_scheme(scheme.name, layer_config(scheme))
 
 
 def _template_for(model_type: str):
@@ -51,24 +91,62 @@ def quark_scheme_name(scheme: SchemeSpec) -> str:
 
 
 def layer_overrides(recipe: Recipe, linear_names: list[str], excluded: list[str]) -> dict[str, str]:
-    """Exact layer name -> recipe scheme name for the recipe's `layers` patterns (first pattern wins)."""
+    """Exact layer name -> scheme name for the recipe's `layers` patterns (first pattern wins)."""
     overrides: dict[str, str] = {}
-    for pattern, scheme_name in recipe.quantization.layers.items():
+    for pattern, scheme in recipe.quantization.layer_schemes().items():
         for name in layers.select(linear_names, [pattern]):
             if name not in excluded:
-                overrides.setdefault(name, scheme_name)
+                overrides.setdefault(name, scheme.name)
     return overrides
 
 
+def algorithm_configs(recipe: Recipe, template) -> dict | None:
+    """The recipe's algorithm options applied over the template's default config for the model type."""
+    import dataclasses
+
+    from quark.torch.quantization.config.algo_configs import get_algo_config
+
+    name, options = recipe.quantization.algorithm_name, recipe.quantization.algorithm_options
+    if name is None or not options:
+        return None
+    default = template.algo_config.get(name) or get_algo_config(name, template.model_type)
+    if default is None:  # no template default for this architecture: Quark's class defaults
+        from quark.torch.quantization.config import config as quark_config
+
+        default = getattr(quark_config, QUARK_ALGORITHM_CLASSES[name])()
+    return {name: dataclasses.replace(default, **options)}
+
+
+# Quark's config class per recipe algorithm name (tests check the recipe's option fields against them).
+QUARK_ALGORITHM_CLASSES = {
+    "gptq": "GPTQConfig", "awq": "AWQConfig", "smoothquant": "SmoothQuantConfig", "rotation": "RotationConfig",
+}
+
+
 def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[str], overrides: dict[str, str]):
-    _register_custom_schemes()
-    return _template_for(model_type).get_config(
+    for scheme in (recipe.scheme, *(get_scheme(name) for name in overrides.values())):
+        _register_scheme(scheme)
+    template = _template_for(model_type)
+    return template.get_config(
         scheme=quark_scheme_name(recipe.scheme),
-        algorithm=recipe.quantization.algorithm,
+        algorithm=recipe.quantization.algorithm_name,
         kv_cache_scheme=recipe.quantization.kv_cache,
         exclude_layers=excluded_layers,
-        layer_config={name: quark_scheme_name(SCHEMES[scheme]) for name, scheme in overrides.items()} or None,
+        layer_config={name: quark_scheme_name(get_scheme(scheme)) for name, scheme in overrides.items()} or None,
+        algo_configs=algorithm_configs(recipe, template),
     )
+
+
+def equal_length_batches(token_batches: list[list[int]]) -> list[list[int]]:
+    """The same tokens packed into as many batches of one length.
+
+    Why: Quark's layer-wise algorithms (SmoothQuant, AWQ, GPTQ) replay every cached batch through
+    each decoder layer with the keyword arguments (rotary position embeddings) captured from one
+    batch, so batches of different lengths fail with a shape mismatch.
+    """
+    stream = [token for ids in token_batches for token in ids]
+    length = max(1, min(max(len(ids) for ids in token_batches), len(stream) // len(token_batches)))
+    return [stream[start:start + length] for start in range(0, length * len(token_batches), length)]
 
 
 def linear_layer_names(model) -> list[str]:
@@ -87,16 +165,20 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
     overrides = layer_overrides(recipe, linear_names, excluded)
     config = build_quark_config(recipe, model.config.model_type, excluded, overrides)
     quantizer = ModelQuantizer(config)
+    if recipe.quantization.algorithm_name is not None:
+        token_batches = equal_length_batches(token_batches)
     batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
     with torch.no_grad():
         model = quantizer.quantize_model(model, batches)
     summary = {
+        "scheme": recipe.scheme.name,
         "quark_scheme": quark_scheme_name(recipe.scheme),
         "kv_cache": recipe.quantization.kv_cache,
         "linear_layers": len(linear_names),
         "excluded_layers": excluded,
         "layer_overrides": overrides,
-        "algorithm": recipe.quantization.algorithm,
+        "algorithm": recipe.quantization.algorithm_name,
+        "algorithm_options": recipe.quantization.algorithm_options,
         "quantized_layers": len(linear_names) - len(excluded),
         "linear_layer_names": linear_names,
         "calibration_batches": len(batches),

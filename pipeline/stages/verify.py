@@ -14,12 +14,14 @@ from pipeline import layers
 from pipeline.errors import VerifyFailed
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import folder_size, read_folder
-from pipeline.schemes import SCHEMES, STORED_WEIGHT_DTYPE, SchemeSpec
+from pipeline.schemes import STORED_WEIGHT_DTYPE, WEIGHT_DTYPES, SchemeSpec, get_scheme
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 # How Quark's quantization_config names our granularities.
 QUARK_QSCHEME = {"per_tensor": "per_tensor", "per_channel": "per_channel", "per_group": "per_group", "per_token": "per_channel"}
-QUARK_DTYPE = {"int8": "int8", "fp8_e4m3": "fp8_e4m3", "int4": "int4"}
+QUARK_DTYPE = {dtype: dtype for dtype in WEIGHT_DTYPES}
+# Quark's kv_cache_group: the k/v projection outputs get an fp8 per-tensor scale.
+KV_CACHE_DTYPE = {"fp8": "fp8_e4m3"}
 
 
 def _scale_shape_problem(scheme: SchemeSpec, weight_shape: list[int], scale_shape: list[int]) -> str | None:
@@ -51,6 +53,10 @@ def check_config(scheme: SchemeSpec, config: dict) -> list[str]:
         problems.append(f"weight dtype is {weight.get('dtype')!r}, expected {QUARK_DTYPE[scheme.weight_dtype]!r}")
     if weight.get("qscheme") != QUARK_QSCHEME[scheme.weight_granularity]:
         problems.append(f"weight qscheme is {weight.get('qscheme')!r}, expected {scheme.weight_granularity!r}")
+    if scheme.group_size is not None and weight.get("group_size") != scheme.group_size:
+        problems.append(f"weight group_size is {weight.get('group_size')!r}, expected {scheme.group_size}")
+    if (weight.get("symmetric", True) is not False) != scheme.weight_symmetric:
+        problems.append(f"weight symmetric is {weight.get('symmetric')!r}, expected {scheme.weight_symmetric}")
     activation = global_config.get("input_tensors")
     if scheme.weight_only:
         if activation:
@@ -67,6 +73,29 @@ def check_config(scheme: SchemeSpec, config: dict) -> list[str]:
         if bool(activation.get("is_dynamic")) == scheme.activation_static:
             wanted = "static" if scheme.activation_static else "dynamic"
             problems.append(f"activation quantization is not {wanted}")
+        if (activation.get("symmetric", True) is not False) != scheme.activation_symmetric:
+            problems.append(f"activation symmetric is {activation.get('symmetric')!r}, expected {scheme.activation_symmetric}")
+    return problems
+
+
+def check_kv_cache(kv_cache: str | None, config: dict, exported: dict[str, dict], linear_layers: list[str]) -> list[str]:
+    """The export carries Quark's KV-cache group when the recipe asks for one, and not otherwise."""
+    quantization = config.get("quantization_config") or {}
+    groups = quantization.get("kv_cache_quant_config") or {}
+    scaled = [layer for layer in linear_layers if f"{layer}.output_scale" in exported]
+    if kv_cache is None:
+        return ["kv_cache_quant_config present, but the recipe has no kv_cache"] if groups else []
+    problems = []
+    if not groups:
+        problems.append("quantization_config has no kv_cache_quant_config (the recipe asks for kv_cache)")
+    for pattern, group in groups.items():
+        output = (group or {}).get("output_tensors") or {}
+        if output.get("dtype") != KV_CACHE_DTYPE[kv_cache]:
+            problems.append(f"kv cache group {pattern}: output dtype {output.get('dtype')!r}, expected {KV_CACHE_DTYPE[kv_cache]!r}")
+    kv_layers = [layer for layer in linear_layers if layer.endswith(("k_proj", "v_proj"))]
+    missing = [layer for layer in kv_layers if layer not in scaled]
+    if missing:
+        problems.append(f"{missing[0]}: no output_scale for the KV cache (+{len(missing) - 1} more k/v layers)")
     return problems
 
 
@@ -106,6 +135,8 @@ def check_tensors(
             problem = _scale_shape_problem(scheme, base_shape, scale["shape"])
             if problem:
                 problems.append(f"{layer}: {problem}")
+        if not scheme.weight_symmetric and f"{layer}.weight_zero_point" not in exported:
+            problems.append(f"{layer}: asymmetric weights but no weight_zero_point")
         has_input_scale = f"{layer}.input_scale" in exported
         if scheme.activation_static and not has_input_scale:
             problems.append(f"{layer}: static activation scheme but no input_scale")
@@ -122,16 +153,18 @@ def verify(
     config = json.loads((model_dir / "config.json").read_text())
     exported, base = read_folder(model_dir), read_folder(base_model_dir)
     problems = check_config(scheme, config)
-    overrides = {name: SCHEMES[scheme_name] for name, scheme_name in (layer_overrides or {}).items()}
+    overrides = {name: get_scheme(scheme_name) for name, scheme_name in (layer_overrides or {}).items()}
     tensor_problems, checked = check_tensors(
         scheme, exported, base, linear_layers, recipe.quantization.exclude, overrides
     )
     problems += tensor_problems
+    problems += check_kv_cache(recipe.quantization.kv_cache, config, exported, linear_layers)
     if checked == 0:
         problems.append("no quantized layer found in the export")
     size_ratio = folder_size(model_dir) / folder_size(base_model_dir)
     summary = {
         "scheme": scheme.name,
+        "kv_cache": recipe.quantization.kv_cache,
         "quantized_layers_checked": checked,
         "excluded_layers": layers.select(linear_layers, recipe.quantization.exclude),
         "export_size_bytes": folder_size(model_dir),
