@@ -71,9 +71,11 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @click.option("--from-stage", type=click.Choice(["calibrate", "quantize", "freeze", "export", "verify", "serve",
                                                  "evaluate", "gate", "publish"]),
               help="With --resume: rerun from this stage on, whatever is kept before it.")
+@click.option("--new-run", is_flag=True,
+              help="Start a fresh run even when an unfinished run of the same recipe is there to resume.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final verdict lines.")
 def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
-        quiet: bool) -> None:
+        new_run: bool, quiet: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
@@ -88,10 +90,13 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path
     try:
         if from_stage and not resume_dir:
             raise click.UsageError("--from-stage needs --resume RUN_DIR")
+        if new_run and resume_dir:
+            raise click.UsageError("--new-run and --resume exclude each other")
         if resume_dir is not None:
             result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline)
         else:
-            result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline)
+            result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline,
+                                new_run=new_run)
     except PipelineError as exc:
         _fail(exc)
     click.echo(f"gate: {result.verdict}")

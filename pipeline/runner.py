@@ -24,9 +24,12 @@ from pipeline import checks, compat, engine, layers, models, schemes
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.rundir import HashCache, RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
+from pipeline.rundir import (
+    HashCache, RunLocked, atomic_write_text, locked, read_json, remove_stale_temps, staged_folder, tree_digest,
+)
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
+from pipeline.unfinished import describe, unfinished_run
 from pipeline.worker import call_isolated
 
 STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
@@ -378,9 +381,16 @@ def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refre
     return current
 
 
-def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
-    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
+def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False,
+        new_run: bool = False) -> RunResult:
+    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure.
+
+    An unfinished run of the same recipe under OUTPUT_DIR/<name>/ (killed, crashed) is
+    resumed rather than started over, unless `new_run`."""
     recipe = load_recipe(recipe_path)
+    if not new_run and (earlier := unfinished_run(output_root / recipe.name, recipe.content_hash())) is not None:
+        say(f"resuming unfinished run {earlier} ({describe(earlier)}); --new-run starts over")
+        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline)
     current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
     return _execute(current, current.execute)
 
@@ -404,6 +414,9 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
     current.manifest.set("engine", {"name": choice.name, "label": choice.label})
 
     def work() -> RunResult:
+        # Half-written staged folders of a killed run are never taken as finished: remove them.
+        if removed := remove_stale_temps(run_dir):
+            say(f"removed {len(removed)} half-written temp entr{'y' if len(removed) == 1 else 'ies'} of an interrupted run")
         current.reusable = reusable_stages(previous, recipe, choice.name, run_dir, from_stage)
         for stage in STAGES[len(current.reusable):]:  # stale outputs of stages that rerun go first
             shutil.rmtree(run_dir / STAGE_FOLDERS[stage], ignore_errors=True)
