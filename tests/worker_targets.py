@@ -27,3 +27,13 @@ def raise_verify_failed() -> dict:
 
 def crash() -> dict:
     raise ZeroDivisionError("boom")
+
+
+def count_with_tqdm(steps: int) -> dict:
+    """Draw a tqdm bar, as Quark, vLLM and lm-eval do."""
+    from tqdm import tqdm
+
+    done = 0
+    for _ in tqdm(range(steps), desc="counting things", mininterval=0):
+        done += 1
+    return {"counted": done}

@@ -141,6 +141,7 @@ def _paired(task: str, base: dict, quantized: dict) -> dict | None:
 def evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, out_dir: Path, log_path: Path, *,
     completions: list[dict] | None = None, engine_name: str = "vllm", refresh_baseline: bool = False,
+    on_event=None,
 ) -> tuple[dict, float]:
     """Returns (figures for the report, peak RSS in MiB of the evaluation children).
 
@@ -167,7 +168,7 @@ def evaluate(
             "pipeline.stages.evaluate:evaluate_model",
             {"model_dir": str(base_model_dir), "tasks": missing, "engine_options": base_options,
              "score_texts": score_texts},
-            log_path=log_path, stage="evaluate",
+            log_path=log_path, stage="evaluate", on_event=on_event, label="base",
         )
         peak_mb = max(peak_mb, child_peak)
         completion_perplexities = computed.get("completion_perplexities")
@@ -179,7 +180,7 @@ def evaluate(
         "pipeline.stages.evaluate:evaluate_model",
         {"model_dir": str(model_dir), "tasks": limits,
          "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name)},
-        log_path=log_path, stage="evaluate",
+        log_path=log_path, stage="evaluate", on_event=on_event, label="quantized",
     )
     peak_mb = max(peak_mb, child_peak)
     quantized = quantized["tasks"]
