@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,111 @@ def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_di
     states = _stage_states(run_dir)
     assert states["calibrate"] and not states["quantize"] and not states["export"] and not states["evaluate"]
     assert sha256_file(weights) == original  # Quark's export is deterministic: same bytes as the uninterrupted run
+
+
+# --- kill -9 drill -------------------------------------------------------------------------------
+
+DRILL_NAME = "smollm2-135m-int8-drill"
+
+
+def _drill_recipe(tmp_path: Path) -> Path:
+    """The default recipe's model, calibration and quantization (so its export must be byte-identical to the
+    default run's) with a cheap evaluation: 30 questions, 20 paragraphs, one prompt."""
+    text = DEFAULT_RECIPE.read_text()
+    for old, new in (
+        ("name: smollm2-135m-int8\n", f"name: {DRILL_NAME}\n"),
+        ("limit: 200", "limit: 30"),
+        ("perplexity_limit: 100", "perplexity_limit: 20"),
+        ("enforce_eager: true", 'enforce_eager: true\n  prompts: ["The capital of France is"]\n  max_new_tokens: 16'),
+        ("min_recovery: 0.95", "min_recovery: 0.8"),  # 30 questions: a noisy figure; the drill is about resume
+        ("max_perplexity_ratio: 1.10", "max_perplexity_ratio: 1.3"),
+        ("exports/published/smollm2-135m-int8", f"exports/published/{DRILL_NAME}"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    recipe = tmp_path / f"{DRILL_NAME}.yaml"
+    recipe.write_text(text)
+    return recipe
+
+
+def _stage_done(run_dir: Path, stage: str) -> bool:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return manifest["stages"].get(stage, {}).get("status") == "done"
+
+
+def _staged(run_dir: Path, folder: str) -> list[Path]:
+    """The hidden temp folders a stage writes into before they are renamed into place."""
+    return list(run_dir.glob(f".{folder}.*.tmp"))
+
+
+def _log_has(run_dir: Path, stage: str, text: str) -> bool:
+    log = run_dir / "logs" / f"{stage}.log"
+    return log.is_file() and text in log.read_text(errors="replace")
+
+
+def _after_kill(run_dir: Path, killed_stage: str, staged_folder: str) -> None:
+    """What a crash leaves: the killed stage not done, its half-written folder hidden and never in the manifest."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # nobody got to record an end
+    assert not _stage_done(run_dir, killed_stage), killed_stage
+    assert _staged(run_dir, staged_folder), f"no half-written .{staged_folder}.*.tmp left to test with"
+    folder = "model" if killed_stage == "export" else killed_stage
+    assert not (run_dir / folder).exists()
+    for record in manifest["stages"].values():
+        assert not any(name.startswith(".") or "/." in name for name in record.get("outputs", {}))
+
+
+def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrupted_export(pristine_run_dir, tmp_path):
+    """A machine crash (SIGKILL to the CLI and every stage child's session) three times over, each time resumed:
+    the final export is byte-identical to an uninterrupted run's, and no half-written folder is ever kept."""
+    from tests.process_tree import CliRun
+
+    recipe = _drill_recipe(tmp_path)
+    exports = tmp_path / "exports"
+    run_args = ("run", str(recipe), "--output-dir", str(exports))
+
+    # 1. A fresh run, killed while Quark calibrates its quantizers.
+    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
+    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
+    run_dir = next((exports / DRILL_NAME).iterdir())
+    first.wait_for(lambda: _log_has(run_dir, "quantize", "In-place OPs replacement start"), "Quark to start quantizing", 600)
+    first.kill_like_a_crash()
+    _after_kill(run_dir, "quantize", "quantize")
+    assert _stage_done(run_dir, "calibrate")
+
+    # 2. `run` again: it resumes that run on its own (lock of the dead process taken over); killed mid-export.
+    second = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-2")
+    second.wait_for(lambda: any(path.is_file() for folder in _staged(run_dir, "model") for path in folder.iterdir()),
+                    "the export's first file", 900)
+    second.kill_like_a_crash()
+    assert f"resuming unfinished run {run_dir}" in second.stdout, second.stdout + second.stderr
+    _after_kill(run_dir, "export", "model")
+    assert len(list((exports / DRILL_NAME).iterdir())) == 1  # no second run directory
+
+    # 3. An explicit --resume, killed while lm-eval evaluates.
+    third = CliRun("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path, logs=tmp_path / "cli-3")
+    third.wait_for(lambda: _log_has(run_dir, "evaluate", "pipeline.stages.evaluate:evaluate_model"), "evaluate", 900)
+    time.sleep(5)  # well into loading the model in vLLM
+    third.kill_like_a_crash()
+    _after_kill(run_dir, "evaluate", "evaluate")
+    assert _stage_done(run_dir, "export") and _stage_done(run_dir, "serve")
+    assert not (run_dir / "report.json").exists()
+
+    # 4. Resumed on its own once more, to the end, with machine-readable events.
+    last = CliRun(*run_args, "--json", cwd=tmp_path, logs=tmp_path / "cli-4")
+    assert last.wait(1800) == 0, last.stderr[-3000:]
+    events = [json.loads(line) for line in last.stdout.splitlines()]  # nothing but JSON on stdout
+    reused = [event["stage"] for event in events if event["event"] == "stage_reused"]
+    assert reused == ["calibrate", "quantize", "freeze", "export", "verify", "serve"]
+    assert {event["stage"] for event in events if event["event"] == "stage_end"} == {"evaluate", "gate", "publish"}
+    result = events[-1]
+    assert result["event"] == "result" and result["verdict"] == "pass" and result["exit_code"] == 0
+    assert result["run_dir"] == str(run_dir) and result["published"]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "passed" and tuple(manifest["stages"]) == STAGES
+    assert not [path.name for path in run_dir.iterdir() if path.name.endswith(".tmp") or ".old-" in path.name]
+    for name, digest in manifest["files"].items():
+        assert sha256_file(run_dir / name) == digest, name
+    # The export, file by file, is the uninterrupted default run's (same model, calibration and quantization).
+    assert hash_tree(run_dir / "model", skip=("recipe.yaml",)) == hash_tree(pristine_run_dir / "model", skip=("recipe.yaml",))
