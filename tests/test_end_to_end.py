@@ -332,6 +332,13 @@ def _staged(run_dir: Path, folder: str) -> list[Path]:
     return list(run_dir.glob(f".{folder}.*.tmp"))
 
 
+def _staged_has_files(run_dir: Path, folder: str) -> bool:
+    try:
+        return any(path.is_file() for staged in _staged(run_dir, folder) for path in staged.iterdir())
+    except OSError:  # a stale one removed while we looked
+        return False
+
+
 def _log_has(run_dir: Path, stage: str, text: str) -> bool:
     log = run_dir / "logs" / f"{stage}.log"
     return log.is_file() and text in log.read_text(errors="replace")
@@ -369,8 +376,7 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
 
     # 2. `run` again: it resumes that run on its own (lock of the dead process taken over); killed mid-export.
     second = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-2")
-    second.wait_for(lambda: any(path.is_file() for folder in _staged(run_dir, "model") for path in folder.iterdir()),
-                    "the export's first file", 900)
+    second.wait_for(lambda: _staged_has_files(run_dir, "model"), "the export's first file", 900)
     second.kill_like_a_crash()
     assert f"resuming unfinished run {run_dir}" in second.stdout, second.stdout + second.stderr
     _after_kill(run_dir, "export", "model")
