@@ -196,13 +196,14 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     """Publish a finished run whose gate passed (e.g. after a human review).
 
     Refuses (exit 3) a run whose gate did not pass or whose files no longer match
-    its manifest; publishing the same content twice changes nothing.
+    its manifest; publishing the same content twice changes nothing. The publish
+    stage is recorded in manifest.json, so a later resume of the run does not publish again.
     """
     import tempfile
 
     from pipeline.errors import RecipeError
     from pipeline.recipe import PublishSpec, load_recipe
-    from pipeline.rundir import staged_folder
+    from pipeline import runner
     from pipeline.stages import publish as publish_stage
 
     try:
@@ -220,8 +221,7 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
                 click.echo(f"{item['size']:>12}  {item['sha256'][:16]}  {item['path']}")
             click.echo(f"dry run: {len(summary['listing'])} files would go to {recipe.publish.target}")
             return
-        with staged_folder(run_dir / "publish") as out_dir:
-            summary = publish_stage.publish(recipe, run_dir, report, out_dir)
+        summary = runner.publish_finished_run(run_dir, recipe, report)
     except PipelineError as exc:
         _fail(exc)
     state = "already published, unchanged" if summary.get("already_published") else "published"

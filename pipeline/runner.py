@@ -441,6 +441,33 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
     return _execute(current, work)
 
 
+def publish_finished_run(run_dir: Path, recipe: Recipe, report: dict) -> dict:
+    """`publish RUN_DIR`: publish a passed run later and record the stage in its manifest as `run`
+    would, so that a later resume keeps it instead of publishing again."""
+    try:
+        with locked(run_dir):
+            started = time.perf_counter()
+            with staged_folder(run_dir / STAGE_FOLDERS["publish"]) as out_dir:
+                summary = publish.publish(recipe, run_dir, report, out_dir)
+            wall_s = time.perf_counter() - started
+            manifest = Manifest.load(run_dir)
+            engine_name = (manifest.data.get("engine") or {}).get("name", recipe.evaluation.engine)
+            record = {
+                "status": "done", "wall_s": round(wall_s, 2), "peak_rss_mb": round(_self_peak_rss_mb(), 1),
+                "log": "logs/publish.log", "config_sha256": stage_config_sha256(recipe, "publish", engine_name),
+                "summary": summary, "published_later": True,
+            }
+            log = run_dir / record["log"]
+            log.parent.mkdir(exist_ok=True)
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(f"[publish] done later (publish RUN_DIR) in {wall_s:.2f} s -> {summary['url']}\n")
+            manifest.record_stage("publish", record, STAGE_FOLDERS["publish"])
+            manifest.refresh_files()
+    except RunLocked as exc:
+        raise InputError(str(exc)) from None
+    return summary
+
+
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,
           refresh_baseline: bool = False) -> RunResult:
     """verify -> serve -> evaluate -> gate on an existing export, with the recipe's (or default) rules."""
