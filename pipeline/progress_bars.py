@@ -25,7 +25,7 @@ class ProgressBars:
 
     def _handle(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "progress":
+        if kind == "progress" and self.console.is_terminal:  # a pipe or CI log gets the stage lines only
             if self.progress is None:
                 self.progress = Progress(
                     TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

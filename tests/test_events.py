@@ -71,3 +71,11 @@ def test_run_json_prints_only_json_with_a_result_event(tmp_path):
     assert events == [{"event": "result", "verdict": "not reached", "run_dir": None, "exit_code": 2, "published": None,
                        "error": events[0]["error"]}]
     assert "quantization.scheme" in events[0]["error"] and "quantization.scheme" in done.stderr
+
+
+def test_progress_bars_stay_off_a_pipe():
+    out = io.StringIO()
+    bars = ProgressBars(Console(file=out, force_terminal=False))
+    bars.handle({"event": "progress", "stage": "serve", "task": "Processed prompts", "completed": 1, "total": 2})
+    bars.handle({"event": "stage_end", "stage": "serve"})
+    assert bars.progress is None and out.getvalue() == ""
