@@ -92,7 +92,7 @@ def _report_bar(bar, *, final: bool) -> None:
     if getattr(bar, "disable", False):
         return
     now = time.monotonic()
-    completed, total = getattr(bar, "n", 0), getattr(bar, "total", None)
+    completed, total = getattr(bar, "n", 0), getattr(bar, "total", None) or None  # 0: unknown (datasets)
     last = getattr(bar, "_qp_reported_at", None)
     if not final and last is not None and now - last < PROGRESS_INTERVAL_S and completed != total:
         return

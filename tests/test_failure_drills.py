@@ -90,8 +90,11 @@ def _log_has(run_dir: Path, stage: str, text: str) -> bool:
 
 def _after_kill(run_dir: Path, killed_stage: str, staged_folder: str) -> None:
     """What a crash leaves: the killed stage not done, its half-written folder hidden and never in the manifest."""
+    from pipeline.rundir import is_locked
+
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "running"  # nobody got to record an end
+    assert not is_locked(run_dir)  # the dead run's lock died with it: nothing stale blocks the resume
     assert not _stage_done(run_dir, killed_stage), killed_stage
     assert _staged(run_dir, staged_folder), f"no half-written .{staged_folder}.*.tmp left to test with"
     folder = "model" if killed_stage == "export" else killed_stage
@@ -142,6 +145,9 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
     reused = [event["stage"] for event in events if event["event"] == "stage_reused"]
     assert reused == ["calibrate", "quantize", "freeze", "export", "verify", "serve"]
     assert {event["stage"] for event in events if event["event"] == "stage_end"} == {"evaluate", "gate", "publish"}
+    # lm-eval's request bars, from both evaluation children, came through the progress file.
+    requests = [event for event in events if event["event"] == "progress" and event["task"] == "Running loglikelihood requests"]
+    assert {event["label"] for event in requests} == {"base", "quantized"} and requests[-1]["completed"] == requests[-1]["total"]
     result = events[-1]
     assert result["event"] == "result" and result["verdict"] == "pass" and result["exit_code"] == 0
     assert result["run_dir"] == str(run_dir) and result["published"]
