@@ -201,9 +201,9 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     """
     import tempfile
 
+    from pipeline import runner
     from pipeline.errors import RecipeError
     from pipeline.recipe import PublishSpec, load_recipe
-    from pipeline import runner
     from pipeline.stages import publish as publish_stage
 
     try:

@@ -145,9 +145,10 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
     reused = [event["stage"] for event in events if event["event"] == "stage_reused"]
     assert reused == ["calibrate", "quantize", "freeze", "export", "verify", "serve"]
     assert {event["stage"] for event in events if event["event"] == "stage_end"} == {"evaluate", "gate", "publish"}
-    # lm-eval's request bars, from both evaluation children, came through the progress file.
-    requests = [event for event in events if event["event"] == "progress" and event["task"] == "Running loglikelihood requests"]
-    assert {event["label"] for event in requests} == {"base", "quantized"} and requests[-1]["completed"] == requests[-1]["total"]
+    # lm-eval's request bars came through the progress file (the base model's figures may be cached: quantized only).
+    requests = [event for event in events if event["event"] == "progress" and event["task"] == "Running loglikelihood requests"
+                and event["label"] == "quantized"]
+    assert requests and requests[-1]["completed"] == requests[-1]["total"] > 0
     result = events[-1]
     assert result["event"] == "result" and result["verdict"] == "pass" and result["exit_code"] == 0
     assert result["run_dir"] == str(run_dir) and result["published"]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from pipeline import engine, lm_eval_tasks, metrics
+from pipeline.events import Emit
 from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
@@ -141,7 +142,7 @@ def _paired(task: str, base: dict, quantized: dict) -> dict | None:
 def evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, out_dir: Path, log_path: Path, *,
     completions: list[dict] | None = None, engine_name: str = "vllm", refresh_baseline: bool = False,
-    on_event=None,
+    on_event: Emit | None = None,
 ) -> tuple[dict, float]:
     """Returns (figures for the report, peak RSS in MiB of the evaluation children).
 
