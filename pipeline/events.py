@@ -2,6 +2,7 @@
 
 Every event is a plain dict with an "event" key:
 
+    run_start     {run_dir, resumed}                       first, once the run directory is known
     stage_start   {stage}
     stage_end     {stage, wall_s, peak_rss_mb}
     stage_reused  {stage}                                  kept from an earlier run (resume)

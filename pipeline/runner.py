@@ -391,6 +391,7 @@ def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refre
     say(f"engine: {choice.label}")
     current = Run(recipe, recipe_path, run_dir, run_id, say, choice, refresh_baseline=refresh_baseline, emit=emit)
     current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+    current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": False})
     return current
 
 
@@ -424,9 +425,11 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
     say(f"engine: {choice.label}")
     current = Run(recipe, recipe_path, run_dir, previous.get("run_id", run_dir.name), say, choice,
                   refresh_baseline=refresh_baseline, emit=emit)
-    current.manifest.set("engine", {"name": choice.name, "label": choice.label})
 
     def work() -> RunResult:
+        # Under the lock: a run still being written keeps its manifest.
+        current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+        current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": True})
         # Half-written staged folders of a killed run are never taken as finished: remove them.
         if removed := remove_stale_temps(run_dir):
             say(f"removed {len(removed)} half-written temp entr{'y' if len(removed) == 1 else 'ies'} of an interrupted run")

@@ -142,6 +142,7 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
     last = CliRun(*run_args, "--json", cwd=tmp_path, logs=tmp_path / "cli-4")
     assert last.wait(1800) == 0, last.stderr[-3000:]
     events = [json.loads(line) for line in last.stdout.splitlines()]  # nothing but JSON on stdout
+    assert events[0] == {"event": "run_start", "run_dir": str(run_dir), "resumed": True}
     reused = [event["stage"] for event in events if event["event"] == "stage_reused"]
     assert reused == ["calibrate", "quantize", "freeze", "export", "verify", "serve"]
     assert {event["stage"] for event in events if event["event"] == "stage_end"} == {"evaluate", "gate", "publish"}

@@ -108,3 +108,16 @@ def test_run_says_it_resumes_an_unfinished_run_and_new_run_does_not(tmp_path):
     assert fresh.returncode == 2 and "resuming" not in fresh.stdout + fresh.stderr
     both = _run_cli(str(recipe_path), "--new-run", "--resume", str(run_dir), cwd=tmp_path)
     assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_resume_of_a_run_being_written_leaves_its_manifest_alone(tmp_path):
+    from tests.conftest import DEFAULT_RECIPE
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    run_dir = _fake_run(tmp_path / "exports" / recipe.name, "20260101T000000Z-aaaaaaaa", status="running",
+                        started_at="2026-01-01T00:00:00+00:00", recipe_sha256=recipe.content_hash(), recipe=recipe.name)
+    before = (run_dir / "manifest.json").read_bytes()
+    with locked(run_dir):  # a live run holds it
+        refused = _run_cli(str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
+    assert refused.returncode == 2 and "being written by another run" in refused.stderr, refused.stderr
+    assert (run_dir / "manifest.json").read_bytes() == before
