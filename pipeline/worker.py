@@ -24,6 +24,7 @@ from typing import Any
 from pipeline import errors, events
 
 SAMPLE_INTERVAL_S = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _tree_rss_bytes(pid: int) -> int:
@@ -64,7 +65,7 @@ def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage:
     with tempfile.TemporaryDirectory(prefix="qp-worker-") as tmp:
         args_file, result_file = Path(tmp, "args.json"), Path(tmp, "result.json")
         args_file.write_text(json.dumps(kwargs))
-        command = [sys.executable, "-m", "pipeline.worker", target, str(args_file), str(result_file)]
+        command = [sys.executable, "-m", "pipeline.worker", target, str(args_file), str(result_file), str(os.getpid())]
         env, progress = None, None
         if on_event is not None:
             progress_path = Path(tmp, "progress.jsonl")
@@ -107,7 +108,32 @@ def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage:
     return outcome["result"], peak_mb
 
 
-def _main(target: str, args_file: str, result_file: str) -> int:
+def _kill_own_group(*_) -> None:
+    if os.getpgrp() == os.getpid():  # the session call_isolated gave us: this stage and what it started
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """If the process that started this stage dies (kill -9 of the CLI alone), end this stage's whole
+    process group too: left running, it would keep writing into a staged folder that the next resume
+    removes. On Linux the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.signal(signal.SIGTERM, _kill_own_group)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            return
+    except (OSError, AttributeError, ValueError):  # not Linux: the stage just outlives its parent
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        _kill_own_group()
+
+
+def _main(target: str, args_file: str, result_file: str, parent_pid: str | None = None) -> int:
+    if parent_pid is not None:
+        _end_with_parent(int(parent_pid))
     module_name, function_name = target.split(":")
     kwargs = json.loads(Path(args_file).read_text())
     outcome: dict[str, Any]
@@ -138,6 +164,6 @@ def _main(target: str, args_file: str, result_file: str) -> int:
 
 
 if __name__ == "__main__":
-    code = _main(*sys.argv[1:4])
+    code = _main(*sys.argv[1:5])
     # vLLM and lm-eval can leave non-daemon threads behind; do not hang on them.
     os._exit(code)
