@@ -47,6 +47,14 @@ def test_publish_later_is_recorded_in_the_manifest_and_kept_on_resume(tmp_path):
     assert record["outputs"] == {"publish/publish.json": hash_tree(run_dir / "publish")["publish.json"]}
     assert "publish/publish.json" in manifest["files"] and manifest["status"] == "passed"
     assert "done later" in (run_dir / "logs" / "publish.log").read_text()
+    published_manifest = json.loads((target / "provenance" / "manifest.json").read_text())
+    assert "publish" not in published_manifest["stages"] and published_manifest["stages"]["gate"]["status"] == "done"
+
+    # Recording itself did not change what gets published: the same run again changes nothing.
+    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(run_dir), "--target", str(target)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and again.stdout.startswith("already published, unchanged"), again.stdout + again.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
 
     # A resume with the same target keeps every stage, publish included: nothing is published again.
     published = recipe.model_copy(update={"publish": PublishSpec(target=str(target))})
