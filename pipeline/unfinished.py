@@ -63,7 +63,7 @@ def unfinished_run(recipe_root: Path, recipe_sha256: str) -> Path | None:
 
 
 def describe(run_dir: Path) -> str:
-    """'killed after serve', 'crashed in quantize': where the run stopped, for the user."""
+    """'stopped after serve (the process died)', 'failed in serve, after verify': where the run stopped."""
     manifest = _read_manifest(run_dir) or {}
     done = [stage for stage, record in manifest.get("stages", {}).items() if record.get("status") == "done"]
     stopped = f"after {done[-1]}" if done else "before any stage finished"
