@@ -71,32 +71,82 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @click.option("--from-stage", type=click.Choice(["calibrate", "quantize", "freeze", "export", "verify", "serve",
                                                  "evaluate", "gate", "publish"]),
               help="With --resume: rerun from this stage on, whatever is kept before it.")
+@click.option("--new-run", is_flag=True,
+              help="Start a fresh run even when an unfinished run of the same recipe is there to resume.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final verdict lines.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print events as JSON, one object per line (stage start/end/reuse, progress, a final result); "
+                   "human text goes to stderr.")
 def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
-        quiet: bool) -> None:
+        new_run: bool, quiet: bool, as_json: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
-    Prints the gate verdict, the run directory and the published location.
+    An unfinished run of the same recipe under OUTPUT_DIR/<name>/ (killed or crashed) is
+    resumed instead of started over; --new-run starts over. Prints the gate verdict, the
+    run directory and the published location.
     """
     from pipeline import runner
+    from pipeline.errors import InputError
+    from pipeline.events import no_events
 
     def say(line: str) -> None:
         if not quiet:
-            click.echo(line)
+            click.echo(line, err=as_json)
 
+    bars = None
+    if as_json:
+        emit = _print_event
+    elif quiet:
+        emit = no_events
+    else:
+        from pipeline.progress_bars import ProgressBars
+
+        bars = ProgressBars()
+        emit = bars.handle
     try:
         if from_stage and not resume_dir:
-            raise click.UsageError("--from-stage needs --resume RUN_DIR")
+            raise InputError("--from-stage needs --resume RUN_DIR")
+        if new_run and resume_dir:
+            raise InputError("--new-run and --resume exclude each other")
         if resume_dir is not None:
-            result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline)
+            result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline,
+                                   emit=emit)
         else:
-            result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline)
+            result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline,
+                                new_run=new_run, emit=emit)
     except PipelineError as exc:
+        if bars is not None:
+            bars.close()
+        if as_json:
+            _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
         _fail(exc)
+    if bars is not None:
+        bars.close()
+    if as_json:
+        _print_event(_result_event(result.run_dir, 0, published=result.published_to, verdict=result.verdict))
+        return
     click.echo(f"gate: {result.verdict}")
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"published: {result.published_to or 'no publish target in the recipe'}")
+
+
+def _print_event(event: dict) -> None:
+    import json
+
+    click.echo(json.dumps(event))
+
+
+def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None, verdict: str | None = None,
+                  error: str | None = None) -> dict:
+    """The last event of `run --json`: the verdict (from report.json when the run reached its gate)."""
+    import json
+
+    if verdict is None:
+        report = run_dir / "report.json" if run_dir is not None else None
+        verdict = json.loads(report.read_text()).get("verdict") if report is not None and report.is_file() else "not reached"
+    return {"event": "result", "verdict": verdict, "run_dir": str(run_dir) if run_dir else None, "exit_code": exit_code,
+            "published": published, "error": error}
 
 
 @main.command()
@@ -146,13 +196,14 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     """Publish a finished run whose gate passed (e.g. after a human review).
 
     Refuses (exit 3) a run whose gate did not pass or whose files no longer match
-    its manifest; publishing the same content twice changes nothing.
+    its manifest; publishing the same content twice changes nothing. The publish
+    stage is recorded in manifest.json, so a later resume of the run does not publish again.
     """
     import tempfile
 
+    from pipeline import runner
     from pipeline.errors import RecipeError
     from pipeline.recipe import PublishSpec, load_recipe
-    from pipeline.rundir import staged_folder
     from pipeline.stages import publish as publish_stage
 
     try:
@@ -170,8 +221,7 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
                 click.echo(f"{item['size']:>12}  {item['sha256'][:16]}  {item['path']}")
             click.echo(f"dry run: {len(summary['listing'])} files would go to {recipe.publish.target}")
             return
-        with staged_folder(run_dir / "publish") as out_dir:
-            summary = publish_stage.publish(recipe, run_dir, report, out_dir)
+        summary = runner.publish_finished_run(run_dir, recipe, report)
     except PipelineError as exc:
         _fail(exc)
     state = "already published, unchanged" if summary.get("already_published") else "published"

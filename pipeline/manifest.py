@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import socket
 import sys
@@ -42,6 +43,14 @@ class Manifest:
             "status": "running",
         }
 
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        """An existing run's manifest, to record a stage run later (`publish RUN_DIR`)."""
+        manifest = cls.__new__(cls)
+        manifest.run_dir = run_dir
+        manifest.data = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return manifest
+
     def set(self, key: str, value) -> None:
         self.data[key] = value
         self.save()
@@ -56,6 +65,10 @@ class Manifest:
     def finish(self, status: str) -> None:
         self.data["status"] = status
         self.data["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.refresh_files()
+
+    def refresh_files(self) -> None:
+        """sha256 of every file of the run (but the manifest itself), then save."""
         cache = HashCache(self.run_dir)
         self.data["files"] = hash_tree(self.run_dir, skip=(MANIFEST_FILE,), cache=cache)
         cache.save()

@@ -141,6 +141,34 @@ def locked(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock (a dead one's lock is gone with it)."""
+    try:
+        with locked(run_dir):
+            return False
+    except RunLocked:
+        return True
+
+
+def is_stale_temp(name: str) -> bool:
+    """A staged folder or atomic-write temp file (`.NAME.XXXX.tmp`) or a swapped-out folder (`.NAME.old-PID`)."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+
+
+def remove_stale_temps(run_dir: Path) -> list[str]:
+    """Delete what a killed run left half-written (call with the run's lock held). Returns the names removed."""
+    removed = []
+    for entry in sorted(run_dir.iterdir()):
+        if not is_stale_temp(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
 class HashCache:
     """sha256 of run files, remembered by (size, mtime): a no-op resume must not rehash gigabytes.
 

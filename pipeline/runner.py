@@ -21,12 +21,16 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline import checks, compat, engine, layers, models, schemes
+from pipeline.events import Emit, no_events, safe
 from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, field_path, load_recipe
-from pipeline.rundir import HashCache, RunLocked, atomic_write_text, locked, read_json, staged_folder, tree_digest
+from pipeline.rundir import (
+    HashCache, RunLocked, atomic_write_text, locked, read_json, remove_stale_temps, staged_folder, tree_digest,
+)
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
+from pipeline.unfinished import describe, unfinished_run
 from pipeline.worker import call_isolated
 
 STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
@@ -121,7 +125,7 @@ def check_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
     return choice
 
 
-def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
+def resolve_base_model(recipe: Recipe, log_path: Path, say: Say, on_event: Emit | None = None) -> Path:
     """The base model as a local HF folder. GGUF files (the shipped default too) are
     dequantized once and cached; Hub ids are downloaded into the HF cache."""
     spec = recipe.model
@@ -139,7 +143,7 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say) -> Path:
         say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
         call_isolated(
             "pipeline.models:convert_gguf", {"gguf_path": str(gguf_path), "output_dir": str(model_dir), "dtype": spec.dtype},
-            log_path=log_path, stage="prepare",
+            log_path=log_path, stage="prepare", on_event=on_event,
         )
     return model_dir
 
@@ -176,8 +180,9 @@ class Run:
     """One execution of a recipe: holds the run directory, the manifest and the stage records."""
 
     def __init__(self, recipe: Recipe, recipe_path: Path, run_dir: Path, run_id: str, say: Say,
-                 engine_choice: EngineChoice, refresh_baseline: bool = False):
+                 engine_choice: EngineChoice, refresh_baseline: bool = False, emit: Emit = no_events):
         self.recipe = recipe
+        self.emit = safe(emit)
         self.engine_choice = engine_choice
         self.recipe_path = recipe_path
         self.run_dir = run_dir
@@ -205,6 +210,7 @@ class Run:
             return None
         self.manifest.data["stages"][stage] = {**record, "reused": True}
         self.manifest.save()
+        self.emit({"event": "stage_reused", "stage": stage})
         self.result.stage_records[stage] = record
         self.say(f"↷ {stage:<9} kept from the earlier run (inputs unchanged, outputs verified)")
         return record["summary"]
@@ -224,12 +230,14 @@ class Run:
             handle.write(f"[{stage}] done in {wall_s:.2f} s, peak RSS {peak_rss_mb:.0f} MiB\n")
         self.manifest.record_stage(stage, record, STAGE_FOLDERS[stage])
         self.result.stage_records[stage] = record
+        self.emit({"event": "stage_end", "stage": stage, "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"]})
         self.say(f"✓ {stage:<9} {wall_s:7.1f} s  peak RSS {peak_rss_mb:7.0f} MiB")
 
     def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
         """Run an in-process stage into its staged folder."""
         if (kept := self._reuse(stage)) is not None:
             return kept
+        self.emit({"event": "stage_start", "stage": stage})
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
             summary = work(out_dir)
@@ -240,9 +248,11 @@ class Run:
         """Run a child-process stage into its staged folder (the child gets `out_dir`)."""
         if (kept := self._reuse(stage)) is not None:
             return kept
+        self.emit({"event": "stage_start", "stage": stage})
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
-            summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage), stage=stage)
+            summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage),
+                                             stage=stage, on_event=self.emit)
         summary["peak_rss_mb"] = round(peak_mb, 1)
         self._record(stage, summary, time.perf_counter() - started, peak_mb)
         return summary
@@ -268,7 +278,7 @@ class Run:
 
     def _prepare(self) -> None:
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
-        self.base_model_dir = resolve_base_model(self.recipe, self.log("prepare"), self.say)
+        self.base_model_dir = resolve_base_model(self.recipe, self.log("prepare"), self.say, self.emit)
         self.manifest.set("base_model", {
             "source": self.recipe.model.source, "path": str(self.base_model_dir), "sha256": tree_digest(self.base_model_dir),
         })
@@ -322,6 +332,8 @@ class Run:
                 self._reuse(stage)
             return
         self._check_disk_space()
+        # freeze and export run in the same child: their stage_end events follow quantize's.
+        self.emit({"event": "stage_start", "stage": "quantize"})
         folders = {stage: self.folder(stage) for stage in ("quantize", "freeze", "export")}
         with staged_folder(folders["quantize"]) as quantize_dir, staged_folder(folders["freeze"]) as freeze_dir, \
                 staged_folder(folders["export"]) as model_dir:
@@ -333,7 +345,7 @@ class Run:
                     "calibrate_dir": str(self.folder("calibrate")),
                     "out_dirs": {"quantize": str(quantize_dir), "freeze": str(freeze_dir), "model": str(model_dir)},
                 },
-                log_path=self.log("quantize"), stage="quantize",
+                log_path=self.log("quantize"), stage="quantize", on_event=self.emit,
             )
         for stage in ("quantize", "freeze", "export"):
             record = records[stage]
@@ -342,11 +354,13 @@ class Run:
     def _evaluate(self, completions: list[dict]) -> dict:
         if (kept := self._reuse("evaluate")) is not None:
             return kept
+        self.emit({"event": "stage_start", "stage": "evaluate"})
         started = time.perf_counter()
         with staged_folder(self.folder("evaluate")) as out_dir:
             evaluation, peak_mb = evaluate.evaluate(
                 self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
                 completions=completions, engine_name=self.engine_choice.name, refresh_baseline=self.refresh_baseline,
+                on_event=self.emit,
             )
         self._record("evaluate", evaluation, time.perf_counter() - started, peak_mb)
         return evaluation
@@ -360,6 +374,7 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
         raise InputError(str(exc)) from None
     except PipelineError as exc:
         current.manifest.data["error"] = {"stage": exc.stage, "message": exc.one_line(), "exit_code": exc.exit_code}
+        current.emit({"event": "stage_failed", "stage": exc.stage, "exit_code": exc.exit_code, "message": exc.one_line()})
         current.manifest.finish("failed")
         exc.run_dir = current.run_dir
         raise
@@ -370,25 +385,34 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     return result
 
 
-def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool) -> Run:
+def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool,
+           emit: Emit = no_events) -> Run:
     choice = check_engine(recipe, recipe_path)
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
     say(f"engine: {choice.label}")
-    current = Run(recipe, recipe_path, run_dir, run_id, say, choice, refresh_baseline=refresh_baseline)
+    current = Run(recipe, recipe_path, run_dir, run_id, say, choice, refresh_baseline=refresh_baseline, emit=emit)
     current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+    current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": False})
     return current
 
 
-def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False) -> RunResult:
-    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure."""
+def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False,
+        new_run: bool = False, emit: Emit = no_events) -> RunResult:
+    """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure.
+
+    An unfinished run of the same recipe under OUTPUT_DIR/<name>/ (killed, crashed) is
+    resumed rather than started over, unless `new_run`."""
     recipe = load_recipe(recipe_path)
-    current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
+    if not new_run and (earlier := unfinished_run(output_root / recipe.name, recipe.content_hash())) is not None:
+        say(f"resuming unfinished run {earlier} ({describe(earlier)}); --new-run starts over")
+        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline, emit=emit)
+    current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit)
     return _execute(current, current.execute)
 
 
 def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None = None,
-           refresh_baseline: bool = False) -> RunResult:
+           refresh_baseline: bool = False, emit: Emit = no_events) -> RunResult:
     """Finish an earlier run of RECIPE in RUN_DIR: keep the stages whose inputs did not change and
     whose outputs verify against its manifest; rerun the rest (from `from_stage` at the latest)."""
     recipe = load_recipe(recipe_path)
@@ -402,10 +426,15 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
     say(f"resuming run directory: {run_dir}")
     say(f"engine: {choice.label}")
     current = Run(recipe, recipe_path, run_dir, previous.get("run_id", run_dir.name), say, choice,
-                  refresh_baseline=refresh_baseline)
-    current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+                  refresh_baseline=refresh_baseline, emit=emit)
 
     def work() -> RunResult:
+        # Under the lock: a run still being written keeps its manifest.
+        current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+        current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": True})
+        # Half-written staged folders of a killed run are never taken as finished: remove them.
+        if removed := remove_stale_temps(run_dir):
+            say(f"removed {len(removed)} half-written temp entr{'y' if len(removed) == 1 else 'ies'} of an interrupted run")
         current.reusable = reusable_stages(previous, recipe, choice.name, run_dir, from_stage)
         for stage in STAGES[len(current.reusable):]:  # stale outputs of stages that rerun go first
             shutil.rmtree(run_dir / STAGE_FOLDERS[stage], ignore_errors=True)
@@ -415,6 +444,33 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
         return current.execute()
 
     return _execute(current, work)
+
+
+def publish_finished_run(run_dir: Path, recipe: Recipe, report: dict) -> dict:
+    """`publish RUN_DIR`: publish a passed run later and record the stage in its manifest as `run`
+    would, so that a later resume keeps it instead of publishing again."""
+    try:
+        with locked(run_dir):
+            started = time.perf_counter()
+            with staged_folder(run_dir / STAGE_FOLDERS["publish"]) as out_dir:
+                summary = publish.publish(recipe, run_dir, report, out_dir)
+            wall_s = time.perf_counter() - started
+            manifest = Manifest.load(run_dir)
+            engine_name = (manifest.data.get("engine") or {}).get("name", recipe.evaluation.engine)
+            record = {
+                "status": "done", "wall_s": round(wall_s, 2), "peak_rss_mb": round(_self_peak_rss_mb(), 1),
+                "log": "logs/publish.log", "config_sha256": stage_config_sha256(recipe, "publish", engine_name),
+                "summary": summary, "published_later": True,
+            }
+            log = run_dir / record["log"]
+            log.parent.mkdir(exist_ok=True)
+            with open(log, "a", encoding="utf-8") as handle:
+                handle.write(f"[publish] done later (publish RUN_DIR) in {wall_s:.2f} s -> {summary['url']}\n")
+            manifest.record_stage("publish", record, STAGE_FOLDERS["publish"])
+            manifest.refresh_files()
+    except RunLocked as exc:
+        raise InputError(str(exc)) from None
+    return summary
 
 
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,

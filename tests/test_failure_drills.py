@@ -1,12 +1,17 @@
-"""Failure drills on real resources: a full disk fails cleanly, before a half-written checkpoint."""
+"""Failure drills on real resources: a full disk fails cleanly, before a half-written checkpoint;
+kill -9 of the whole process tree at three points, then resume, gives the uninterrupted export."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
+from pipeline.rundir import hash_tree, sha256_file
+from pipeline.runner import STAGES
 from tests.conftest import DEFAULT_RECIPE
 from tests.test_end_to_end import run_dir_of, run_recipe
 
@@ -36,3 +41,141 @@ def test_full_disk_fails_with_a_clear_message_and_keeps_earlier_stages(small_dis
     assert manifest["stages"]["calibrate"]["status"] == "done"
     assert (run_dir / "calibrate" / "tokens.jsonl").is_file()
     assert not (run_dir / "model").exists() and not list(run_dir.glob(".model.*"))
+
+
+DRILL_NAME = "smollm2-135m-int8-drill"
+
+
+def _drill_recipe(tmp_path: Path) -> Path:
+    """The default recipe's model, calibration and quantization with a cheap evaluation: 30 questions,
+    20 paragraphs, one prompt; lenient accuracy gates (30 questions give a noisy figure; the drill is about resume)."""
+    text = DEFAULT_RECIPE.read_text()
+    for old, new in (
+        ("name: smollm2-135m-int8\n", f"name: {DRILL_NAME}\n"),
+        ("limit: 200", "limit: 30"),
+        ("perplexity_limit: 100", "perplexity_limit: 20"),
+        ("enforce_eager: true", 'enforce_eager: true\n  prompts: ["The capital of France is"]\n  max_new_tokens: 16'),
+        ("min_recovery: 0.95", "min_recovery: 0.5"),
+        ("max_perplexity_ratio: 1.10", "max_perplexity_ratio: 1.5"),
+        ("exports/published/smollm2-135m-int8", f"exports/published/{DRILL_NAME}"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    recipe = tmp_path / f"{DRILL_NAME}.yaml"
+    recipe.write_text(text)
+    return recipe
+
+
+def _stage_done(run_dir: Path, stage: str) -> bool:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return manifest["stages"].get(stage, {}).get("status") == "done"
+
+
+def _staged(run_dir: Path, folder: str) -> list[Path]:
+    """The hidden temp folders a stage writes into before they are renamed into place."""
+    return list(run_dir.glob(f".{folder}.*.tmp"))
+
+
+def _staged_has_files(run_dir: Path, folder: str) -> bool:
+    try:
+        return any(path.is_file() for staged in _staged(run_dir, folder) for path in staged.iterdir())
+    except OSError:  # a stale one removed while we looked
+        return False
+
+
+def _log_has(run_dir: Path, stage: str, text: str) -> bool:
+    log = run_dir / "logs" / f"{stage}.log"
+    return log.is_file() and text in log.read_text(errors="replace")
+
+
+def _after_kill(run_dir: Path, killed_stage: str, staged_folder: str) -> None:
+    """What a crash leaves: the killed stage not done, its half-written folder hidden and never in the manifest."""
+    from pipeline.rundir import is_locked
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # nobody got to record an end
+    assert not is_locked(run_dir)  # the dead run's lock died with it: nothing stale blocks the resume
+    assert not _stage_done(run_dir, killed_stage), killed_stage
+    assert _staged(run_dir, staged_folder), f"no half-written .{staged_folder}.*.tmp left to test with"
+    folder = "model" if killed_stage == "export" else killed_stage
+    assert not (run_dir / folder).exists()
+    for record in manifest["stages"].values():
+        assert not any(name.startswith(".") or "/." in name for name in record.get("outputs", {}))
+
+
+def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrupted_export(tmp_path):
+    """A machine crash (SIGKILL to the CLI and every stage child's session) three times over, each time resumed:
+    the final export is byte-identical to an uninterrupted run's, and no half-written folder is ever kept."""
+    from tests.process_tree import CliRun
+
+    recipe = _drill_recipe(tmp_path)
+    exports = tmp_path / "exports"
+    run_args = ("run", str(recipe), "--output-dir", str(exports))
+
+    # 1. A fresh run, killed while Quark calibrates its quantizers.
+    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
+    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
+    run_dir = next((exports / DRILL_NAME).iterdir())
+    first.wait_for(lambda: _log_has(run_dir, "quantize", "In-place OPs replacement start"), "Quark to start quantizing", 600)
+    first.kill_like_a_crash()
+    _after_kill(run_dir, "quantize", "quantize")
+    assert _stage_done(run_dir, "calibrate")
+
+    # 2. `run` again: it resumes that run on its own (lock of the dead process taken over); killed mid-export.
+    second = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-2")
+    second.wait_for(lambda: _staged_has_files(run_dir, "model"), "the export's first file", 900)
+    second.kill_like_a_crash()
+    assert f"resuming unfinished run {run_dir}" in second.stdout, second.stdout + second.stderr
+    _after_kill(run_dir, "export", "model")
+    assert len(list((exports / DRILL_NAME).iterdir())) == 1  # no second run directory
+
+    # 3. An explicit --resume, killed while lm-eval evaluates.
+    third = CliRun("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path, logs=tmp_path / "cli-3")
+    third.wait_for(lambda: _log_has(run_dir, "evaluate", "pipeline.stages.evaluate:evaluate_model"), "evaluate", 900)
+    time.sleep(5)  # well into loading the model in vLLM
+    third.kill_like_a_crash()
+    _after_kill(run_dir, "evaluate", "evaluate")
+    assert _stage_done(run_dir, "export") and _stage_done(run_dir, "serve")
+    assert not (run_dir / "report.json").exists()
+
+    # 4. Resumed on its own once more, to the end, with machine-readable events.
+    last = CliRun(*run_args, "--json", cwd=tmp_path, logs=tmp_path / "cli-4")
+    assert last.wait(1800) == 0, last.stderr[-3000:]
+    events = [json.loads(line) for line in last.stdout.splitlines()]  # nothing but JSON on stdout
+    assert events[0] == {"event": "run_start", "run_dir": str(run_dir), "resumed": True}
+    reused = [event["stage"] for event in events if event["event"] == "stage_reused"]
+    assert reused == ["calibrate", "quantize", "freeze", "export", "verify", "serve"]
+    assert {event["stage"] for event in events if event["event"] == "stage_end"} == {"evaluate", "gate", "publish"}
+    # lm-eval's request bars came through the progress file (the base model's figures may be cached: quantized only).
+    requests = [event for event in events if event["event"] == "progress" and event["task"] == "Running loglikelihood requests"
+                and event["label"] == "quantized"]
+    assert requests and requests[-1]["completed"] == requests[-1]["total"] > 0
+    result = events[-1]
+    assert result["event"] == "result" and result["verdict"] == "pass" and result["exit_code"] == 0
+    assert result["run_dir"] == str(run_dir) and result["published"]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "passed" and tuple(manifest["stages"]) == STAGES
+    assert not [path.name for path in run_dir.iterdir() if path.name.endswith(".tmp") or ".old-" in path.name]
+    for name, digest in manifest["files"].items():
+        assert sha256_file(run_dir / name) == digest, name
+    # The export, file by file, is what one uninterrupted quantize -> freeze -> export of the same inputs writes.
+    assert hash_tree(run_dir / "model") == _uninterrupted_export(recipe, run_dir, tmp_path / "reference")
+
+
+def _uninterrupted_export(recipe: Path, run_dir: Path, reference: Path) -> dict[str, str]:
+    """sha256 of every file of an export made in one go (Quark's child, ~30 s) from the run's own inputs."""
+    from pipeline.recipe import load_recipe
+    from pipeline.worker import call_isolated
+
+    out_dirs = {folder: reference / folder for folder in ("quantize", "freeze", "model")}
+    for folder in out_dirs.values():
+        folder.mkdir(parents=True)
+    call_isolated(
+        "pipeline.stages.quantize:quantize_freeze_export",
+        {"recipe": load_recipe(recipe).model_dump(mode="json"),
+         "model_dir": json.loads((run_dir / "manifest.json").read_text())["base_model"]["path"],
+         "calibrate_dir": str(run_dir / "calibrate"), "out_dirs": {name: str(path) for name, path in out_dirs.items()}},
+        log_path=reference / "quantize.log", stage="quantize",
+    )
+    return hash_tree(out_dirs["model"])

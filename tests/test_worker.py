@@ -53,3 +53,46 @@ def test_a_run_directory_is_locked_while_written(tmp_path):
                 pass
     with locked(tmp_path):  # released after the first run ended
         pass
+
+
+def test_a_stage_ends_with_the_process_that_started_it(tmp_path):
+    """kill -9 of the parent alone (not its children's sessions): the stage and its grandchild go too."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    pid_file = tmp_path / "pids"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.worker import call_isolated; "
+         "call_isolated('tests.worker_targets:spawn_grandchild_and_wait', {'pid_file': sys.argv[1]}, "
+         "log_path=Path(sys.argv[2]), stage='t')", str(pid_file), str(tmp_path / "x.log")],
+        cwd=REPO, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    for _ in range(300):
+        if pid_file.is_file() and " " in pid_file.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        parent.kill()
+        pytest.fail("the stage never started")
+    stage_pids = [int(pid) for pid in pid_file.read_text().split()]
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in stage_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in stage_pids if alive(pid)]
+    for pid in survivors:  # do not leave them behind for the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"stage processes outlived their parent: {survivors}"

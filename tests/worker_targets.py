@@ -27,3 +27,25 @@ def raise_verify_failed() -> dict:
 
 def crash() -> dict:
     raise ZeroDivisionError("boom")
+
+
+def count_with_tqdm(steps: int) -> dict:
+    """Draw a tqdm bar, as Quark, vLLM and lm-eval do."""
+    from tqdm import tqdm
+
+    done = 0
+    for _ in tqdm(range(steps), desc="counting things", mininterval=0):
+        done += 1
+    return {"counted": done}
+
+
+def spawn_grandchild_and_wait(pid_file: str) -> dict:
+    """A stage that never ends on its own, with a grandchild (as vLLM's engine): 'worker_pid grandchild_pid'."""
+    import os
+    import time
+
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pid_file, "w") as handle:
+        handle.write(f"{os.getpid()} {grandchild.pid}")
+    time.sleep(600)
+    return {}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline import engine, lm_eval_tasks, metrics
+from pipeline.events import Emit
 from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, tree_digest
@@ -163,6 +164,7 @@ def _paired(task: str, base: dict, quantized: dict) -> dict | None:
 def evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, out_dir: Path, log_path: Path, *,
     completions: list[dict] | None = None, engine_name: str = "vllm", refresh_baseline: bool = False,
+    on_event: Emit | None = None,
 ) -> tuple[dict, float]:
     """Returns (figures for the report, peak RSS in MiB of the evaluation children).
 
@@ -198,7 +200,7 @@ def evaluate(
              "divergence_reference": {
                  "texts": divergence.heldout_texts(spec.divergence_text, spec.divergence_limit), "path": str(reference),
              } if build_reference else None},
-            log_path=log_path, stage="evaluate",
+            log_path=log_path, stage="evaluate", on_event=on_event, label="base",
         )
         if build_reference:
             timings["token divergence: base reference"] = computed["divergence_reference"]["seconds"]
@@ -215,7 +217,7 @@ def evaluate(
         {"model_dir": str(model_dir), "tasks": limits,
          "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name),
          "divergence_against": str(reference) if reference is not None else None},
-        log_path=log_path, stage="evaluate",
+        log_path=log_path, stage="evaluate", on_event=on_event, label="quantized",
     )
     peak_mb = max(peak_mb, child_peak)
     timings |= {f"lm-eval {task}: base": base[task].get("seconds") for task in missing}

@@ -26,6 +26,8 @@ BUILTIN_BASE_MODEL_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM
 # Shipped task -> (dataset id, dataset name) for the card's model-index.
 TASK_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge")}
 PROVENANCE_FILES = ("recipe.yaml", "report.json", MANIFEST_FILE, ACCURACY_PLOT)
+# What the publish stage itself writes into the run (left out of the published manifest).
+PUBLISH_OWN_FILES = ("publish/", "logs/publish.log")
 
 
 def base_model_id(recipe: Recipe) -> str:
@@ -73,8 +75,22 @@ def build_bundle(recipe: Recipe, run_dir: Path, report: dict, bundle: Path, serv
     provenance = bundle / "provenance"
     provenance.mkdir()
     for name in PROVENANCE_FILES:
-        if (run_dir / name).is_file():
+        if name == MANIFEST_FILE and (run_dir / name).is_file():
+            (provenance / name).write_text(json.dumps(provenance_manifest(read_json(run_dir / name)), indent=2) + "\n")
+        elif (run_dir / name).is_file():
             shutil.copy2(run_dir / name, provenance / name)
+
+
+def provenance_manifest(manifest: dict) -> dict:
+    """The manifest as published: without the publish stage's own record and files. A publish cannot
+    describe itself, and `publish RUN_DIR` records itself in the manifest: publishing the same run
+    again must still see the same bundle (and change nothing)."""
+    stages = {stage: record for stage, record in manifest.get("stages", {}).items() if stage != "publish"}
+    published = {**manifest, "stages": stages}
+    if "files" in manifest:
+        published["files"] = {name: digest for name, digest in manifest["files"].items()
+                              if not name.startswith(PUBLISH_OWN_FILES)}
+    return published
 
 
 def check_publishable(run_dir: Path) -> dict:
