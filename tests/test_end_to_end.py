@@ -144,11 +144,18 @@ def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_pa
     assert not (tmp_path / "never").exists()
 
 
+def _with_min_recovery(threshold: float) -> str:
+    """The default recipe with another min_recovery threshold (and nothing else changed)."""
+    text = DEFAULT_RECIPE.read_text()
+    assert "  min_recovery: 0.90\n" in text
+    return text.replace("  min_recovery: 0.90\n", f"  min_recovery: {threshold}\n")
+
+
 def test_impossible_gate_exits_3_and_publishes_nothing(pristine_run_dir, tmp_path):
     """The same export under an impossible threshold (resumed: only gate and publish rerun)."""
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     recipe = tmp_path / "impossible.yaml"
-    recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 2.0"))
+    recipe.write_text(_with_min_recovery(2.0))
     failed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
     assert failed.returncode == 3, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "gate failed: min_recovery[arc_easy]" in failed.stderr
@@ -285,13 +292,13 @@ def test_resume_of_a_finished_run_redoes_nothing(pristine_run_dir, tmp_path):
 def test_changed_gate_threshold_reruns_only_gate_and_publish(pristine_run_dir, tmp_path):
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     recipe = tmp_path / "stricter.yaml"
-    recipe.write_text(DEFAULT_RECIPE.read_text().replace("min_recovery: 0.95", "min_recovery: 0.9"))
+    recipe.write_text(_with_min_recovery(0.8))
     resumed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     states = _stage_states(run_dir)
     assert [stage for stage, reused in states.items() if not reused] == ["gate", "publish"]
     report = json.loads((run_dir / "report.json").read_text())
-    assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.9
+    assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.8
 
 
 def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_dir, tmp_path):

@@ -48,15 +48,18 @@ DRILL_NAME = "smollm2-135m-int8-drill"
 
 def _drill_recipe(tmp_path: Path) -> Path:
     """The default recipe's model, calibration and quantization with a cheap evaluation: 30 questions,
-    20 paragraphs, one prompt; lenient accuracy gates (30 questions give a noisy figure; the drill is about resume)."""
+    20 paragraphs, 8 for divergence, one prompt; lenient gates (30 questions give a noisy figure; the drill is about resume)."""
     text = DEFAULT_RECIPE.read_text()
     for old, new in (
         ("name: smollm2-135m-int8\n", f"name: {DRILL_NAME}\n"),
         ("limit: 200", "limit: 30"),
         ("perplexity_limit: 100", "perplexity_limit: 20"),
         ("enforce_eager: true", 'enforce_eager: true\n  prompts: ["The capital of France is"]\n  max_new_tokens: 16'),
-        ("min_recovery: 0.95", "min_recovery: 0.5"),
+        ("divergence_limit: 32", "divergence_limit: 8"),
+        ("min_recovery: 0.90", "min_recovery: 0.5"),
         ("max_perplexity_ratio: 1.10", "max_perplexity_ratio: 1.5"),
+        ("max_mean_kl: 0.05", "max_mean_kl: 0.2"),
+        ("min_top1_agreement: 0.85", "min_top1_agreement: 0.5"),
         ("exports/published/smollm2-135m-int8", f"exports/published/{DRILL_NAME}"),
     ):
         assert old in text, old
