@@ -233,29 +233,30 @@ class Run:
         self.emit({"event": "stage_end", "stage": stage, "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"]})
         self.say(f"✓ {stage:<9} {wall_s:7.1f} s  peak RSS {peak_rss_mb:7.0f} MiB")
 
-    def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
-        """Run an in-process stage into its staged folder."""
+    def _stage(self, stage: str, work: Callable[[Path], tuple[dict, float | None]]) -> dict:
+        """Run one stage into its staged folder, or keep it from the earlier run; record it.
+        `work(out_dir)` returns (summary, peak RSS in MiB of its child processes, or None: this process)."""
         if (kept := self._reuse(stage)) is not None:
             return kept
         self.emit({"event": "stage_start", "stage": stage})
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
-            summary = work(out_dir)
-        self._record(stage, summary, time.perf_counter() - started, _self_peak_rss_mb())
+            summary, peak_mb = work(out_dir)
+        self._record(stage, summary, time.perf_counter() - started, _self_peak_rss_mb() if peak_mb is None else peak_mb)
         return summary
 
+    def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
+        return self._stage(stage, lambda out_dir: (work(out_dir), None))
+
     def _isolated(self, stage: str, target: str, kwargs: dict) -> dict:
-        """Run a child-process stage into its staged folder (the child gets `out_dir`)."""
-        if (kept := self._reuse(stage)) is not None:
-            return kept
-        self.emit({"event": "stage_start", "stage": stage})
-        started = time.perf_counter()
-        with staged_folder(self.folder(stage)) as out_dir:
+        """A child-process stage (the child gets `out_dir`)."""
+        def work(out_dir: Path) -> tuple[dict, float]:
             summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage),
                                              stage=stage, on_event=self.emit)
-        summary["peak_rss_mb"] = round(peak_mb, 1)
-        self._record(stage, summary, time.perf_counter() - started, peak_mb)
-        return summary
+            summary["peak_rss_mb"] = round(peak_mb, 1)
+            return summary, peak_mb
+
+        return self._stage(stage, work)
 
     def execute(self) -> RunResult:
         """Every stage: calibrate .. publish."""
@@ -352,18 +353,11 @@ class Run:
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
 
     def _evaluate(self, completions: list[dict]) -> dict:
-        if (kept := self._reuse("evaluate")) is not None:
-            return kept
-        self.emit({"event": "stage_start", "stage": "evaluate"})
-        started = time.perf_counter()
-        with staged_folder(self.folder("evaluate")) as out_dir:
-            evaluation, peak_mb = evaluate.evaluate(
-                self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
-                completions=completions, engine_name=self.engine_choice.name, refresh_baseline=self.refresh_baseline,
-                on_event=self.emit,
-            )
-        self._record("evaluate", evaluation, time.perf_counter() - started, peak_mb)
-        return evaluation
+        return self._stage("evaluate", lambda out_dir: evaluate.evaluate(
+            self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
+            completions=completions, engine_name=self.engine_choice.name, refresh_baseline=self.refresh_baseline,
+            on_event=self.emit,
+        ))
 
 
 def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
