@@ -19,16 +19,10 @@ def local_model_dir(recipe: Recipe) -> Path | None:
     """The model folder if it is on disk already (a folder, or a prepared builtin/GGUF model)."""
     from pipeline import models
 
-    spec = recipe.model
-    if spec.kind == "folder":
-        return Path(spec.source)
-    if spec.kind == "builtin":
-        folder = models.builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype)
-    elif spec.kind == "gguf":
-        folder = models.gguf_model_dir(Path(spec.source), spec.dtype)
-    else:
-        return None
-    return folder if models.is_prepared(folder) else None
+    if recipe.model.kind == "folder":
+        return Path(recipe.model.source)
+    folder = models.converted_model_dir(recipe.model)
+    return folder if folder is not None and models.is_prepared(folder) else None
 
 
 def weight_layer_names(model_dir: Path) -> list[str]:

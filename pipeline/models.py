@@ -52,6 +52,22 @@ def gguf_model_dir(gguf_path: Path, dtype: str = "bfloat16") -> Path:
     return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}-{dtype}"
 
 
+def converted_model_dir(spec) -> Path | None:
+    """Where a builtin or GGUF model spec's converted HF folder lives (None for folders and Hub ids)."""
+    if spec.kind == "builtin":
+        return builtin_model_dir(spec.source.removeprefix("builtin:"), spec.dtype)
+    if spec.kind == "gguf":
+        return gguf_model_dir(Path(spec.source), spec.dtype)
+    return None
+
+
+def gguf_file(spec) -> Path:
+    """The GGUF file a builtin or GGUF model spec converts from."""
+    if spec.kind == "builtin":
+        return builtin_gguf_path(spec.source.removeprefix("builtin:"))
+    return Path(spec.source)
+
+
 def convert_gguf(gguf_path: str, output_dir: str, dtype: str = "bfloat16") -> dict:
     """Child-process job: dequantize a GGUF and save a clean HF safetensors model into output_dir."""
     import torch

@@ -133,13 +133,9 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say, on_event: Emit 
         return Path(spec.source).resolve()
     if spec.kind == "hub":
         return models.download_hub_model(spec.source, spec.revision)
-    if spec.kind == "builtin":
-        name = spec.source.removeprefix("builtin:")
-        gguf_path, model_dir = models.builtin_gguf_path(name), models.builtin_model_dir(name, spec.dtype)
-    else:
-        gguf_path = Path(spec.source)
-        model_dir = models.gguf_model_dir(gguf_path, spec.dtype)
+    model_dir = models.converted_model_dir(spec)
     if not models.is_prepared(model_dir):
+        gguf_path = models.gguf_file(spec)
         say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
         call_isolated(
             "pipeline.models:convert_gguf", {"gguf_path": str(gguf_path), "output_dir": str(model_dir), "dtype": spec.dtype},
