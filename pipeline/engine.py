@@ -15,10 +15,16 @@ CPU_KV_CACHE_GIB = "2"
 MAX_LOGPROBS = 64
 
 
-def prepare_environment(offline: bool = True) -> None:
-    """Child-process environment. offline: everything is local (shipped tasks, a local model),
-    so no library may reach for the Hub; registry tasks (lm_eval:TASK) need it reachable."""
+def prepare_environment(options: dict) -> None:
+    """Child-process environment from engine options. offline: everything is local (shipped
+    tasks, a local model), so no library may reach for the Hub; registry tasks (lm_eval:TASK)
+    need it reachable."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    if options.get("int4_weights_without_zero_points"):
+        # vLLM 0.32's CPU W4A8 path (taken on CPUs with AMX) asserts a zero-point tensor, which
+        # symmetric int4 exports do not have; its W4A16 path serves them (measured here).
+        os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
+    offline = options.get("offline", True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,5 +76,7 @@ def engine_options(recipe, *, quantized: bool, engine_name: str = "vllm") -> dic
         "enforce_eager": recipe.evaluation.enforce_eager,
         "tensor_parallel_size": recipe.evaluation.tensor_parallel_size,
         "kv_cache_dtype": recipe.quantization.kv_cache if quantized else None,
+        "int4_weights_without_zero_points": quantized and recipe.scheme.weight_dtype == "int4"
+        and recipe.scheme.weight_symmetric,
         "offline": not any(task.startswith("lm_eval:") for task in recipe.evaluation.tasks),
     }

@@ -32,7 +32,7 @@ def evaluate_model(
     top-k next-token log-probs on the texts there.
     divergence_against: such a saved reference: compare this (quantized) model with it.
     """
-    engine.prepare_environment(engine_options.get("offline", True))
+    engine.prepare_environment(engine_options)
     import lm_eval
 
     model = _lm_eval_model(model_dir, engine_options)

@@ -44,7 +44,7 @@ def _generate_transformers(model_dir: str, prompts: list[str], max_new_tokens: i
 
 def generate(model_dir: str, prompts: list[str], max_new_tokens: int, engine_options: dict, out_dir: str) -> dict:
     """Child-process job: returns load time, throughput and the completions (also in generations.json)."""
-    engine.prepare_environment(engine_options.get("offline", True))
+    engine.prepare_environment(engine_options)
     engine_name = engine_options.get("engine", "vllm")
     run = _generate_transformers if engine_name == "transformers" else _generate_vllm
     started = time.perf_counter()
