@@ -19,6 +19,7 @@ from pipeline.rundir import atomic_write_json, tree_digest
 from pipeline.stages import divergence
 from pipeline.worker import call_isolated
 
+
 def evaluate_model(
     model_dir: str, tasks: dict[str, int | None], engine_options: dict, score_texts: list[list[str]] | None = None,
     divergence_reference: dict | None = None, divergence_against: str | None = None,
@@ -254,8 +255,8 @@ def evaluate(
         evaluation["divergence"] = {
             **divergence_figures, "text": spec.divergence_text, "limit": spec.divergence_limit,
             "base_reference_cached": not build_reference,
-            "method": f"{engine_name} top-{divergence.TOP_K} next-token log-probs of both models; KL over the tokens "
-                      "both lists hold + one rest-of-vocabulary bucket (a lower bound of the full KL)",
+            "method": f"{engine_name} top-{divergence.TOP_K} next-token log-probs of both models; KL is the larger "
+                      "of two lower bounds of the full-vocabulary KL (see metrics.topk_token_kl)",
         }
         timings["token divergence: quantized"] = divergence_figures["seconds"]
     evaluation["timings_s"] = timings
