@@ -139,6 +139,11 @@ def fp8_too_slow_on_this_cpu() -> bool:
     return "amx_tile" in flags and "amx_fp8" not in flags
 
 
+def fp8_activations_too_slow(spec: SchemeSpec) -> bool:
+    """vLLM CPU on this machine: FP8 W8A8 (named or explicit) runs, but too slowly to serve."""
+    return spec.activation_dtype == "fp8_e4m3" and fp8_too_slow_on_this_cpu()
+
+
 def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Support:
     """Can `engine` serve `scheme`? Unknown pairs are refused, never guessed.
 
@@ -153,8 +158,7 @@ def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Supp
             pass
     table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
     entry = table.get(scheme, {}).get(engine)
-    if entry is not None and entry.supported and engine == "vllm-cpu" and scheme == "ptpc_fp8" \
-            and fp8_too_slow_on_this_cpu():
+    if entry is not None and entry.supported and engine == "vllm-cpu" and fp8_activations_too_slow(SCHEMES[scheme]):
         return SLOW_CPU_FP8
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
@@ -208,7 +212,7 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
         return Support(True, f"{quark_class}: {why}", PER_VLLM_DOCS)
     if spec.name in MEASURED_EXPLICIT_ON_CPU:
         return Support(True, MEASURED_EXPLICIT_ON_CPU[spec.name], MEASURED)
-    if spec.activation_dtype == "fp8_e4m3" and fp8_too_slow_on_this_cpu():
+    if fp8_activations_too_slow(spec):
         return SLOW_CPU_FP8
     if spec.activation_dtype == "fp8_e4m3" and spec.activation_granularity != "per_token":
         return Support(False, "no CPU kernel for per-tensor FP8 activations (_C::static_scaled_fp8_quant, "

@@ -11,11 +11,11 @@ memory with the other, which a 70B pair could not.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 from pipeline import corpora, engine, metrics
+from pipeline.rundir import atomic_write_bytes
 
 TOP_K = engine.MAX_LOGPROBS  # vLLM returns at most `max_logprobs` per position
 # Per paragraph: enough context for real next-token predictions, cheap on CPU.
@@ -69,35 +69,30 @@ def top_logprobs(lm, token_ids: list[list[int]], engine_name: str):
 def write_reference(lm, tokenizer, texts: list[str], max_model_len: int, engine_name: str, path: str) -> dict:
     """Base side: tokenize the held-out texts, save their token ids and the base's top-k (atomically)."""
     import numpy as np
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     started = time.perf_counter()
     max_tokens = min(MAX_TOKENS_PER_TEXT, max_model_len)
     token_ids = [ids for ids in (tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"] for text in texts)
                  if len(ids) >= 2]
     top_ids, top_values = top_logprobs(lm, token_ids, engine_name)
-    lengths = np.asarray([len(ids) for ids in token_ids], dtype=np.int64)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    save_file({
+    atomic_write_bytes(Path(path), save({
         "input_ids": np.concatenate([np.asarray(ids, dtype=np.int64) for ids in token_ids]),
-        "lengths": lengths, "top_ids": top_ids, "top_logprobs": top_values,
-    }, str(partial))
-    os.replace(partial, target)
+        "lengths": np.asarray([len(ids) for ids in token_ids], dtype=np.int64),
+        "top_ids": top_ids, "top_logprobs": top_values,
+    }))
     return {"texts": len(token_ids), "tokens": int(top_ids.shape[0]), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def compare_with_reference(lm, path: str, engine_name: str) -> dict:
     """Quantized side: top-k on the reference's token ids; KL and top-1 agreement vs the base."""
+    import numpy as np
     from safetensors.numpy import load_file
 
     started = time.perf_counter()
     reference = load_file(path)
     ends = reference["lengths"].cumsum()
     token_ids = [reference["input_ids"][end - length:end].tolist() for end, length in zip(ends, reference["lengths"])]
-    import numpy as np
-
     top_ids, top_values = top_logprobs(lm, token_ids, engine_name)
     # A broken export can give NaN log-probs: those tokens count as infinitely far from the base
     # (the gate then fails closed) instead of crashing the stage.
