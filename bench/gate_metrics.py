@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import metrics
+from pipeline.evidence import PerToken, perplexity_ratio_interval
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
@@ -62,51 +62,24 @@ def _default_run(workdir: Path) -> Path:
     return Path(lines[-1].removeprefix("run directory: "))
 
 
-def _half_width(samples: np.ndarray) -> float:
-    low, high = np.quantile(samples, [0.025, 0.975])
-    return float(high - low) / 2
-
-
-def _perplexity_noise(run_dir: Path, rng, resamples: int) -> tuple[int, float, float] | None:
-    """(paragraphs, measured ratio, bootstrap 95% half-width of the quantized/base word-perplexity ratio)."""
-    per_doc = {}
-    for role in ("base", "quantized"):
-        path = run_dir / "evaluate" / f"{role}-samples.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        per_doc[role] = {row["doc_id"]: row["value"] for row in rows if row["task"] == "wikipedia-heldout"}
-    docs = sorted(set(per_doc["base"]) & set(per_doc["quantized"]))
-    if not docs:
+def _perplexity_noise(run_dir: Path) -> tuple[int, float, float] | None:
+    """(documents, measured ratio, 95% half-width of the quantized/base word-perplexity ratio), as the gate computes it."""
+    interval = perplexity_ratio_interval(run_dir / "evaluate", "wikipedia-heldout", confidence=0.95)
+    if interval is None:
         return None
-    base = np.array([per_doc["base"][doc][0] for doc in docs])
-    quantized = np.array([per_doc["quantized"][doc][0] for doc in docs])
-    words = np.array([per_doc["base"][doc][1] for doc in docs])
-    ratio = lambda idx: math.exp((base[idx].sum() - quantized[idx].sum()) / words[idx].sum())  # noqa: E731
-    draws = [ratio(rng.integers(0, len(docs), len(docs))) for _ in range(resamples)]
-    return len(docs), ratio(np.arange(len(docs))), _half_width(np.array(draws))
+    return interval.samples, interval.figure, (interval.high - interval.low) / 2
 
 
-def _divergence_noise(run_dir: Path, rng, resamples: int) -> dict | None:
-    """Bootstrap over held-out paragraphs (tokens of one paragraph are not independent)."""
-    path = run_dir / "evaluate" / "divergence-per-token.json"
-    if not path.is_file():
+def _divergence_noise(run_dir: Path) -> dict | None:
+    """Bootstrap over held-out paragraphs (tokens of one paragraph are not independent), as the gate computes it."""
+    per_token = PerToken.load(run_dir / "evaluate")
+    if per_token is None:
         return None
-    per_token = json.loads(path.read_text())
-    kl = np.array([math.inf if value is None else value for value in per_token["kl"]])
-    agree = np.array(per_token["top1_agree"], dtype=float)
-    bounds = np.cumsum([0, *per_token["positions_per_text"]])
-    paragraphs = [(start, stop) for start, stop in zip(bounds, bounds[1:])]
-    kl_sums = np.array([kl[start:stop].sum() for start, stop in paragraphs])
-    agree_sums = np.array([agree[start:stop].sum() for start, stop in paragraphs])
-    counts = np.array([stop - start for start, stop in paragraphs])
-    kl_draws, agree_draws = [], []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(paragraphs), len(paragraphs))
-        kl_draws.append(kl_sums[idx].sum() / counts[idx].sum())
-        agree_draws.append(agree_sums[idx].sum() / counts[idx].sum())
+    kl, top1 = per_token.mean_kl_interval(confidence=0.95), per_token.top1_interval(confidence=0.95)
     return {
-        "paragraphs": len(paragraphs), "tokens": int(counts.sum()),
-        "mean_kl": float(kl.mean()), "mean_kl_half_width": _half_width(np.array(kl_draws)),
-        "top1": float(agree.mean()), "top1_half_width": _half_width(np.array(agree_draws)),
+        "paragraphs": kl.samples, "tokens": int(sum(per_token.positions_per_text)),
+        "mean_kl": kl.figure, "mean_kl_half_width": (kl.high - kl.low) / 2,
+        "top1": top1.figure, "top1_half_width": (top1.high - top1.low) / 2,
     }
 
 
@@ -115,7 +88,6 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, help="a finished run of a tiny recipe (default: run the default recipe)")
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 
@@ -131,11 +103,11 @@ def main() -> None:
             print(f"  (base model figures of {', '.join(cached)} came from the baseline cache)")
 
         print("\n== smallest change each metric tells from noise at the default sample sizes (95% interval half-width)")
-        perplexity = _perplexity_noise(run_dir, rng, args.resamples)
+        perplexity = _perplexity_noise(run_dir)
         if perplexity:
             docs, ratio, half = perplexity
             print(f"  perplexity ratio, {docs} paragraphs: measured {ratio:.4f} +/- {half:.4f}")
-        divergence = _divergence_noise(run_dir, rng, args.resamples)
+        divergence = _divergence_noise(run_dir)
         if divergence:
             print(f"  mean KL, {divergence['tokens']} tokens in {divergence['paragraphs']} paragraphs: "
                   f"measured {divergence['mean_kl']:.4f} +/- {divergence['mean_kl_half_width']:.4f} nats")

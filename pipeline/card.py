@@ -53,9 +53,11 @@ def _results_table(task_results: list[dict]) -> list[str]:
 
 
 def serve_snippet(model: str, kv_cache: str | None) -> str:
-    """The vLLM call that loads this checkpoint; Quark's config.json entry needs quantization="quark"."""
+    """The vLLM call that loads this checkpoint; Quark's config.json entry needs quantization="quark".
+    A relative `model` (a folder target) gets a comment saying where it must point."""
     kv = f', kv_cache_dtype="{kv_cache}"' if kv_cache else ""
-    return f'llm = LLM(model="{model}", quantization="quark"{kv})'
+    where = "  # the folder of this README, wherever it was copied" if model.startswith("./") else ""
+    return f'llm = LLM(model="{model}", quantization="quark"{kv}){where}'
 
 
 def build_model_card(

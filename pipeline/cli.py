@@ -25,6 +25,17 @@ def _fail(exc: PipelineError) -> None:
     sys.exit(exc.exit_code)
 
 
+MLFLOW_OPTION = click.option(
+    "--mlflow", "to_mlflow", is_flag=True,
+    help="Also log the gated run to MLflow (as `report_to: [mlflow]` in the recipe does).",
+)
+JUNIT_OPTION = click.option(
+    "--junit-xml", "junit_path", type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the gate as JUnit XML: one test case per rule (failure: figure vs threshold; "
+         "inconclusive: skipped, with the reason).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantize-pipeline")
 def main() -> None:
@@ -77,8 +88,10 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print events as JSON, one object per line (stage start/end/reuse, progress, a final result); "
                    "human text goes to stderr.")
+@JUNIT_OPTION
+@MLFLOW_OPTION
 def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
-        new_run: bool, quiet: bool, as_json: bool) -> None:
+        new_run: bool, quiet: bool, as_json: bool, junit_path: Path | None, to_mlflow: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
@@ -118,17 +131,44 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path
     except PipelineError as exc:
         if bars is not None:
             bars.close()
+        _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
         if as_json:
             _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
         _fail(exc)
     if bars is not None:
         bars.close()
+    _report_elsewhere(result.run_dir, junit_path, to_mlflow)
     if as_json:
         _print_event(_result_event(result.run_dir, 0, published=result.published_to, verdict=result.verdict))
         return
     click.echo(f"gate: {result.verdict}")
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"published: {result.published_to or 'no publish target in the recipe'}")
+
+
+def _report_elsewhere(run_dir: Path | None, junit_path: Path | None, to_mlflow: bool) -> None:
+    """JUnit XML and MLflow, when the run reached its gate (nothing to report otherwise)."""
+    if run_dir is None or not (run_dir / "report.json").is_file():
+        return
+    import json
+
+    import yaml
+
+    report = json.loads((run_dir / "report.json").read_text())
+    if junit_path is not None:
+        from pipeline.junit import write_junit
+
+        write_junit(report, junit_path)
+    recipe_data = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    if to_mlflow or "mlflow" in (recipe_data or {}).get("report_to", ()):
+        from pipeline.mlflow_report import log_run
+
+        try:
+            logged = log_run(run_dir, report, recipe_data or {})
+        except PipelineError as exc:  # the gate's verdict and exit code stand; the missing report is said
+            click.echo(f"error: mlflow: {exc.one_line()}", err=True)
+            return
+        click.echo(f"mlflow: run {logged['run_id']} in {logged['tracking_uri']}", err=True)
 
 
 def _print_event(event: dict) -> None:
@@ -139,14 +179,18 @@ def _print_event(event: dict) -> None:
 
 def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None, verdict: str | None = None,
                   error: str | None = None) -> dict:
-    """The last event of `run --json`: the verdict (from report.json when the run reached its gate)."""
+    """The last event of `run --json`: the verdict and, per rule, figure, interval, threshold, state and
+    samples used (from report.json when the run reached its gate)."""
     import json
 
+    report_path = run_dir / "report.json" if run_dir is not None else None
+    report = json.loads(report_path.read_text()) if report_path is not None and report_path.is_file() else {}
     if verdict is None:
-        report = run_dir / "report.json" if run_dir is not None else None
-        verdict = json.loads(report.read_text()).get("verdict") if report is not None and report.is_file() else "not reached"
+        verdict = report.get("verdict", "not reached")
+    rule_keys = ("rule", "state", "figure", "interval", "threshold", "samples", "unit", "more_samples_to_decide")
+    rules = [{key: rule.get(key) for key in rule_keys} for rule in report.get("rules", [])]
     return {"event": "result", "verdict": verdict, "run_dir": str(run_dir) if run_dir else None, "exit_code": exit_code,
-            "published": published, "error": error}
+            "published": published, "error": error, "rules": rules}
 
 
 @main.command()
@@ -179,7 +223,16 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
         click.echo(f"  {count:5d} layers: {scheme}")
     click.echo(f"export size: {result.export_size_bytes / gib:.1f} GiB "
                f"({result.export_size_bytes / result.base_size_bytes:.2f} of {result.base_size_bytes / gib:.1f} GiB base)")
-    click.echo(f"quantize peak memory (estimate): {result.quantize_peak_bytes / gib:.1f} GiB")
+    click.echo(f"quantize on {result.device}, mode {result.mode} ({result.mode_reason})")
+    for mode, peaks in result.quantize_peaks.items():
+        on_device = f", accelerator {peaks['device'] / gib:.1f} GiB" if peaks["device"] else ""
+        chosen = "  <- chosen" if mode == result.mode else ""
+        click.echo(f"  {mode:9s} peak memory (estimate): host {peaks['host'] / gib:.1f} GiB{on_device}{chosen}")
+    click.echo(f"quantize peak memory (estimate): {result.quantize_peak_bytes / gib:.1f} GiB host "
+               f"(budget {result.host_budget_bytes / gib:.1f} GiB)")
+    if result.quantize_peak_bytes > result.host_budget_bytes:
+        click.echo(f"WARNING: even the {result.mode} estimate exceeds the host budget: fewer calibration samples "
+                   "or shorter ones (calibration.samples, max_seq_len) shrink the hidden states kept between layers")
     for engine_name, entry in result.engines.items():
         mark = "yes" if entry.supported else "NO "
         here = "  <- installed" if engine_name == result.installed_engine else ""
@@ -293,6 +346,9 @@ def schemes() -> None:
     for name in compat.MEASURED_EXPLICIT_ON_CPU:
         table.add_row(name, get_scheme(name).description,
                       *cells(lambda engine, name=name: compat.support(name, engine)))
+    for (quant_method, name), entries in compat.FORMAT_SUPPORT.items():
+        table.add_row(f"{quant_method} {compat.FORMAT_NAMES[quant_method][name]}", get_scheme(name).description,
+                      *cells(lambda engine, entries=entries: entries[engine]))
     for kv_cache in compat.KV_CACHE_SUPPORT:
         table.add_row(f"kv_cache: {kv_cache}", "Quark kv_cache_group: fp8 scales on k_proj/v_proj outputs; "
                       "combines with any scheme above",
@@ -314,15 +370,34 @@ def schemes() -> None:
               help="Recipe whose scheme, evaluation and gates apply (default: scheme read from the export, default gates).")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True)
 @click.option("--refresh-baseline", is_flag=True, help="Re-evaluate the base model instead of using its cached figures.")
-def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_dir: Path, refresh_baseline: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON, one object per line (as `run --json`).")
+@click.option("--baseline", "baselines", multiple=True, metavar="bnb-int8|bnb-nf4|FOLDER",
+              help="An evaluation-only column beside the export (repeatable; added to the recipe's `baselines`): "
+                   "bitsandbytes int8 / NF4 of the base model, or an existing checkpoint folder.")
+@JUNIT_OPTION
+@MLFLOW_OPTION
+def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_dir: Path, refresh_baseline: bool,
+          as_json: bool, baselines: tuple[str, ...], junit_path: Path | None, to_mlflow: bool) -> None:
     """Gate an export made elsewhere: verify -> serve -> evaluate -> gate, same rules and exit codes as `run`."""
     from pipeline import runner
+    from pipeline.events import no_events
+
+    def say(line: str) -> None:
+        click.echo(line, err=as_json)
 
     try:
-        result = runner.check(export_dir, base_source, recipe_path, output_root=output_dir, say=click.echo,
-                              refresh_baseline=refresh_baseline)
+        result = runner.check(export_dir, base_source, recipe_path, output_root=output_dir, say=say,
+                              refresh_baseline=refresh_baseline, emit=_print_event if as_json else no_events,
+                              baselines=baselines)
     except PipelineError as exc:
+        _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
+        if as_json:
+            _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
         _fail(exc)
+    _report_elsewhere(result.run_dir, junit_path, to_mlflow)
+    if as_json:
+        _print_event(_result_event(result.run_dir, 0, published=None, verdict=result.verdict))
+        return
     click.echo(f"gate: {result.verdict}")
     click.echo(f"run directory: {result.run_dir}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
+from pipeline.compute_dtype import cpu_flags
 from pipeline.schemes import SCHEMES, SchemeSpec, get_scheme
 
 VLLM_ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
@@ -113,18 +114,6 @@ def kv_cache_support(kv_cache: str | None, engine: str) -> Support:
     return entry or Support(False, f"kv_cache {kv_cache} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 
-def cpu_flags() -> set[str]:
-    """This machine's CPU feature flags (Linux /proc/cpuinfo; empty elsewhere). No torch import."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 # Measured on an AMX CPU without AMX-FP8 (Sapphire Rapids class): vLLM 0.32 serves FP8 W8A8 with
 # per-token activations through ChannelWiseTorchFP8ScaledMMLinearKernel (torch._scaled_mm), at about
 # one generated token a minute on SmolLM2-135M; its own AMX-FP8 kernel needs Diamond Rapids.
@@ -134,14 +123,48 @@ SLOW_CPU_FP8 = Support(
 )
 
 
-def fp8_too_slow_on_this_cpu() -> bool:
+# On CPUs without AVX-512 (AVX2 only) the pipeline computes in float32 and vLLM's FP8 W8A8 CPU path was
+# not measured: refused for vLLM (never guessed), evaluated by transformers.
+UNMEASURED_CPU_FP8 = Support(
+    False, "FP8 W8A8 in vLLM 0.32's CPU build was not measured on a CPU without AVX-512 (this one: AVX2, float32 "
+    "compute); on an AMX CPU without AMX-FP8 it ran at ~1 token/minute; use engine: auto (transformers evaluates it)",
+    MEASURED,
+)
+
+
+def cpu_fp8_refusal() -> Support | None:
+    """Why vLLM's CPU build should not serve FP8 activations on this CPU (None: it may)."""
     flags = cpu_flags()
-    return "amx_tile" in flags and "amx_fp8" not in flags
+    if "amx_fp8" in flags:
+        return None
+    if "amx_tile" in flags:
+        return SLOW_CPU_FP8
+    return None if "avx512f" in flags else UNMEASURED_CPU_FP8
 
 
-def fp8_activations_too_slow(spec: SchemeSpec) -> bool:
-    """vLLM CPU on this machine: FP8 W8A8 (named or explicit) runs, but too slowly to serve."""
-    return spec.activation_dtype == "fp8_e4m3" and fp8_too_slow_on_this_cpu()
+# Measured on an AVX2-only EPYC (2026-12-02): serving a QuarkW4A16Int4 export failed at load with
+# "'_C' object has no attribute 'cpu_gemm_wna16'": vllm-cpu 0.32 builds its int4 weight-only GEMM only
+# for AVX-512 CPUs. Passed on AVX-512/AMX machines (tests/test_schemes_end_to_end.py).
+NO_CPU_WNA16 = Support(
+    False, "vLLM 0.32's CPU build has no int4 weight-only kernel on this CPU (AVX2 only: _C.cpu_gemm_wna16 "
+    "is missing, measured); use engine: auto (transformers evaluates it)", MEASURED,
+)
+
+
+def cpu_wna16_refusal(spec: SchemeSpec) -> Support | None:
+    """Why vLLM's CPU build cannot serve int4/uint4 weight-only layers here (None: it can)."""
+    if spec.activation_dtype is None and spec.weight_dtype in ("int4", "uint4") and "avx512f" not in cpu_flags():
+        return NO_CPU_WNA16
+    return None
+
+
+def fp8_too_slow_on_this_cpu() -> bool:
+    return cpu_fp8_refusal() is not None
+
+
+def vllm_cpu_refusal(spec: SchemeSpec) -> Support | None:
+    """Why vLLM's CPU build on this CPU should not serve a layout its loader takes (None: it may)."""
+    return cpu_wna16_refusal(spec) or (cpu_fp8_refusal() if spec.activation_dtype == "fp8_e4m3" else None)
 
 
 def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Support:
@@ -158,8 +181,8 @@ def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Supp
             pass
     table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
     entry = table.get(scheme, {}).get(engine)
-    if entry is not None and entry.supported and engine == "vllm-cpu" and fp8_activations_too_slow(SCHEMES[scheme]):
-        return SLOW_CPU_FP8
+    if entry is not None and entry.supported and engine == "vllm-cpu" and (refusal := vllm_cpu_refusal(SCHEMES[scheme])):
+        return refusal
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 
@@ -210,10 +233,10 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
         return Support(False, f"vLLM's Quark loader: {why}", PER_VLLM_DOCS)
     if engine != "vllm-cpu":
         return Support(True, f"{quark_class}: {why}", PER_VLLM_DOCS)
+    if refusal := vllm_cpu_refusal(spec):
+        return refusal
     if spec.name in MEASURED_EXPLICIT_ON_CPU:
         return Support(True, MEASURED_EXPLICIT_ON_CPU[spec.name], MEASURED)
-    if fp8_activations_too_slow(spec):
-        return SLOW_CPU_FP8
     if spec.activation_dtype == "fp8_e4m3" and spec.activation_granularity != "per_token":
         return Support(False, "no CPU kernel for per-tensor FP8 activations (_C::static_scaled_fp8_quant, "
                        "measured with fp8; dynamic per-tensor not measured)", MEASURED)
@@ -238,3 +261,24 @@ def installed_vllm_engine() -> str | None:
     if "cpu" in version:
         return "vllm-cpu"
     return "vllm-cuda"
+
+
+# Checkpoints in other formats (`check` on them; pipeline.formats reads their configs): vLLM serves
+# them through its own loader for that format, so support is per (format, scheme).
+# The vllm-cpu entries were measured here (tests/test_formats_real.py builds them with compressed-tensors).
+PER_CT_DOCS = "per compressed-tensors docs"
+FORMAT_SUPPORT: dict[tuple[str, str], dict[str, Support]] = {
+    ("compressed-tensors", "int8_per_channel"): {
+        "vllm-cuda": Support(True, "CompressedTensorsW8A8Int8, sm75+", PER_VLLM_DOCS),
+        "vllm-rocm": Support(True, "CompressedTensorsW8A8Int8", PER_VLLM_DOCS),
+        "vllm-cpu": Support(True, "CompressedTensorsW8A8Int8 on CPUInt8ScaledMMLinearKernel (llm-compressor's W8A8)", MEASURED),
+        TRANSFORMERS: Support(True, "compressed-tensors decompresses to the model dtype on load", PER_CT_DOCS),
+    },
+    ("compressed-tensors", "int4_wo_64"): {
+        "vllm-cuda": Support(True, "CompressedTensorsWNA16 (Marlin), sm80+", PER_VLLM_DOCS),
+        "vllm-rocm": Support(True, "CompressedTensorsWNA16", PER_VLLM_DOCS),
+        "vllm-cpu": Support(True, "CompressedTensorsWNA16 on CPUWNA16LinearKernel (pack-quantized W4A16, groups of 64)", MEASURED),
+        TRANSFORMERS: Support(True, "compressed-tensors decompresses to the model dtype on load", PER_CT_DOCS),
+    },
+}
+FORMAT_NAMES = {"compressed-tensors": {"int8_per_channel": "W8A8", "int4_wo_64": "W4A16 (group 64)"}}

@@ -8,7 +8,8 @@ Every event is a plain dict with an "event" key:
     stage_reused  {stage}                                  kept from an earlier run (resume)
     stage_failed  {stage, exit_code, message}
     progress      {stage, task, completed, total, label?}  a child's progress bar (Quark, vLLM, lm-eval)
-    result        {verdict, run_dir, exit_code, published, error}   last, from the CLI
+    result        {verdict, run_dir, exit_code, published, error, rules}   last, from the CLI (rules: per rule
+                  state, figure, interval, threshold, samples, unit, more_samples_to_decide)
 
 Stages that run in a child process write their output to a log file, so their progress takes
 another way: the parent names a file in QP_PROGRESS_FILE, the child appends one JSON line per
@@ -77,16 +78,7 @@ class ProgressFile:
 
 def report_progress(task: str, completed: float, total: float | None) -> None:
     """Child side: append one progress line (no-op unless the parent asked for progress)."""
-    path = os.environ.get(PROGRESS_FILE_ENV)
-    if not path:
-        return
-    line = json.dumps({"event": "progress", "task": task, "completed": completed, "total": total}) + "\n"
-    try:
-        # One short write in append mode: lines from several processes do not interleave.
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-    except OSError:
-        pass
+    report_event({"event": "progress", "task": task, "completed": completed, "total": total})
 
 
 def _report_bar(bar, *, final: bool) -> None:
@@ -129,3 +121,16 @@ def install_tqdm_reporter() -> None:
         return original_close(self)
 
     std.tqdm.update, std.tqdm.close, std.tqdm._qp_reporting = update, close, True
+
+
+def report_event(event: dict) -> None:
+    """Child side: pass one event (e.g. engine_start) to the parent's event stream, as progress lines travel."""
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return
+    try:
+        # One short write in append mode: lines from several processes do not interleave.
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event) + "\n")
+    except OSError:
+        pass

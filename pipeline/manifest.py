@@ -55,6 +55,27 @@ class Manifest:
         self.data[key] = value
         self.save()
 
+    @property
+    def base_model(self) -> dict:
+        return self.data["base_model"]
+
+    @property
+    def packages(self) -> dict[str, str]:
+        return self.data["packages"]
+
+    def engine_name(self, default: str) -> str:
+        """The engine the run used (runs from before it was recorded: `default`)."""
+        return (self.data.get("engine") or {}).get("name", default)
+
+    def record_reused(self, stage: str, record: dict) -> None:
+        """A stage kept from an earlier run (--resume): its record, marked reused."""
+        self.data["stages"][stage] = {**record, "reused": True}
+        self.save()
+
+    def record_error(self, stage: str | None, message: str, exit_code: int) -> None:
+        self.data["error"] = {"stage": stage, "message": message, "exit_code": exit_code}
+        self.save()
+
     def record_stage(self, stage: str, record: dict, folder: str | None) -> None:
         if folder and (self.run_dir / folder).is_dir():
             outputs = {f"{folder}/{name}": digest for name, digest in hash_tree(self.run_dir / folder).items()}

@@ -81,7 +81,8 @@ def paired_accuracy_comparison(
 
     Returns base_accuracy, quantized_accuracy, recovery (quantized / base, None
     when base is 0), accuracy_drop (base - quantized), drop_ci_low/drop_ci_high
-    (percentile bootstrap interval of the drop at `confidence`), b (base right,
+    (percentile bootstrap interval of the drop at `confidence`), recovery_ci_low/
+    recovery_ci_high (the same for the recovery, from the same resamples), both_right, b (base right,
     quantized wrong), c (base wrong, quantized right), n (b + c),
     mcnemar_p_value, questions, confidence, bootstrap_samples.
     """
@@ -93,27 +94,49 @@ def paired_accuracy_comparison(
         )
     if len(base) == 0:
         raise ValueError("no questions to compare")
+    questions = len(base)
+    b = int(np.sum((base == 1.0) & (quantized == 0.0)))
+    c = int(np.sum((base == 0.0) & (quantized == 1.0)))
+    both_right = int(np.sum((base == 1.0) & (quantized == 1.0)))
+    return paired_comparison_from_counts(
+        both_right, b, c, questions - both_right - b - c,
+        confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed,
+    )
+
+
+def paired_comparison_from_counts(
+    both_right: int, b: int, c: int, both_wrong: int, *,
+    confidence: float = 0.95, bootstrap_samples: int = 2000, seed: int = 0,
+) -> dict:
+    """paired_accuracy_comparison from the four paired counts alone.
+
+    The counts are sufficient statistics of paired right/wrong outcomes, so the gate can
+    redo the intervals at its own (per-look) confidence from a report's counts without
+    the per-question files. Adds recovery_ci_low/recovery_ci_high (None when the base
+    got nothing right).
+    """
+    if min(both_right, b, c, both_wrong) < 0:
+        raise ValueError(f"paired counts must be non-negative, got {(both_right, b, c, both_wrong)}")
+    questions = both_right + b + c + both_wrong
+    if questions == 0:
+        raise ValueError("no questions to compare")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if bootstrap_samples < 1:
         raise ValueError(f"bootstrap_samples must be >= 1, got {bootstrap_samples}")
-
-    questions = len(base)
-    b = int(np.sum((base == 1.0) & (quantized == 0.0)))
-    c = int(np.sum((base == 0.0) & (quantized == 1.0)))
-    base_accuracy = float(base.mean())
-    quantized_accuracy = float(quantized.mean())
-    drop_ci_low, drop_ci_high = _bootstrap_drop_interval(questions, b, c, confidence, bootstrap_samples, seed)
+    base_accuracy = (both_right + b) / questions
+    quantized_accuracy = (both_right + c) / questions
+    intervals = _bootstrap_paired_intervals((both_right, b, c, both_wrong), confidence, bootstrap_samples, seed)
     return {
         "questions": questions,
         "base_accuracy": base_accuracy,
         "quantized_accuracy": quantized_accuracy,
         "recovery": quantized_accuracy / base_accuracy if base_accuracy > 0 else None,
         "accuracy_drop": base_accuracy - quantized_accuracy,
-        "drop_ci_low": drop_ci_low,
-        "drop_ci_high": drop_ci_high,
+        **intervals,
         "confidence": confidence,
         "bootstrap_samples": bootstrap_samples,
+        "both_right": both_right,
         "b": b,
         "c": c,
         "n": b + c,
@@ -121,24 +144,74 @@ def paired_accuracy_comparison(
     }
 
 
-def _bootstrap_drop_interval(
-    questions: int, b: int, c: int, confidence: float, samples: int, seed: int
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the accuracy drop, resampling question indices.
+def _bootstrap_paired_intervals(counts: tuple[int, int, int, int], confidence: float, samples: int, seed: int) -> dict:
+    """Percentile bootstrap intervals of the accuracy drop and of the recovery, resampling questions.
 
-    Each question contributes +1 (base right, quantized wrong), -1 (the reverse)
-    or 0 to the drop, so resampling `questions` indices with replacement is
-    exactly a multinomial draw of how many of each kind land in the resample.
-    Drawing those counts gives the same distribution as materialising the
-    samples x questions index matrix, in O(samples) memory instead.
+    A question is one of four kinds (both right, base only, quantized only, both wrong),
+    so resampling `questions` indices with replacement is exactly a multinomial draw of
+    how many of each kind land in the resample: the same distribution as materialising
+    the samples x questions index matrix, in O(samples) memory instead.
     """
+    questions = sum(counts)
     rng = np.random.default_rng(seed)
-    shares = np.array([b, c, questions - b - c], dtype=float) / questions
-    counts = rng.multinomial(questions, shares, size=samples)
-    drops = (counts[:, 0] - counts[:, 1]) / questions
+    draws = rng.multinomial(questions, np.array(counts, dtype=float) / questions, size=samples)
+    both_right, base_only, quantized_only = draws[:, 0], draws[:, 1], draws[:, 2]
+    drops = (base_only - quantized_only) / questions
     alpha = 1.0 - confidence
-    low, high = np.quantile(drops, [alpha / 2, 1.0 - alpha / 2])
-    return float(low), float(high)
+    quantiles = [alpha / 2, 1.0 - alpha / 2]
+    drop_low, drop_high = np.quantile(drops, quantiles)
+    recovery_low = recovery_high = None
+    if counts[0] + counts[1] > 0:
+        base_right = both_right + base_only
+        # A resample in which the base got nothing right has no recovery: it counts as the worst case (0).
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recoveries = np.where(base_right > 0, (both_right + quantized_only) / np.maximum(base_right, 1), 0.0)
+        recovery_low, recovery_high = (float(value) for value in np.quantile(recoveries, quantiles))
+    return {
+        "drop_ci_low": float(drop_low), "drop_ci_high": float(drop_high),
+        "recovery_ci_low": recovery_low, "recovery_ci_high": recovery_high,
+    }
+
+
+def cluster_ratio_interval(
+    numerators, denominators, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0,
+) -> tuple[float, float, float]:
+    """(sum(numerators) / sum(denominators), percentile bootstrap interval) resampling whole clusters.
+
+    One cluster per document or paragraph: the tokens of one paragraph are correlated
+    (one hard passage moves all its tokens), so resampling tokens would claim far too
+    narrow an interval. Used for mean KL (per-paragraph KL sums / tokens), top-1
+    agreement (agreeing tokens / tokens) and the log word-perplexity ratio
+    ((base loglik - quantized loglik) / words per document).
+    """
+    sums = np.asarray(numerators, dtype=np.float64)
+    counts = np.asarray(denominators, dtype=np.float64)
+    if sums.ndim != 1 or sums.shape != counts.shape or sums.size == 0:
+        raise ValueError(f"need one numerator per denominator, got shapes {sums.shape} and {counts.shape}")
+    if (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError("denominators must be non-negative with a positive total")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    clusters = sums.size
+    rng = np.random.default_rng(seed)
+    # How often each cluster lands in each resample: the same as drawing indices, in O(resamples x clusters).
+    weights = rng.multinomial(clusters, np.full(clusters, 1.0 / clusters), size=resamples).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        draws = (weights @ sums) / (weights @ counts)
+    draws = draws[~np.isnan(draws)]  # a resample of only empty clusters has no ratio
+    alpha = 1.0 - confidence
+    low, high = np.quantile(draws, [alpha / 2, 1.0 - alpha / 2])
+    return float(sums.sum() / counts.sum()), float(low), float(high)
+
+
+def cluster_sums(per_item_values, items_per_cluster) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the values, item count) per cluster, from a flat per-token array and the cluster lengths."""
+    values = np.asarray(per_item_values, dtype=np.float64)
+    lengths = np.asarray(items_per_cluster, dtype=np.int64)
+    if lengths.sum() != values.size or (lengths < 0).any():
+        raise ValueError(f"cluster lengths sum to {int(lengths.sum())}, not to the {values.size} values")
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return np.array([values[start:stop].sum() for start, stop in zip(bounds, bounds[1:])]), lengths.astype(np.float64)
 
 
 # --- next-token distributions ----------------------------------------------
@@ -218,8 +291,9 @@ def token_divergence(base_logprobs, quantized_logprobs) -> dict:
 
 
 def rounded(value: float | None, digits: int = 4) -> float | None:
-    """For report text: None stays None."""
-    return None if value is None else round(float(value), digits)
+    """For report text, to `digits` significant digits (138.5, 0.03246): report.json keeps the full figures.
+    None stays None."""
+    return None if value is None else float(f"{float(value):.{digits}g}")
 
 
 def divergence_summary(per_token_kl, top1_agree) -> dict:

@@ -24,7 +24,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("QP_CACHE_DIR", Path.home() / ".cache" / "quantize-pipeline")).expanduser()
 
 
-def builtin_model_dir(name: str, dtype: str = "bfloat16") -> Path:
+def builtin_model_dir(name: str, dtype: str) -> Path:
     return cache_root() / "models" / f"{name}-{dtype}"
 
 
@@ -45,7 +45,7 @@ def builtin_gguf_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / gguf_file
 
 
-def gguf_model_dir(gguf_path: Path, dtype: str = "bfloat16") -> Path:
+def gguf_model_dir(gguf_path: Path, dtype: str) -> Path:
     """Cache folder for a user's GGUF file, keyed by its path, size and mtime, and the target dtype."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -8,15 +8,24 @@ engine will serve it (or why none can).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import checks, compat, layers
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, streaming_refusal
 from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 EXPERT_MARKERS = (".experts.",)
+DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
+# RSS of torch + transformers + Quark imported, before any weight (bench/memory_scaling.py: ~0.8 GiB).
+LIBRARY_OVERHEAD_BYTES = int(0.8 * 2**30)
+STREAMING_SHARD_BYTES = 2**30
+IN_MEMORY_FACTOR = 2.0  # in-memory quantize peak / checkpoint size (measured, see quantize_peaks)  # stages/stream_quantize.py writes shards of at most this size
+# Shipped config.json files for Hub models (offline planning): recipes/model-configs/index.json.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "model-configs"
 
 
 @dataclass
@@ -28,6 +37,11 @@ class Plan:
     quantize_peak_bytes: int
     engines: dict[str, compat.Support] = field(default_factory=dict)
     installed_engine: str | None = None
+    device: str = "cpu"  # torch device type the quantize stage uses
+    mode: str = "in_memory"  # quantization mode chosen (quantization.mode, auto resolved)
+    mode_reason: str = ""
+    quantize_peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # mode -> {"host", "device"} bytes
+    host_budget_bytes: int = 0
 
     @property
     def counts(self) -> Counter:
@@ -87,8 +101,18 @@ def _quantized_bytes(spec: SchemeSpec, shape: tuple[int, ...]) -> int:
     return weight + scales * 2 + zero_points
 
 
-def meta_model_layers(config_path: Path, trust_remote_code: bool = False) -> tuple[dict[str, tuple[int, ...]], int]:
-    """(quantizable layer -> 2-D weight shape, total parameter count) of a model built on the meta device."""
+@dataclass(frozen=True)
+class MetaModel:
+    """What planning needs of a model, read from a meta-device build (no weights)."""
+
+    linear: dict[str, tuple[int, ...]]  # quantizable layer -> 2-D weight shape
+    total_params: int
+    largest_block_params: int  # the biggest decoder layer: what streaming holds at once
+    embedding_params: int  # embeddings (and an untied lm_head): streamed at the start and the end
+    hidden_size: int
+
+
+def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,38 +128,143 @@ def meta_model_layers(config_path: Path, trust_remote_code: bool = False) -> tup
                 linear[name] = tuple(parameter.shape)
             elif parameter.ndim == 3:  # fused MoE experts [experts, out, in] (transformers 5)
                 linear[f"{name}.{parameter_name}"] = (parameter.shape[0] * parameter.shape[1], parameter.shape[2])
-    # Tied weights (lm_head = embed_tokens) are stored once.
-    total = sum(parameter.numel() for parameter in model.parameters())
-    return linear, total
+    blocks: Counter = Counter()
+    for name, parameter in model.named_parameters():  # tied weights (lm_head = embed_tokens) are listed once
+        match = DECODER_LAYER.search(name)
+        if match:
+            blocks[match.group(1)] += parameter.numel()
+    embedding = model.get_input_embeddings().weight.numel()
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        embedding = max(embedding, output.weight.numel())
+    return MetaModel(
+        linear=linear, total_params=sum(parameter.numel() for parameter in model.parameters()),
+        largest_block_params=max(blocks.values(), default=0), embedding_params=embedding,
+        hidden_size=config.get_text_config().hidden_size,
+    )
 
 
-def make_plan(recipe: Recipe, config_path: Path) -> Plan:
-    from pipeline.runner import STAGES
+def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, dict[str, int]]:
+    """Estimated peak bytes of the quantize stage per mode, on the host and on the accelerator.
 
-    linear, total_params = meta_model_layers(config_path, recipe.model.trust_remote_code)
+    in_memory: Quark holds the whole model in its dtype, its quantized copies, observers and activations:
+    about twice the checkpoint (bench/memory_scaling.py measured 1.7x on a 1B shape, 2.1x on 3B), on the
+    host or spread over the GPUs. streaming: one decoder layer (its weights and the
+    quantized copy) or the embedding matrix, the calibration hidden states at the layer boundary in the
+    model dtype (updated in place, batch by batch), the output shard being filled, plus the libraries'
+    fixed overhead. bench/memory_scaling.py compares both with measured peaks.
+    """
+    dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
+    base = model.total_params * dtype_bytes
+    in_memory = int(base * IN_MEMORY_FACTOR)
+    calibration_tokens = recipe.calibration.samples * recipe.calibration.max_seq_len
+    # Each batch's output replaces its input as it is computed: one copy of the boundary (+ one batch).
+    boundary = calibration_tokens * model.hidden_size * dtype_bytes
+    # A decoder layer while Quark quantizes it (its weights, float32 temporaries and the quantized copy: ~4x), or
+    # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.
+    one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
+    shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds one output shard until it writes it
+    if device == "cpu":
+        return {
+            "in_memory": {"host": in_memory + LIBRARY_OVERHEAD_BYTES, "device": 0},
+            "streaming": {"host": LIBRARY_OVERHEAD_BYTES + one_layer + boundary + shard, "device": 0},
+        }
+    # On an accelerator the weights and hidden states live there; the host stages one layer read from the shards.
+    return {
+        "in_memory": {"host": LIBRARY_OVERHEAD_BYTES + one_layer // 2, "device": in_memory},
+        "streaming": {"host": LIBRARY_OVERHEAD_BYTES + one_layer // 2 + shard, "device": one_layer + boundary},
+    }
+
+
+def choose_mode(recipe: Recipe, peaks: dict[str, dict[str, int]], budget: int, device: str,
+                device_budget: int | None) -> tuple[str, str]:
+    """(mode, why): the recipe's mode, or for auto streaming unless in-memory is known to fit.
+
+    device_budget: the accelerators' memory in all (None: not known, e.g. planning without the GPUs)."""
+    gib = 2**30
+    requested = recipe.quantization.mode
+    if requested != "auto":
+        return requested, "as the recipe asks"
+    host, on_device = peaks["in_memory"]["host"], peaks["in_memory"]["device"]
+    why_stream = None
+    if host > budget:
+        why_stream = f"in-memory host peak {host / gib:.1f} GiB > budget {budget / gib:.1f} GiB"
+    elif device != "cpu" and device_budget is None:
+        why_stream = (f"in-memory needs {on_device / gib:.1f} GiB of accelerator memory and how much there is "
+                      "is not known here (resources.device_memory_gb unset, no GPU seen)")
+    elif device != "cpu" and on_device > device_budget:
+        why_stream = f"in-memory accelerator peak {on_device / gib:.1f} GiB > accelerator memory {device_budget / gib:.1f} GiB"
+    if why_stream is None:
+        return "in_memory", f"in-memory peak {max(host, on_device) / gib:.1f} GiB fits (host budget {budget / gib:.1f} GiB)"
+    refusal = streaming_refusal(recipe.quantization.algorithm)
+    if refusal is not None:
+        return "in_memory", f"auto: {why_stream}, but {refusal}; trying in_memory anyway"
+    return "streaming", why_stream
+
+
+def quantize_mode(recipe: Recipe, config_path: Path, device: str) -> tuple[str, str]:
+    """(mode, why) for the quantize stage of a run on `device`: what `plan` would print."""
+    result = make_plan(recipe, config_path, device=device)
+    return result.mode, result.mode_reason
+
+
+def accelerator_budget(recipe: Recipe, seen) -> int | None:
+    """Bytes of accelerator memory the in-memory mode may spread over: the recipe's per-device limits
+    (one value: times the GPUs seen, at least one), else the memory of the GPUs torch sees."""
+    limits = recipe.resources.device_memory_gb
+    if isinstance(limits, dict):
+        return int(sum(limits.values()) * 2**30)
+    if limits is not None:
+        return int(limits * max(seen.count, 1) * 2**30)
+    return sum(seen.memory_bytes) or None
+
+
+def make_plan(recipe: Recipe, config_path: Path, *, device: str | None = None, host_budget: int | None = None,
+              device_budget: int | None = None) -> Plan:
+    """device: the torch device type the quantize stage will use ("cpu"/"cuda"); by default the recipe's
+    resources.device (auto: what torch sees on this machine)."""
+    from pipeline import devices
+    from pipeline.resume import STAGES
+
+    model = meta_model(config_path, recipe.model.trust_remote_code)
+    linear = model.linear
     layer_schemes = assign_schemes(recipe, list(linear))
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
-    base_size = total_params * dtype_bytes
+    base_size = model.total_params * dtype_bytes
     export_size = base_size
     for name, scheme in layer_schemes.items():
         if scheme is not None:
             shape = linear[name]
             export_size += _quantized_bytes(get_scheme(scheme), shape) - shape[0] * shape[-1] * dtype_bytes
     stages = STAGES if recipe.publish is not None else STAGES[:-1]
+    if device is None:  # cuda/rocm recipes are planned for their GPUs even on a machine without one
+        requested = recipe.resources.device
+        device = "cuda" if requested in ("cuda", "rocm") or (
+            requested == "auto" and devices.accelerators().kind is not None) else "cpu"
+    peaks = quantize_peaks(recipe, model, device)
+    budget = host_budget if host_budget is not None else devices.host_memory_budget_bytes(recipe)
+    if device_budget is None and device != "cpu":
+        device_budget = accelerator_budget(recipe, devices.accelerators())
+    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget)
     return Plan(
         stages=stages,
         layer_schemes=layer_schemes,
         base_size_bytes=base_size,
         export_size_bytes=export_size,
-        # Quark holds the model in its dtype plus observers and one layer's calibration activations.
-        quantize_peak_bytes=int(base_size * 1.25),
+        quantize_peak_bytes=peaks[mode]["host"],
         engines={engine: engine_support(recipe, layer_schemes, engine) for engine in compat.ENGINES},
         installed_engine=compat.installed_vllm_engine(),
+        device=device,
+        mode=mode,
+        mode_reason=mode_reason,
+        quantize_peaks=peaks,
+        host_budget_bytes=budget,
     )
 
 
 def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
-    """config.json to plan from: --model-config, the local folder, or a prepared/cached copy."""
+    """config.json to plan from: --model-config, the local folder, a prepared/cached copy, or for a
+    Hub model the config shipped under recipes/model-configs/ (index.json maps Hub ids to files)."""
     if explicit is not None:
         return explicit
     spec = recipe.model
@@ -147,9 +276,17 @@ def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
             from huggingface_hub import hf_hub_download
 
             candidate = Path(hf_hub_download(spec.source, "config.json", revision=spec.revision, local_files_only=True))
-        except Exception:  # not in the local HF cache
-            return None
+        except Exception:  # not in the local HF cache: a shipped copy, if any
+            candidate = shipped_config(spec.source)
     return candidate if candidate is not None and candidate.is_file() else None
+
+
+def shipped_config(hub_id: str) -> Path | None:
+    index = SHIPPED_CONFIGS / "index.json"
+    if not index.is_file():
+        return None
+    relative = json.loads(index.read_text()).get(hub_id)
+    return SHIPPED_CONFIGS / relative if relative else None
 
 
 def summary(plan: Plan) -> dict:
@@ -162,6 +299,11 @@ def summary(plan: Plan) -> dict:
         "export_size_bytes": plan.export_size_bytes,
         "export_size_ratio": round(plan.export_size_bytes / plan.base_size_bytes, 4),
         "quantize_peak_bytes": plan.quantize_peak_bytes,
+        "quantize_device": plan.device,
+        "quantize_mode": plan.mode,
+        "quantize_mode_reason": plan.mode_reason,
+        "quantize_peaks_bytes": plan.quantize_peaks,
+        "host_memory_budget_bytes": plan.host_budget_bytes,
         "engines": {name: vars(entry) for name, entry in plan.engines.items()},
         "installed_engine": plan.installed_engine,
     }

@@ -34,6 +34,12 @@ def accuracy_rows(report: dict) -> list[dict]:
             "base": (base["acc"], wilson_interval(base["acc"], base.get("samples") or 1)),
             "quantized": (quantized["acc"], wilson_interval(quantized["acc"], quantized.get("samples") or 1)),
             "paired": figures.get("paired") or {},
+            # Evaluation-only baseline columns on the same task (their first-round questions).
+            "baselines": {
+                name: (entry["acc"], wilson_interval(entry["acc"], entry.get("samples") or 1))
+                for name, column in (report.get("evaluation", {}).get("baselines") or {}).items()
+                if (entry := (column.get("tasks") or {}).get(task)) and entry.get("acc") is not None
+            },
         })
     return rows
 
@@ -48,13 +54,21 @@ def write_accuracy_plot(report: dict, path: Path) -> bool:
     matplotlib.use("Agg")  # files only: no display on CI machines
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(max(4.0, 2.2 * len(rows)), 4.0), dpi=100)
-    width = 0.38
-    for offset, role, color in ((-width / 2, "base", "#7f8c8d"), (width / 2, "quantized", "#2e86c1")):
-        values = [row[role][0] for row in rows]
-        errors = [[row[role][0] - row[role][1][0] for row in rows], [row[role][1][1] - row[role][0] for row in rows]]
-        axes.bar([index + offset for index in range(len(rows))], values, width, yerr=errors, capsize=4,
-                 color=color, label=role)
+    baseline_names = list(dict.fromkeys(name for row in rows for name in row["baselines"]))
+    series = [("base", "#7f8c8d"), ("quantized", "#2e86c1")] + [
+        (name, color) for name, color in zip(baseline_names, ("#e67e22", "#8e44ad", "#27ae60", "#c0392b", "#f1c40f"))
+    ]
+    figure, axes = plt.subplots(figsize=(max(4.0, (1.1 + 0.5 * len(series)) * len(rows)), 4.0), dpi=100)
+    width = 0.76 / len(series)
+    for position, (role, color) in enumerate(series):
+        offset = (position - (len(series) - 1) / 2) * width
+        points = [(index, row[role] if role in ("base", "quantized") else row["baselines"].get(role))
+                  for index, row in enumerate(rows)]
+        points = [(index, point) for index, point in points if point is not None]
+        values = [point[0] for _, point in points]
+        errors = [[point[0] - point[1][0] for _, point in points], [point[1][1] - point[0] for _, point in points]]
+        axes.bar([index + offset for index, _ in points], values, width, yerr=errors, capsize=4, color=color,
+                 label=role if role in ("base", "quantized") else f"{role} (baseline)")
     for index, row in enumerate(rows):
         paired = row["paired"]
         if paired.get("drop_ci_low") is not None:

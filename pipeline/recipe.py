@@ -14,21 +14,24 @@ import difflib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator,
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
 from pipeline import schemes
+from pipeline.compute_dtype import auto_dtype
 from pipeline.errors import RecipeError
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 SHIPPED_CORPORA = ("wikipedia",)
 SHIPPED_HELDOUT_TEXTS = ("wikipedia-heldout",)
-SHIPPED_TASKS = ("arc_easy", "arc_challenge")
+SHIPPED_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq")
 LM_EVAL_TASK = re.compile(r"^lm_eval:[A-Za-z0-9_.-]+$")
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -50,7 +53,11 @@ class ModelSpec(Strict):
         description="'builtin:smollm2-135m-instruct' (shipped), a local HF model folder, "
         "a local .gguf file (dequantized once), or a Hub id ORG/NAME (needs network at run time)"
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="what the model is loaded and computed in. auto: bfloat16 on GPUs and on CPUs that "
+        "multiply bf16 natively (AVX-512 BF16, AMX, Arm BF16), float32 on other CPUs (bf16 is emulated there, "
+        "~100x slower matmuls); resolved when the recipe is read, so reports and hashes carry the concrete dtype",
+    )
     trust_remote_code: bool = False
     revision: str | None = Field(None, description="Hub revision, for Hub ids")
 
@@ -287,9 +294,22 @@ class RotationOptions(_Options):  # quark RotationConfig (graph flow)
     mlp: str | None = None
 
 
-ALGORITHM_OPTIONS: dict[str, type[_Options]] = {
-    "gptq": GPTQOptions, "awq": AWQOptions, "smoothquant": SmoothQuantOptions, "rotation": RotationOptions,
-}
+@dataclass(frozen=True)
+class Algorithm:
+    """One Quark algorithm the recipe can name: everything about it in one place (the registry below)."""
+
+    name: str
+    options: type[_Options]  # the recipe's `algorithm.options` model
+    quark_config_class: str  # its class in quark.torch.quantization.config.config (tests compare the fields)
+    needs_whole_model: bool  # cross-layer scaling or Hessians over the replayed model: no streaming
+
+
+ALGORITHMS: dict[str, Algorithm] = {algorithm.name: algorithm for algorithm in (
+    Algorithm("gptq", GPTQOptions, "GPTQConfig", needs_whole_model=True),
+    Algorithm("awq", AWQOptions, "AWQConfig", needs_whole_model=True),
+    Algorithm("smoothquant", SmoothQuantOptions, "SmoothQuantConfig", needs_whole_model=True),
+    Algorithm("rotation", RotationOptions, "RotationConfig", needs_whole_model=True),
+)}
 
 
 class GPTQAlgorithm(Strict):
@@ -317,6 +337,19 @@ AlgorithmSpec = Annotated[
 ]
 
 
+def streaming_refusal(algorithm: Any) -> str | None:
+    """Why layer-by-layer quantization cannot do this recipe, or None.
+
+    Why: GPTQ/AWQ/SmoothQuant/rotation need the whole model (cross-layer scaling, Hessians over
+    the replayed model). The fp8 KV-cache scales are per attention layer (k_proj/v_proj outputs):
+    streaming calibrates them like in memory (tested equal).
+    """
+    if algorithm is not None and ALGORITHMS[algorithm.name].needs_whole_model:
+        return (f"streaming quantizes one decoder layer at a time; algorithm {algorithm.name} needs the whole model "
+                "(use in_memory)")
+    return None
+
+
 class QuantizationSpec(Strict):
     scheme: SchemeValue = Field(
         description="a named scheme (" + ", ".join(schemes.SCHEMES) + ") or the explicit form "
@@ -332,6 +365,11 @@ class QuantizationSpec(Strict):
     algorithm: AlgorithmSpec | None = Field(
         None, description="Quark algorithm: a name (gptq, awq, smoothquant, rotation: the template's defaults "
         "for the model type) or {name: NAME, options: {...}} with options from Quark's config class",
+    )
+    # Declared last: its check reads the algorithm validated before it.
+    mode: Literal["in_memory", "streaming", "auto"] = Field(
+        "auto", description="in_memory: the whole model at once; streaming: one decoder layer at a time "
+        "(peak ~one layer + calibration activations); auto: streaming when the in-memory estimate exceeds the memory budget",
     )
 
     @field_validator("scheme")
@@ -354,17 +392,26 @@ class QuantizationSpec(Strict):
                 _check_scheme_name(scheme)
         return layers
 
+    @field_validator("mode")
+    @classmethod
+    def _streamable(cls, mode: str, info: ValidationInfo) -> str:
+        if mode == "streaming":
+            problem = streaming_refusal(info.data.get("algorithm"))
+            if problem:
+                raise ValueError(problem)
+        return mode
+
     @field_validator("algorithm", mode="before")
     @classmethod
     def _algorithm_by_name(cls, algorithm: Any) -> Any:
         """A bare name means the template's defaults; unknown names get a did-you-mean."""
         name = algorithm if isinstance(algorithm, str) else algorithm.get("name") if isinstance(algorithm, dict) else None
         if isinstance(algorithm, dict) and "name" not in algorithm:
-            raise ValueError(f"required field is missing: name (one of: {', '.join(ALGORITHM_OPTIONS)})")
-        if isinstance(name, str) and name not in ALGORITHM_OPTIONS:
-            close = difflib.get_close_matches(name, ALGORITHM_OPTIONS, n=1)
+            raise ValueError(f"required field is missing: name (one of: {', '.join(ALGORITHMS)})")
+        if isinstance(name, str) and name not in ALGORITHMS:
+            close = difflib.get_close_matches(name, ALGORITHMS, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown algorithm '{name}' ({hint}known: {', '.join(ALGORITHM_OPTIONS)})")
+            raise ValueError(f"unknown algorithm '{name}' ({hint}known: {', '.join(ALGORITHMS)})")
         return {"name": algorithm} if isinstance(algorithm, str) else algorithm
 
     @property
@@ -386,12 +433,24 @@ class EvaluationSpec(Strict):
         description="vllm (its build decides GPU or CPU); transformers (Quark's emulation: slow, any scheme); "
         "auto: vLLM when it can serve the scheme, else transformers, labelled as a fallback in the report",
     )
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM: GPUs one model is split over, layer by layer")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="vLLM: GPUs (or nodes) the layers are staged over")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM's workers: mp (one node), ray (several nodes), null: vLLM's choice"
+    )
+    data_parallel_size: int = Field(1, ge=1, le=64, description="lm-eval's vLLM backend: replicas sharing the questions")
     tasks: tuple[str, ...] = Field(
         ("arc_easy",),
         description="shipped offline tasks (" + ", ".join(SHIPPED_TASKS) + ") or lm_eval:TASK from lm-eval's registry (needs network)",
     )
-    limit: int | None = Field(200, ge=1, description="questions per task (None: all)")
+    limit: int | None = Field(200, ge=1, description="questions per task in the first round (None: all)")
+    max_limit: int | None = Field(
+        1000, ge=1, description="questions per task at most, over the rounds run while an accuracy rule is "
+        "inconclusive (200 -> 500 -> 1000 -> ...; null: up to the whole split)",
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="no further round when it would end after this many seconds of evaluation",
+    )
     perplexity_text: str | None = Field("wikipedia-heldout", description="held-out text for perplexity, or null")
     perplexity_limit: int | None = Field(None, ge=1, description="held-out paragraphs to score (None: all)")
     divergence_text: str | None = Field(
@@ -415,6 +474,13 @@ class EvaluationSpec(Strict):
                 )
         return tasks
 
+    @model_validator(mode="after")
+    def _rounds_grow(self) -> "EvaluationSpec":
+        if self.max_limit is not None and (self.limit is None or self.max_limit < self.limit):
+            raise ValueError(f"max_limit ({self.max_limit}) must be at least limit ({self.limit}): the first round "
+                             "evaluates limit questions, later rounds more, up to max_limit")
+        return self
+
     @field_validator("perplexity_text", "divergence_text")
     @classmethod
     def _known_text(cls, text: str | None) -> str | None:
@@ -424,12 +490,18 @@ class EvaluationSpec(Strict):
 
 
 class GatesSpec(Strict):
-    """Gate rules. Defaults fit FP8/INT8 W8A8 on a small model; null switches a rule off."""
+    """Gate rules, the one set of defaults (shipped tiny recipes and `check` without a recipe use these).
 
-    min_recovery: float | None = Field(0.97, gt=0, le=2, description="quantized acc / base acc, per task")
+    Rules on sampled figures are judged on their interval (pass / fail / inconclusive), so a
+    threshold is the line a broken export's figure is expected to cross, not a noise margin.
+    Defaults fit FP8/INT8 W8A8 on a small model; null switches a rule off."""
+
+    min_recovery: float | None = Field(
+        0.90, gt=0, le=2, description="quantized acc / base acc, per task (paired-bootstrap interval over questions)",
+    )
     max_accuracy_drop: float | None = Field(
         None, gt=0, le=1,
-        description="upper bound of the 95% paired-bootstrap interval of (base acc - quantized acc), per task",
+        description="base acc - quantized acc, per task (paired-bootstrap interval over questions)",
     )
     max_perplexity_ratio: float | None = Field(1.10, ge=1.0, description="quantized ppl / base ppl on held-out text")
     # Measured on SmolLM2-135M (5053 held-out tokens): INT8 per-channel W + per-token A 0.032 nats / 0.88;
@@ -439,6 +511,10 @@ class GatesSpec(Strict):
     )
     min_top1_agreement: float | None = Field(
         0.85, gt=0, le=1, description="share of held-out tokens whose most likely next token is unchanged"
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="error rate of each interval rule's verdict (two-sided: intervals at "
+        "1 - alpha), split over the planned rounds for the accuracy rules",
     )
     no_garbage: bool = Field(True, description="greedy generations must not be garbage (see the garbage_* limits)")
     garbage_max_repetition_rate: float = Field(0.5, gt=0, le=1, description="share of repeated word 3-grams")
@@ -450,12 +526,63 @@ class GatesSpec(Strict):
     max_peak_memory_gb: float | None = Field(None, gt=0, description="peak RSS of the serving process tree, GiB")
 
 
+class ResourcesSpec(Strict):
+    """Where the heavy work runs and how much memory it may take. Settings of real engines
+    (torch devices, accelerate's max_memory), not a scheduler of our own."""
+
+    device: Literal["auto", "cpu", "cuda", "rocm"] = Field(
+        "auto", description="auto: the accelerator torch sees (else the CPU); cuda/rocm: refused before loading when absent"
+    )
+    host_memory_gb: float | None = Field(
+        None, gt=0, description="host RAM the quantize stage may use (quantization.mode: auto streams above it); "
+        "null: 80% of this machine's memory",
+    )
+    device_memory_gb: float | dict[int, float] | None = Field(
+        None, description="memory limit per accelerator, GiB (one value for each, or {index: GiB}): accelerate's "
+        "max_memory when the in-memory mode spreads the model over the GPUs",
+    )
+    offload_folder: str | None = Field(
+        None, description="folder for weights accelerate offloads from the GPUs in the in-memory mode (null: none)"
+    )
+
+    @field_validator("device_memory_gb")
+    @classmethod
+    def _positive_limits(cls, limits: float | dict[int, float] | None) -> float | dict[int, float] | None:
+        values = limits.values() if isinstance(limits, dict) else [] if limits is None else [limits]
+        if any(value <= 0 for value in values):
+            raise ValueError("memory limits are GiB above 0")
+        if isinstance(limits, dict) and any(index < 0 for index in limits):
+            raise ValueError("device indices start at 0")
+        return limits
+
+
 class PublishSpec(Strict):
     target: str = Field(description="hf://ORG/NAME for the Hugging Face Hub, or a local folder")
     endpoint: str | None = Field(None, description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     revision: str | None = Field(None, description="Hub branch to publish to (default: main)")
     private: bool = Field(True, description="for Hub targets: create the repo private")
     card_extras: dict[str, str] = Field(default_factory=dict, description="extra model-card sections: {title: text}")
+
+
+class BaselineSpec(Strict):
+    """An evaluation-only comparison beside the export (not gated): what users ran before.
+    Exactly one of `bitsandbytes` (the base model quantized on load by transformers'
+    BitsAndBytesConfig: LLM.int8() or NF4) and `checkpoint` (an existing model folder, any format
+    `check` reads, served by the run's engine)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the column's name in the report")
+    bitsandbytes: Literal["int8", "nf4"] | None = Field(None, description="int8: LLM.int8(); nf4: 4-bit NormalFloat")
+    checkpoint: str | None = Field(None, description="a local model folder (config.json and safetensors)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaselineSpec:
+        if (self.bitsandbytes is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of bitsandbytes (int8 | nf4) and checkpoint (a model folder)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return f"bitsandbytes {self.bitsandbytes}" if self.bitsandbytes else f"checkpoint {self.checkpoint}"
 
 
 class Recipe(Strict):
@@ -466,7 +593,36 @@ class Recipe(Strict):
     quantization: QuantizationSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     gates: GatesSpec = GatesSpec()
+    resources: ResourcesSpec = ResourcesSpec()
     publish: PublishSpec | None = None
+    report_to: tuple[Literal["mlflow"], ...] = Field(
+        (), description="where else the gated run is logged: mlflow (MLFLOW_TRACKING_URI, else RUN_DIR/mlruns; "
+        "needs the optional extra quantize-pipeline[mlflow])",
+    )
+    baselines: tuple[BaselineSpec, ...] = Field(
+        (), description="evaluation-only columns beside the export in the report (not gated): bitsandbytes "
+        "int8/nf4 of the base model, or existing checkpoints; same questions, tokens/s and peak memory while generating",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_dtype(cls, data: Any) -> Any:
+        """`model.dtype: auto` (the default) becomes this machine's concrete dtype (pipeline.compute_dtype)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        if data["model"].get("dtype", "auto") != "auto":
+            return data
+        resources = data.get("resources")
+        device = resources.get("device", "auto") if isinstance(resources, dict) else "auto"
+        return {**data, "model": {**data["model"], "dtype": auto_dtype(device if isinstance(device, str) else "auto")}}
+
+    @field_validator("baselines")
+    @classmethod
+    def _unique_baseline_names(cls, baselines: tuple[BaselineSpec, ...]) -> tuple[BaselineSpec, ...]:
+        names = [baseline.name for baseline in baselines]
+        if duplicated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"baseline names must be unique: {', '.join(duplicated)}")
+        return baselines
 
     @property
     def scheme(self) -> schemes.SchemeSpec:
@@ -484,7 +640,7 @@ def field_path(loc: tuple) -> str:
     parts = [str(part) for part in loc]
     kept = [
         part for index, part in enumerate(parts)
-        if part not in SCHEME_TAGS and not (index and parts[index - 1] == "algorithm" and part in ALGORITHM_OPTIONS)
+        if part not in SCHEME_TAGS and not (index and parts[index - 1] == "algorithm" and part in ALGORITHMS)
     ]
     return ".".join(kept)
 

@@ -7,8 +7,7 @@ directory, staged and renamed into place when the stage succeeds.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import re
 import resource
 import shutil
 import time
@@ -20,34 +19,27 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline import checks, compat, engine, layers, models, schemes
+from pipeline import checks, compat, devices, layers, models, schemes
 from pipeline.events import Emit, no_events, safe
-from pipeline.errors import GateFailed, InputError, PipelineError, RecipeError
+from pipeline.errors import GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, field_path, load_recipe
+from pipeline.resume import (
+    ENGINE_STAGES, QUARK_STAGES, STAGE_FOLDERS, STAGES, reusable_stages, stage_config_sha256,
+)
+from pipeline.run_facts import EngineLabel, ExportSize, RunFacts
 from pipeline.rundir import (
-    HashCache, RunLocked, atomic_write_text, locked, read_json, remove_stale_temps, staged_folder, tree_digest,
+    RunLocked, atomic_write_text, locked, read_json, remove_stale_temps, staged_folder, tree_digest,
 )
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
+from pipeline.stages.quantize import layer_overrides
 from pipeline.unfinished import describe, unfinished_run
 from pipeline.worker import call_isolated
 
-STAGES = ("calibrate", "quantize", "freeze", "export", "verify", "serve", "evaluate", "gate", "publish")
-# Folder each stage writes in the run directory (the export is the model itself).
-STAGE_FOLDERS = {stage: stage for stage in STAGES} | {"export": "model"}
 ROOT_REPORT_FILES = ("report.json", "report.md", "accuracy.png")
-# Recipe sections each stage's outputs depend on (cumulative): a change there reruns the
-# stage on --resume; a change elsewhere (a gate threshold) leaves it as it is.
-STAGE_INPUTS = {
-    "calibrate": ("model", "calibration"),
-    **{stage: ("model", "calibration", "quantization") for stage in ("quantize", "freeze", "export", "verify")},
-    "serve": ("model", "calibration", "quantization", "evaluation"),
-    "evaluate": ("model", "calibration", "quantization", "evaluation"),
-    "gate": ("model", "calibration", "quantization", "evaluation", "gates"),
-    "publish": ("model", "calibration", "quantization", "evaluation", "gates", "publish"),
-}
-QUARK_STAGES = ("quantize", "freeze", "export")
+# A streaming quantize keeps its finished layers here until the export is complete (layer-level resume).
+STREAM_STATE_FOLDER = "quantize-layers"
 # Export <= base size (quantization only shrinks weights), plus staging and headroom.
 DISK_SAFETY_FACTOR = 1.5
 
@@ -87,6 +79,7 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> tuple[Path, str]:
 class EngineChoice:
     name: str  # "vllm" or "transformers": what serves and evaluates this run
     label: str  # for the report: which build, and why a fallback was taken
+    device: str = "cpu"  # torch device type of quantize and the transformers engine (resources.device resolved)
 
 
 def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
@@ -116,12 +109,18 @@ def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
 
 
 def check_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
-    """The engine for this recipe, and the recipe checked against its local model (if any)."""
+    """The engine for this recipe, and the recipe checked against this machine's devices and its
+    local model (if any): a device torch cannot see is refused here, before anything loads."""
     choice = choose_engine(recipe, recipe_path)
+    choice = EngineChoice(choice.name, choice.label, devices.resolve_device(recipe.resources, str(recipe_path)))
     model_dir = checks.local_model_dir(recipe)
     if model_dir is not None:
         for field_path, problem in checks.model_problems(recipe, model_dir):
             raise RecipeError(str(recipe_path), field_path, problem)
+    for index, baseline in enumerate(recipe.baselines):  # before hours of work, not at the end of them
+        if baseline.checkpoint is not None and not (Path(baseline.checkpoint) / "config.json").is_file():
+            raise RecipeError(str(recipe_path), f"baselines.{index}.checkpoint",
+                              f"{baseline.checkpoint}: not a model folder (no config.json)")
     return choice
 
 
@@ -144,34 +143,6 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say, on_event: Emit 
     return model_dir
 
 
-def stage_config_sha256(recipe: Recipe, stage: str, engine_name: str) -> str:
-    data = recipe.model_dump(mode="json")
-    inputs = {section: data[section] for section in STAGE_INPUTS[stage]}
-    if "evaluation" in STAGE_INPUTS[stage]:
-        inputs["engine"] = engine_name
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-def reusable_stages(previous: dict, recipe: Recipe, engine_name: str, run_dir: Path, from_stage: str | None) -> dict:
-    """Stage -> record of the leading stages of an earlier run that can be kept: done, same
-    recipe inputs, outputs still matching their sha256. Everything after the first miss reruns."""
-    hashes = HashCache(run_dir)
-    keep: dict[str, dict] = {}
-    for stage in STAGES:
-        record = previous.get("stages", {}).get(stage)
-        if stage == from_stage or record is None or record.get("status") != "done":
-            break
-        if record.get("config_sha256") != stage_config_sha256(recipe, stage, engine_name):
-            break
-        if not all(hashes.matches(name, digest) for name, digest in record.get("outputs", {}).items()):
-            break
-        keep[stage] = record
-    if not all(stage in keep for stage in QUARK_STAGES):  # one child makes all three: all or none
-        keep = {stage: record for stage, record in keep.items() if STAGES.index(stage) < STAGES.index("quantize")}
-    hashes.save()
-    return keep
-
-
 class Run:
     """One execution of a recipe: holds the run directory, the manifest and the stage records."""
 
@@ -190,9 +161,6 @@ class Run:
         self.export_dir = run_dir / STAGE_FOLDERS["export"]  # `check` points it at an existing export
         self.reusable: dict[str, dict] = {}  # stage -> record kept from an earlier run (--resume)
 
-    def engine_options(self, *, quantized: bool) -> dict:
-        return engine.engine_options(self.recipe, quantized=quantized, engine_name=self.engine_choice.name)
-
     def folder(self, stage: str) -> Path:
         return self.export_dir if stage == "export" else self.run_dir / STAGE_FOLDERS[stage]
 
@@ -204,8 +172,7 @@ class Run:
         record = self.reusable.get(stage)
         if record is None:
             return None
-        self.manifest.data["stages"][stage] = {**record, "reused": True}
-        self.manifest.save()
+        self.manifest.record_reused(stage, record)
         self.emit({"event": "stage_reused", "stage": stage})
         self.result.stage_records[stage] = record
         self.say(f"↷ {stage:<9} kept from the earlier run (inputs unchanged, outputs verified)")
@@ -244,28 +211,18 @@ class Run:
     def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
         return self._stage(stage, lambda out_dir: (work(out_dir), None))
 
-    def _isolated(self, stage: str, target: str, kwargs: dict) -> dict:
-        """A child-process stage (the child gets `out_dir`)."""
-        def work(out_dir: Path) -> tuple[dict, float]:
-            summary, peak_mb = call_isolated(target, {**kwargs, "out_dir": str(out_dir)}, log_path=self.log(stage),
-                                             stage=stage, on_event=self.emit)
-            summary["peak_rss_mb"] = round(peak_mb, 1)
-            return summary, peak_mb
-
-        return self._stage(stage, work)
-
     def execute(self) -> RunResult:
         """Every stage: calibrate .. publish."""
         self._prepare()
         self._in_process("calibrate", lambda out: calibrate.calibrate(self.recipe, self.base_model_dir, out))
         self._quark_stages()
         quantized = read_json(self.folder("quantize") / "quantize.json")
-        return self._verify_to_publish(quantized["linear_layer_names"], quantized["layer_overrides"])
+        linear_layers = quantized["linear_layer_names"]
+        return self._verify_to_publish(
+            linear_layers, layer_overrides(self.recipe, linear_layers, quantized["excluded_layers"]))
 
     def check(self, export_dir: Path) -> RunResult:
         """verify .. gate on an export made elsewhere (no publish)."""
-        from pipeline.stages.quantize import layer_overrides
-
         self.export_dir = export_dir.resolve()
         self._prepare()
         self.manifest.set("checked_export", {"path": str(self.export_dir), "sha256": tree_digest(self.export_dir)})
@@ -280,31 +237,28 @@ class Run:
             "source": self.recipe.model.source, "path": str(self.base_model_dir), "sha256": tree_digest(self.base_model_dir),
         })
 
-    def _verify_to_publish(self, linear_layers: list[str], overrides: dict[str, str], *, publish_stage: bool = True) -> RunResult:
+    def _verify_to_publish(self, linear_layers: list[str], overrides: dict[str, schemes.SchemeSpec], *,
+                           publish_stage: bool = True) -> RunResult:
         recipe = self.recipe
         export = self._in_process("verify", lambda out: verify.verify(
             recipe, self.base_model_dir, self.folder("export"), linear_layers, out, overrides,
         ))
-        serve = self._isolated("serve", "pipeline.stages.serve:generate", {
-            "model_dir": str(self.folder("export")),
-            "prompts": list(recipe.evaluation.prompts),
-            "max_new_tokens": recipe.evaluation.max_new_tokens,
-            "engine_options": self.engine_options(quantized=True),
-        })
-        evaluation = self._evaluate(serve["completions"])
-        run_facts = {
-            "run_dir": str(self.run_dir),
-            "base_model": self.manifest.data["base_model"],
-            "export": {key: export[key] for key in ("export_size_bytes", "base_size_bytes", "size_ratio")},
-            "serve": serve,
-            "engine": {"name": self.engine_choice.name, "label": self.engine_choice.label},
-            "packages": self.manifest.data["packages"],
-        }
-        report = self._in_process("gate", lambda out: gate.gate(recipe, run_facts, evaluation, out))
+        serve, evaluation = self._serve_and_evaluate()
+        facts = RunFacts(
+            run_dir=str(self.run_dir), base_model=self.manifest.base_model,
+            export=ExportSize(**{key: export[key] for key in ("export_size_bytes", "base_size_bytes", "size_ratio")}),
+            serve=serve, engine=EngineLabel(self.engine_choice.name, self.engine_choice.label),
+            packages=self.manifest.packages,
+        )
+        report = self._in_process("gate", lambda out: gate.gate(recipe, facts, evaluation, out))
         for name in ROOT_REPORT_FILES:
             if (self.folder("gate") / name).is_file():  # no plot when no task accuracy was measured
                 shutil.copy2(self.folder("gate") / name, self.run_dir / name)
         self.result.report = report
+        if report["verdict"] == "inconclusive":
+            raise GateInconclusive(f"gate inconclusive: {', '.join(report['inconclusive_rules'])} (interval straddles "
+                                   "the threshold; see report.md for how many more questions); nothing published",
+                                   stage="gate")
         if report["verdict"] != "pass":
             raise GateFailed(f"gate failed: {', '.join(report['failed_rules'])}; nothing published", stage="gate")
         if publish_stage and recipe.publish is not None:
@@ -341,6 +295,8 @@ class Run:
                     "model_dir": str(self.base_model_dir),
                     "calibrate_dir": str(self.folder("calibrate")),
                     "out_dirs": {"quantize": str(quantize_dir), "freeze": str(freeze_dir), "model": str(model_dir)},
+                    "state_dir": str(self.run_dir / STREAM_STATE_FOLDER),
+                    "device": self.engine_choice.device,
                 },
                 log_path=self.log("quantize"), stage="quantize", on_event=self.emit,
             )
@@ -348,12 +304,25 @@ class Run:
             record = records[stage]
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
 
-    def _evaluate(self, completions: list[dict]) -> dict:
-        return self._stage("evaluate", lambda out_dir: evaluate.evaluate(
-            self.recipe, self.base_model_dir, self.folder("export"), out_dir, self.log("evaluate"),
-            completions=completions, engine_name=self.engine_choice.name, refresh_baseline=self.refresh_baseline,
-            on_event=self.emit,
-        ))
+    def _serve_and_evaluate(self) -> tuple[dict, dict]:
+        """serve and evaluate share the export's engine load (one child): two records, kept or redone together."""
+        if all(stage in self.reusable for stage in ENGINE_STAGES):
+            return self._reuse("serve"), self._reuse("evaluate")
+        for stage in ENGINE_STAGES:
+            self.emit({"event": "stage_start", "stage": stage})
+        with staged_folder(self.folder("serve")) as serve_dir, staged_folder(self.folder("evaluate")) as evaluate_dir:
+            records = evaluate.serve_and_evaluate(
+                self.recipe, self.base_model_dir, self.folder("export"), serve_dir, evaluate_dir, self.run_dir / "logs",
+                engine_name=self.engine_choice.name, device=self.engine_choice.device, refresh_baseline=self.refresh_baseline,
+                on_event=self.emit,
+            )
+        for start in records["engine_starts"]:
+            self.say(f"  engine start: {start['role']} model in {start['engine']}: load {start['load_s']:.1f} s "
+                     f"(+ import {start['import_s']:.1f} s)")
+        for stage in ENGINE_STAGES:
+            record = records[stage]
+            self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+        return records["serve"]["summary"], records["evaluate"]["summary"]
 
 
 def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
@@ -363,7 +332,7 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     except RunLocked as exc:
         raise InputError(str(exc)) from None
     except PipelineError as exc:
-        current.manifest.data["error"] = {"stage": exc.stage, "message": exc.one_line(), "exit_code": exc.exit_code}
+        current.manifest.record_error(exc.stage, exc.one_line(), exc.exit_code)
         current.emit({"event": "stage_failed", "stage": exc.stage, "exit_code": exc.exit_code, "message": exc.one_line()})
         current.manifest.finish("failed")
         exc.run_dir = current.run_dir
@@ -375,14 +344,26 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     return result
 
 
+def for_export_format(choice: EngineChoice, export_format: str | None) -> EngineChoice:
+    """`check` of another tool's export: vLLM's support is judged by its kernels for the same scheme
+    (compat knows them from vLLM's Quark integration), but the checkpoint is loaded by vLLM's loader
+    for its own format; the label says both, so a CT export is not reported as served by Quark classes."""
+    if export_format in (None, "quark") or choice.name != "vllm":
+        return choice
+    build, _, reason = choice.label.partition(": ")
+    label = (f"{build}: a {export_format} checkpoint, loaded by vLLM's {export_format} integration; "
+             f"kernels judged by the same scheme's Quark path ({reason}); serve proves it loads")
+    return EngineChoice(choice.name, label, choice.device)
+
+
 def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool,
-           emit: Emit = no_events) -> Run:
-    choice = check_engine(recipe, recipe_path)
+           emit: Emit = no_events, export_format: str | None = None) -> Run:
+    choice = for_export_format(check_engine(recipe, recipe_path), export_format)
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
-    say(f"engine: {choice.label}")
+    say(f"engine: {choice.label}; device: {choice.device}")
     current = Run(recipe, recipe_path, run_dir, run_id, say, choice, refresh_baseline=refresh_baseline, emit=emit)
-    current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+    current.manifest.set("engine", {"name": choice.name, "label": choice.label, "device": choice.device})
     current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": False})
     return current
 
@@ -420,7 +401,7 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
 
     def work() -> RunResult:
         # Under the lock: a run still being written keeps its manifest.
-        current.manifest.set("engine", {"name": choice.name, "label": choice.label})
+        current.manifest.set("engine", {"name": choice.name, "label": choice.label, "device": choice.device})
         current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": True})
         # Half-written staged folders of a killed run are never taken as finished: remove them.
         if removed := remove_stale_temps(run_dir):
@@ -446,7 +427,7 @@ def publish_finished_run(run_dir: Path, recipe: Recipe, report: dict) -> dict:
                 summary = publish.publish(recipe, run_dir, report, out_dir)
             wall_s = time.perf_counter() - started
             manifest = Manifest.load(run_dir)
-            engine_name = (manifest.data.get("engine") or {}).get("name", recipe.evaluation.engine)
+            engine_name = manifest.engine_name(default=recipe.evaluation.engine)
             record = {
                 "status": "done", "wall_s": round(wall_s, 2), "peak_rss_mb": round(_self_peak_rss_mb(), 1),
                 "log": "logs/publish.log", "config_sha256": stage_config_sha256(recipe, "publish", engine_name),
@@ -463,33 +444,48 @@ def publish_finished_run(run_dir: Path, recipe: Recipe, report: dict) -> dict:
     return summary
 
 
+def check_run_name(export_dir: Path) -> str:
+    """check-<export folder name>, in the characters a recipe name allows."""
+    return "check-" + re.sub(r"[^A-Za-z0-9._-]", "-", export_dir.resolve().name)[:94]
+
+
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,
-          refresh_baseline: bool = False) -> RunResult:
+          refresh_baseline: bool = False, emit: Emit = no_events, baselines: tuple[str, ...] = ()) -> RunResult:
     """verify -> serve -> evaluate -> gate on an existing export, with the recipe's (or default) rules."""
+    from pipeline import formats
+
     config_path = export_dir / "config.json"
     if not config_path.is_file():
         raise InputError(f"{export_dir}: not a model folder (no config.json)")
     quantization_config = read_json(config_path).get("quantization_config")
     if not isinstance(quantization_config, dict):
         raise InputError(f"{config_path}: quantization_config: missing: not a quantized export")
+    try:  # any format pipeline.formats reads; the scheme, KV cache and ignore list come from its config
+        claimed = formats.claim(quantization_config) if recipe_path is None else formats.adapter_for(quantization_config)
+    except formats.FormatError as exc:
+        raise InputError(f"{config_path}: {exc}") from None
     if recipe_path is not None:
         base_recipe = load_recipe(recipe_path)
         data = base_recipe.model_dump(mode="json")
     else:
-        scheme = schemes.infer_from_quark_config(quantization_config)
-        if scheme is None:
-            raise InputError(f"{config_path}: quantization_config: not a scheme this tool knows; pass --recipe")
-        data = {"name": f"check-{export_dir.resolve().name}", "quantization": {
-            "scheme": schemes.recipe_value(schemes.get_scheme(scheme)),
-            "kv_cache": schemes.infer_kv_cache(quantization_config),
+        data = {"quantization": {
+            "scheme": schemes.recipe_value(claimed.scheme), "kv_cache": claimed.kv_cache, "exclude": list(claimed.exclude),
         }}
         recipe_path = config_path
+    # A check run lives in a folder of its own, whatever recipe supplies the rules: never among the real
+    # runs of that recipe, where "the newest run of this recipe" (automatic resume, scripts) would pick it.
+    data["name"] = check_run_name(export_dir)
     data["model"] = {**data.get("model", {}), "source": base_source}
     data["publish"] = None
+    if baselines:
+        from pipeline.stages.baselines import from_cli
+
+        data["baselines"] = [*data.get("baselines", []), *from_cli(baselines)]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         raise RecipeError(str(recipe_path), field_path(error["loc"]), error["msg"]) from None
-    current = _start(recipe, recipe_path, output_root, say, refresh_baseline)
+    current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit,
+                     export_format=quantization_config.get("quant_method"))
     return _execute(current, lambda: current.check(export_dir))

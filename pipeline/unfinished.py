@@ -1,7 +1,7 @@
 """Which earlier run of a recipe `run` picks up again instead of starting over.
 
-A run is finished when it passed, or when it failed a check (verify or gate, exit 3):
-that verdict is the answer, and rerunning the same recipe would only repeat it. Anything
+A run is finished when it passed, or when it failed a check (verify or gate, exit 3) or
+its gate was inconclusive (exit 4): that verdict is the answer, and rerunning the same recipe would only repeat it. Anything
 else left behind (killed: status still "running"; crashed; a stage that failed with exit
 1 or 2) is unfinished. Only the newest run of the exact same recipe (same resolved-recipe
 sha256) is considered, and only while no process holds its lock.
@@ -15,15 +15,17 @@ from pathlib import Path
 from pipeline.manifest import MANIFEST_FILE
 from pipeline.rundir import is_locked
 
-# exit code of a failed check (VerifyFailed, GateFailed): a final verdict, not an interruption
+# exit codes of a failed check (VerifyFailed, GateFailed) and of an inconclusive gate (GateInconclusive):
+# final verdicts, not interruptions
 CHECK_FAILED_EXIT_CODE = 3
+VERDICT_EXIT_CODES = (CHECK_FAILED_EXIT_CODE, 4)
 
 
 def is_finished(manifest: dict) -> bool:
     status = manifest.get("status")
     if status == "passed":
         return True
-    return status == "failed" and (manifest.get("error") or {}).get("exit_code") == CHECK_FAILED_EXIT_CODE
+    return status == "failed" and (manifest.get("error") or {}).get("exit_code") in VERDICT_EXIT_CODES
 
 
 def _read_manifest(run_dir: Path) -> dict | None:

@@ -27,7 +27,7 @@ SAMPLE_INTERVAL_S = 0.2
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _tree_rss_bytes(pid: int) -> int:
+def tree_rss_bytes(pid: int) -> int:
     import psutil
 
     try:
@@ -87,7 +87,7 @@ def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage:
             )
             try:
                 while child.poll() is None:
-                    peak_bytes = max(peak_bytes, _tree_rss_bytes(child.pid))
+                    peak_bytes = max(peak_bytes, tree_rss_bytes(child.pid))
                     if progress is not None:
                         relay()
                     time.sleep(SAMPLE_INTERVAL_S)
@@ -98,11 +98,7 @@ def call_isolated(target: str, kwargs: dict[str, Any], *, log_path: Path, stage:
         outcome = json.loads(result_file.read_text()) if result_file.exists() else {}
     peak_mb = max(peak_bytes / 2**20, outcome.get("ru_maxrss_mb", 0.0))
     if "error" in outcome:
-        error = outcome["error"]
-        error_type = getattr(errors, error["type"], errors.StageError)
-        if error_type is errors.RecipeError:
-            raise errors.StageError(error["message"], stage=stage)
-        raise error_type(error["message"], stage=stage)
+        raise errors.PipelineError.from_json(outcome["error"], stage=stage)
     if child.returncode != 0 or "result" not in outcome:
         raise errors.StageError(f"{target} exited with code {child.returncode}; see {log_path}", stage=stage)
     return outcome["result"], peak_mb
@@ -148,7 +144,7 @@ def _main(target: str, args_file: str, result_file: str, parent_pid: str | None 
         outcome = {"result": function(**kwargs)}
     except errors.PipelineError as exc:
         traceback.print_exc()
-        outcome = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        outcome = {"error": exc.to_json()}
         exit_code = exc.exit_code
     except Exception as exc:  # a crash: the log has the traceback, the user gets one line
         traceback.print_exc()

@@ -45,3 +45,33 @@ def minimal_recipe_text() -> str:
 
 def pytest_report_header(config):
     return f"QP_CACHE_DIR={os.environ.get('QP_CACHE_DIR', '~/.cache/quantize-pipeline')}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The embedded default model as an HF folder (converted once per machine)."""
+    import subprocess
+    import sys
+
+    from pipeline import models
+    from pipeline.compute_dtype import auto_dtype
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare-model"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return models.builtin_model_dir("smollm2-135m-instruct", auto_dtype("auto"))  # what prepare-model made
+
+
+@pytest.fixture(scope="session")
+def ct_checkpoints(tiny_model_dir):
+    """Real compressed-tensors checkpoints of the tiny model, built by compressed-tensors and cached
+    under QP_CACHE_DIR: W8A8 (int8 per channel + dynamic per-token int8), W4A16 (pack-quantized int4,
+    groups of 64), and a W8A8 that leaves layer 0's down_proj dense (for the ignore-list tests)."""
+    from pipeline import models
+    from tests.ct_checkpoints import cached
+
+    root = models.cache_root()
+    return {
+        "W8A8": cached(tiny_model_dir, root, "W8A8"),
+        "W4A16": cached(tiny_model_dir, root, "W4A16_G64"),
+        "W8A8_dense_down0": cached(tiny_model_dir, root, "W8A8", ("lm_head", "re:model\\.layers\\.0\\.mlp\\.down_proj$")),
+    }

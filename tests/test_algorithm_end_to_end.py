@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import Recipe
-from pipeline.runner import resolve_base_model
-from pipeline.stages import calibrate, verify
-from pipeline.worker import call_isolated
+from tests.export_only import quantize_and_verify
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +25,11 @@ def test_smoothquant_options_reach_quark_and_the_export(tmp_path):
         "calibration": {"samples": 8, "max_seq_len": 128},
         "quantization": {"scheme": "int8_per_channel", "algorithm": {"name": "smoothquant", "options": {"alpha": 0.5}}},
     })
-    model_dir = resolve_base_model(recipe, tmp_path / "logs" / "prepare.log", print)
-    folders = {name: tmp_path / name for name in ("calibrate", "quantize", "freeze", "model", "verify")}
-    for folder in folders.values():
-        folder.mkdir()
-    calibrate.calibrate(recipe, model_dir, folders["calibrate"])
-    records, _ = call_isolated(
-        "pipeline.stages.quantize:quantize_freeze_export",
-        {"recipe": recipe.model_dump(mode="json"), "model_dir": str(model_dir), "calibrate_dir": str(folders["calibrate"]),
-         "out_dirs": {name: str(folders[name]) for name in ("quantize", "freeze", "model")}},
-        log_path=tmp_path / "logs" / "quantize.log", stage="quantize",
-    )
+    records, result, folders = quantize_and_verify(recipe, tmp_path)
     summary = records["quantize"]["summary"]
     assert (summary["algorithm"], summary["algorithm_options"]) == ("smoothquant", {"alpha": 0.5})
     exported = json.loads((folders["model"] / "config.json").read_text())["quantization_config"]
     [algorithm] = exported["algo_config"]
     assert algorithm["name"] == "smooth" and algorithm["alpha"] == 0.5 and algorithm["scaling_layers"]
-    result = verify.verify(recipe, model_dir, folders["model"], summary["linear_layer_names"], folders["verify"])
     assert result["passed"] and result["quantized_layers_checked"] == 30 * 7
     print(f"quantize wall {records['quantize']['wall_s']:.1f} s")

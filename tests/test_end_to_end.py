@@ -8,6 +8,7 @@ model's figures are cached after the first run, as in users' runs.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -35,16 +36,63 @@ def run_recipe(recipe: Path, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli("run", str(recipe), "--output-dir", str(cwd / "exports"), cwd=cwd)
 
 
+def one_look(recipe_text: str) -> str:
+    """A cheap test recipe evaluates its first round only (max_limit = limit): later rounds, while an
+    accuracy rule is inconclusive, would multiply a test's time; the rounds have a test of their own."""
+    limit = re.search(r"^  limit: (\d+)", recipe_text, flags=re.M).group(1)
+    if re.search(r"^  max_limit: ", recipe_text, flags=re.M):
+        return re.sub(r"^  max_limit: \d+", f"  max_limit: {limit}", recipe_text, flags=re.M)
+    return re.sub(r"^(  limit: \d+.*)$", rf"\1\n  max_limit: {limit}", recipe_text, count=1, flags=re.M)
+
+
 def run_dir_of(completed: subprocess.CompletedProcess) -> Path:
     lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.startswith("run directory: ")]
     assert lines, completed.stdout + completed.stderr
     return Path(lines[-1].removeprefix("run directory: "))
 
 
+def ci_sized(recipe_text: str, *, samples: int = 16, limit: int = 30, perplexity: int = 20, divergence: int = 16) -> str:
+    """A test copy of a shipped recipe with small workloads, first round only: CI machines without native
+    bf16 compute in float32 at ~200 prompt tokens/s per core (measured), so every question counts.
+    The perplexity and divergence sizes are the same in every slow test, so the base model's figures,
+    cached by (model, limit, engine), are computed once per CI run and its engine is not started again."""
+    text = re.sub(r"^  samples: \d+", f"  samples: {samples}", recipe_text, flags=re.M)
+    text = re.sub(r"^  limit: \d+", f"  limit: {limit}", text, flags=re.M)
+    text = re.sub(r"^  perplexity_limit: \d+", f"  perplexity_limit: {perplexity}", text, flags=re.M)
+    text = re.sub(r"^  divergence_limit: \d+", f"  divergence_limit: {divergence}", text, flags=re.M)
+    return one_look(text)
+
+
+# The default recipe at CI size: 100 questions in one round, 20 perplexity and 16 divergence paragraphs.
+# Its gates are looser than the defaults so that the verdict is decided at this size (a pass, for
+# int8 per channel): these tests check the pipeline's mechanics (stages, resume, publish); what the
+# default thresholds detect is measured by bench/gate_calibration.py, and the rounds have a test here.
+# Against a float32 base (CPUs without native bf16) int8 per channel measured a perplexity ratio
+# interval of [1.088, 1.147] at 30 paragraphs (x1.04 against a bf16 base, itself ~8-bit precise).
+CI_GATES = {"min_recovery: 0.90": "min_recovery: 0.75", "max_perplexity_ratio: 1.10": "max_perplexity_ratio: 1.25",
+            "max_mean_kl: 0.05": "max_mean_kl: 0.10", "min_top1_agreement: 0.85": "min_top1_agreement: 0.80"}
+CI_QUESTIONS = 100
+
+
+def ci_default_recipe_text() -> str:
+    text = ci_sized(DEFAULT_RECIPE.read_text(), samples=32, limit=CI_QUESTIONS)
+    for default, looser in CI_GATES.items():
+        assert f"  {default}" in text, default
+        text = text.replace(f"  {default}", f"  {looser}")
+    return text
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def ci_recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "smollm2-135m-int8.yaml"
+    path.write_text(ci_default_recipe_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, ci_recipe):
     workdir = tmp_path_factory.mktemp("default")
-    completed = run_recipe(DEFAULT_RECIPE, workdir)
+    completed = run_recipe(ci_recipe, workdir)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return workdir, completed
 
@@ -94,10 +142,10 @@ def test_default_recipe_passes_and_publishes(default_run, pristine_run_dir):
 
     # The gate compared base and quantized on the same questions, and judged the generations.
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["verdict"] == "pass" and report["schema_version"] == 1
+    assert report["verdict"] == "pass" and report["schema_version"] == 2
     arc = report["evaluation"]["tasks"]["arc_easy"]
-    assert arc["base"]["samples"] == arc["quantized"]["samples"] == 200
-    assert arc["paired"]["questions"] == 200 and arc["paired"]["drop_ci_low"] <= arc["paired"]["accuracy_drop"]
+    assert arc["base"]["samples"] == arc["quantized"]["samples"] == CI_QUESTIONS
+    assert arc["paired"]["questions"] == CI_QUESTIONS and arc["paired"]["drop_ci_low"] <= arc["paired"]["accuracy_drop"]
     assert 0.3 < arc["quantized"]["acc"] <= 1.0
     assert report["evaluation"]["perplexity"]["quantized"] > 1.0
     garbage = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
@@ -145,10 +193,10 @@ def test_publish_command_is_idempotent_and_refuses_tampering(default_run, tmp_pa
 
 
 def _with_min_recovery(threshold: float) -> str:
-    """The default recipe with another min_recovery threshold (and nothing else changed)."""
-    text = DEFAULT_RECIPE.read_text()
-    assert "  min_recovery: 0.90\n" in text
-    return text.replace("  min_recovery: 0.90\n", f"  min_recovery: {threshold}\n")
+    """The CI-sized default recipe with another min_recovery threshold (and nothing else changed)."""
+    text = ci_default_recipe_text()
+    assert "  min_recovery: 0.75\n" in text
+    return text.replace("  min_recovery: 0.75\n", f"  min_recovery: {threshold}\n")
 
 
 def test_impossible_gate_exits_3_and_publishes_nothing(pristine_run_dir, tmp_path):
@@ -222,21 +270,38 @@ def test_publish_to_hub_round_trip_serves_in_vllm(default_run, tmp_path):
     assert results[0].metric_value == report["evaluation"]["tasks"]["arc_easy"]["quantized"]["acc"]
 
     served, _ = call_isolated(
-        "pipeline.stages.serve:generate",
-        {"model_dir": str(download), "prompts": ["The capital of France is"], "max_new_tokens": 8,
-         "engine_options": {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True},
-         "out_dir": str(tmp_path)},
+        "tests.worker_targets:generate",
+        {"model_dir": str(download), "recipe_path": str(DEFAULT_RECIPE), "prompts": ["The capital of France is"],
+         "max_new_tokens": 8},
         log_path=tmp_path / "serve.log", stage="serve",
     )
-    assert served["generated_tokens"] > 0 and "Paris" in served["completions"][0]["completion"]
+    assert served[0]["tokens"] > 0 and "Paris" in served[0]["completion"]
+
+
+def test_reported_tokens_per_s_matches_llm_generate_timed_by_hand(default_run, tmp_path):
+    """serve's tokens/s is llm.generate's own speed: within the spread (±10%) of timing it by hand on the
+    same load, before and after serve. Timing an import or a load into it would be off by 10x, not 10%."""
+    from pipeline.worker import call_isolated
+
+    run_dir = run_dir_of(default_run[1])
+    measured, _ = call_isolated(
+        "tests.worker_targets:serving_figures_and_hand_timed",
+        {"model_dir": str(run_dir / "model"), "recipe_path": str(DEFAULT_RECIPE), "out_dir": str(tmp_path)},
+        log_path=tmp_path / "serve.log", stage="serve",
+    )
+    figures, rates = measured["figures"], measured["hand_timed_rates"]
+    assert 0.9 * min(rates) <= figures["tokens_per_s"] <= 1.1 * max(rates), (figures["tokens_per_s"], rates)
+    assert max(rates) <= 1.5 * min(rates), rates  # the machine was steady enough for the comparison to mean something
+    # The other figures exist, are labelled, and are ordered as physics says.
+    assert figures["load_s"] > 0 and figures["import_s"] > 0 and 0 < figures["ttft_s"] < figures["generate_s"]
+    assert figures["batch_size"] == 16 * len(figures["completions"])
+    assert figures["batch_tokens_per_s"] > figures["batch1_tokens_per_s"] > 0
+    assert figures["peak_rss_mb"] > 500 and set(figures["definitions"]) >= {"load_s", "ttft_s", "tokens_per_s"}
 
 
 def _cheap_default_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "cheap.yaml"
-    recipe.write_text(
-        DEFAULT_RECIPE.read_text().replace("samples: 64", "samples: 16").replace("limit: 200", "limit: 50")
-        .replace("perplexity_limit: 100", "perplexity_limit: 30")
-    )
+    recipe.write_text(ci_sized(DEFAULT_RECIPE.read_text(), limit=20))
     return recipe
 
 
@@ -258,6 +323,8 @@ def test_check_catches_a_corrupted_export_as_garbage(default_run, tmp_path):
     checked = run_cli("check", str(corrupted), "--base", "builtin:smollm2-135m-instruct",
                       "--recipe", str(_cheap_default_recipe(tmp_path)), "--output-dir", str(tmp_path / "exports"), cwd=REPO)
     assert checked.returncode == 3, checked.stdout[-3000:] + checked.stderr[-3000:]
+    # A check run has a folder of its own, not among the runs of the recipe that supplied the rules.
+    assert run_dir_of(checked).parent == tmp_path / "exports" / "check-corrupted"
     report = json.loads((run_dir_of(checked) / "report.json").read_text())
     garbage = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
     assert garbage["verdict"] == "garbage" and not garbage["passed"]
@@ -280,10 +347,10 @@ def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def test_resume_of_a_finished_run_redoes_nothing(pristine_run_dir, tmp_path):
+def test_resume_of_a_finished_run_redoes_nothing(pristine_run_dir, ci_recipe, tmp_path):
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     before = json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"]
-    resumed = run_cli("run", str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
+    resumed = run_cli("run", str(ci_recipe), "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert all(_stage_states(run_dir).values()), _stage_states(run_dir)
     assert json.loads((run_dir / "manifest.json").read_text())["files"]["model/model.safetensors"] == before
@@ -292,23 +359,98 @@ def test_resume_of_a_finished_run_redoes_nothing(pristine_run_dir, tmp_path):
 def test_changed_gate_threshold_reruns_only_gate_and_publish(pristine_run_dir, tmp_path):
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     recipe = tmp_path / "stricter.yaml"
-    recipe.write_text(_with_min_recovery(0.8))
+    recipe.write_text(_with_min_recovery(0.7))
     resumed = run_cli("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     states = _stage_states(run_dir)
     assert [stage for stage, reused in states.items() if not reused] == ["gate", "publish"]
     report = json.loads((run_dir / "report.json").read_text())
-    assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.8
+    assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.7
 
 
-def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_dir, tmp_path):
+def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_dir, ci_recipe, tmp_path):
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     weights = run_dir / "model" / "model.safetensors"
     original = sha256_file(weights)
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
-    resumed = run_cli("run", str(DEFAULT_RECIPE), "--resume", str(run_dir), cwd=tmp_path)
+    resumed = run_cli("run", str(ci_recipe), "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     states = _stage_states(run_dir)
     assert states["calibrate"] and not states["quantize"] and not states["export"] and not states["evaluate"]
     assert sha256_file(weights) == original  # Quark's export is deterministic: same bytes as the uninterrupted run
+
+
+def test_rerun_from_serve_starts_the_export_engine_once_and_the_base_not_at_all(pristine_run_dir, ci_recipe, tmp_path):
+    """serve and evaluate share one load of the export; every base figure is cached by now (the default run
+    made them, the completions repeat), so the base model is never loaded."""
+    run_dir = _copy_run(pristine_run_dir, tmp_path)
+    resumed = run_cli("run", str(ci_recipe), "--resume", str(run_dir), "--from-stage", "serve", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    starts = [event for event in events if event["event"] == "engine_start"]
+    assert [(event["role"], event["engine"], event["stage"]) for event in starts] == [("quantized", "vllm", "serve")]
+    assert starts[0]["load_s"] > 0 and starts[0]["import_s"] > 0
+    states = _stage_states(run_dir)
+    assert [stage for stage, reused in states.items() if not reused] == ["serve", "evaluate", "gate", "publish"]
+    evaluation = json.loads((run_dir / "evaluate" / "evaluate.json").read_text())
+    assert evaluation["engine_starts"] == [{key: starts[0][key] for key in ("role", "engine", "import_s", "load_s")}]
+    assert evaluation["baseline"]["computed_tasks"] == [] and evaluation["baseline"]["completion_perplexities_cached"]
+    assert evaluation["divergence"]["base_reference_cached"]
+
+
+def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_once(default_run, tmp_path):
+    """Sequential evaluation end to end: a rule the first 50 questions cannot decide gets a second round
+    (100 questions) on the export; the base answers come from the per-question store the default run
+    filled, so the base evaluates none of them again. Whether
+    the first look is undecided depends on the data, so the test recomputes that look from the recorded
+    per-question outcomes and checks the run did what the look required; a strict max_accuracy_drop makes
+    any disagreement between the models undecidable at 50 questions."""
+    from pipeline import metrics
+    from pipeline.recipe import load_recipe
+    from pipeline.stages import gate
+
+    recipe = tmp_path / "rounds.yaml"
+    recipe.write_text(
+        DEFAULT_RECIPE.read_text().replace("limit: 200", "limit: 50").replace("max_limit: 1000", "max_limit: 100")
+        .replace("perplexity_limit: 100", "perplexity_limit: 20").replace("divergence_limit: 32", "divergence_limit: 16")
+        .replace("  min_recovery: 0.90", "  min_recovery: null\n  max_accuracy_drop: 0.0001")
+    )
+    junit = tmp_path / "gate.xml"
+    checked = run_cli("check", str(run_dir_of(default_run[1]) / "model"), "--base", "builtin:smollm2-135m-instruct",
+                      "--recipe", str(recipe), "--output-dir", str(tmp_path / "exports"), "--junit-xml", str(junit),
+                      cwd=REPO)
+    report = json.loads((run_dir_of(checked) / "report.json").read_text())
+    rounds = report["sequential"]["rounds"]
+    assert checked.returncode == {"pass": 0, "fail": 3, "inconclusive": 4}[report["verdict"]], checked.stderr[-2000:]
+    samples = [json.loads(line) for line in (run_dir_of(checked) / "evaluate" / "quantized-samples.jsonl").open()]
+    base = {row["doc_id"]: row["value"] for row in map(json.loads, (run_dir_of(checked) / "evaluate" / "base-samples.jsonl").open())
+            if row["task"] == "arc_easy"}
+    first = [(base[row["doc_id"]], row["value"]) for row in samples if row["task"] == "arc_easy" and row["doc_id"] < 50]
+    assert len(first) == 50
+    b = sum(1 for base_right, quantized_right in first if base_right and not quantized_right)
+    c = sum(1 for base_right, quantized_right in first if quantized_right and not base_right)
+    both = sum(1 for base_right, quantized_right in first if base_right and quantized_right)
+    confidence, looks = gate.accuracy_confidence(load_recipe(recipe), {"sequential": {"looks_planned": 2}})
+    first_look = metrics.paired_comparison_from_counts(both, b, c, 50 - both - b - c, confidence=confidence)
+    undecided = first_look["drop_ci_low"] <= 0.0001 < first_look["drop_ci_high"]
+    if undecided:
+        assert len(rounds) == 2 and rounds[1]["questions"] == {"arc_easy": 100}, rounds
+        # The default run (100 questions) stored every base answer per question: no base question is
+        # evaluated again, in this run's first round or its second, and no base engine starts for round 2.
+        assert rounds[1]["base_questions_evaluated"] == {}
+        assert "arc_easy" not in report["evaluation"]["baseline"]["computed_tasks"]  # round 1: from the store too
+        roles = [start["role"] for start in report["evaluation"]["engine_starts"]]
+        assert roles.count("quantized") == 2 and roles.count("base") <= 1, roles
+        assert report["evaluation"]["tasks"]["arc_easy"]["quantized"]["samples"] == 100
+        assert "inconclusive" in rounds[0]["decision"]
+    else:
+        assert len(rounds) == 1, rounds
+    # JUnit: one test case per rule, read back with the standard library's parser.
+    import xml.etree.ElementTree as ElementTree
+
+    cases = {case.get("name"): case for case in ElementTree.parse(junit).getroot().iter("testcase")}
+    drop = cases["max_accuracy_drop[arc_easy]"]
+    state = next(rule["state"] for rule in report["rules"] if rule["rule"] == "max_accuracy_drop[arc_easy]")
+    assert (drop.find("skipped") is not None) == (state == "inconclusive")
+    assert (drop.find("failure") is not None) == (state == "fail")

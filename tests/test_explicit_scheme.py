@@ -132,7 +132,8 @@ def test_scheme_is_read_back_from_an_explicit_quark_config():
     assert infer_from_quark_config(config) == "int4_wo_64"
 
 
-def test_compat_decides_explicit_forms_from_vllm_loader_rules():
+def test_compat_decides_explicit_forms_from_vllm_loader_rules(monkeypatch):
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # where it was measured
     uint4 = _recipe(UINT4_ASYM).scheme.name
     assert compat.support(uint4, "vllm-cpu") == compat.Support(True, compat.MEASURED_EXPLICIT_ON_CPU[uint4], compat.MEASURED)
     assert compat.support(uint4, "vllm-cuda").supported
@@ -191,7 +192,7 @@ def test_verify_checks_an_explicit_scheme_config():
     ]
     layer = "model.layers.0.mlp.up_proj"
     exported = {f"{layer}.weight": {"dtype": "I32", "shape": [64, 4]}, f"{layer}.weight_scale": {"dtype": "BF16", "shape": [64, 0]}}
-    problems, _ = verify.check_tensors(spec, exported, {}, [layer], ())
+    problems, _, _ = verify.check_tensors(spec, exported, {}, [layer], ())
     assert f"{layer}: asymmetric weights but no weight_zero_point" in problems
 
 

@@ -411,3 +411,51 @@ def test_module_does_not_import_heavy_stack():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- intervals the gate judges on ----------------------------------------------
+
+
+def test_counts_alone_give_the_same_comparison_as_the_outcomes():
+    from pipeline.metrics import paired_comparison_from_counts
+
+    base, quantized = _paired(b=12, c=5, both_right=80, both_wrong=103)
+    assert paired_comparison_from_counts(80, 12, 5, 103) == paired_accuracy_comparison(base, quantized)
+
+
+def test_recovery_interval_holds_the_recovery_and_narrows_with_questions():
+    small = paired_accuracy_comparison(*_paired(b=10, c=5, both_right=90, both_wrong=95))
+    large = paired_accuracy_comparison(*_paired(b=100, c=50, both_right=900, both_wrong=950))
+    for result in (small, large):
+        assert result["recovery_ci_low"] < result["recovery"] < result["recovery_ci_high"]
+    assert large["recovery"] == pytest.approx(small["recovery"])
+    narrow = large["recovery_ci_high"] - large["recovery_ci_low"]
+    wide = small["recovery_ci_high"] - small["recovery_ci_low"]
+    assert narrow == pytest.approx(wide / math.sqrt(10), rel=0.2)  # 10x the questions: 1/sqrt(10) the width
+
+
+def test_cluster_ratio_interval_resamples_clusters_not_items():
+    from pipeline.metrics import cluster_ratio_interval, cluster_sums
+
+    rng = np.random.default_rng(1)
+    # 32 paragraphs of 100 tokens; each paragraph has its own level: tokens within one are correlated.
+    levels = rng.exponential(0.03, 32)
+    per_token = np.concatenate([rng.exponential(level, 100) for level in levels])
+    sums, counts = cluster_sums(per_token, [100] * 32)
+    figure, low, high = cluster_ratio_interval(sums, counts)
+    assert figure == pytest.approx(per_token.mean())
+    assert low < figure < high
+    # Treating every token as independent would claim a narrower interval than the clusters support.
+    _, token_low, token_high = cluster_ratio_interval(per_token, np.ones_like(per_token))
+    assert (token_high - token_low) < 0.8 * (high - low)
+
+
+def test_cluster_inputs_are_checked():
+    from pipeline.metrics import cluster_ratio_interval, cluster_sums
+
+    with pytest.raises(ValueError, match="cluster lengths"):
+        cluster_sums([0.1, 0.2, 0.3], [1, 1])
+    with pytest.raises(ValueError, match="one numerator per denominator"):
+        cluster_ratio_interval([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="positive total"):
+        cluster_ratio_interval([1.0], [0.0])

@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.recipe import PublishSpec, load_recipe
 from pipeline.rundir import hash_tree
-from pipeline.runner import STAGES, reusable_stages, stage_config_sha256
+from pipeline.resume import STAGES, reusable_stages, stage_config_sha256
 from tests.conftest import REPO
 
 
@@ -62,3 +62,29 @@ def test_publish_later_is_recorded_in_the_manifest_and_kept_on_resume(tmp_path):
     # ...while a resume that publishes elsewhere redoes the publish stage only.
     elsewhere = recipe.model_copy(update={"publish": PublishSpec(target=str(tmp_path / "other"))})
     assert list(reusable_stages(manifest, elsewhere, "vllm", run_dir, None)) == list(STAGES[:-1])
+
+
+def test_a_published_folder_names_no_path_of_the_machine_that_made_it(tmp_path):
+    """The bundle is copied or uploaded: its card loads the model by a relative path and its
+    provenance carries no absolute path of this machine (run dir, model cache, recipe folders)."""
+    run_dir, _ = _passed_run_without_publish(tmp_path)
+    report = json.loads((run_dir / "report.json").read_text())
+    report.update(run_dir=str(run_dir), base_model={"path": str(tmp_path / "cache" / "smollm2"), "sha256": "ab"})
+    (run_dir / "report.json").write_text(json.dumps(report))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(base_model={"source": "builtin:smollm2-135m-instruct", "path": str(tmp_path / "cache" / "smollm2")},
+                    files={name: digest for name, digest in hash_tree(run_dir).items() if name != "manifest.json"})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    target = tmp_path / "published" / "smollm2-int8"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(run_dir), "--target", str(target)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    card = (target / "README.md").read_text()
+    assert 'LLM(model="./smollm2-int8", quantization="quark")  # the folder of this README' in card
+    texts = {"README.md": card} | {f"provenance/{path.name}": path.read_text()
+                                   for path in (target / "provenance").iterdir() if path.suffix in (".json", ".yaml")}
+    assert set(texts) >= {"README.md", "provenance/report.json", "provenance/manifest.json", "provenance/recipe.yaml"}
+    for name, text in texts.items():
+        assert str(tmp_path) not in text and str(REPO) not in text, name
+    published_report = json.loads(texts["provenance/report.json"])
+    assert published_report["base_model"]["path"] == "<publishing machine>/smollm2"

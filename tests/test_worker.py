@@ -37,6 +37,17 @@ def test_pipeline_errors_keep_their_type_and_exit_code(tmp_path):
     assert caught.value.exit_code == 3 and caught.value.stage == "verify"
 
 
+def test_a_recipe_error_in_a_child_is_the_same_recipe_error_here(tmp_path):
+    """Errors serialise themselves across the hop: file, field and exit code 2 survive it."""
+    from pipeline.errors import RecipeError
+
+    with pytest.raises(RecipeError) as caught:
+        call_isolated("tests.worker_targets:raise_recipe_error", {}, log_path=tmp_path / "x.log", stage="quantize")
+    error = caught.value
+    assert (error.path, error.field, error.exit_code, error.stage) == ("recipes/x.yaml", "resources.device", 2, "quantize")
+    assert error.one_line() == "[quantize] recipes/x.yaml: resources.device: 'cuda' asked for, no CUDA device here"
+
+
 def test_a_crash_is_one_line_with_the_traceback_in_the_log(tmp_path):
     log = tmp_path / "x.log"
     with pytest.raises(StageError, match="ZeroDivisionError: boom"):

@@ -21,6 +21,12 @@ def allocate(megabytes: int) -> dict:
     return {"allocated": len(block)}
 
 
+def raise_recipe_error() -> None:
+    from pipeline.errors import RecipeError
+
+    raise RecipeError("recipes/x.yaml", "resources.device", "'cuda' asked for, no CUDA device here")
+
+
 def raise_verify_failed() -> dict:
     raise VerifyFailed("tensors do not match")
 
@@ -49,3 +55,50 @@ def spawn_grandchild_and_wait(pid_file: str) -> dict:
         handle.write(f"{os.getpid()} {grandchild.pid}")
     time.sleep(600)
     return {}
+
+
+def _engine(model_dir: str, recipe_path: str):
+    from pipeline import engine, engines
+    from pipeline.recipe import load_recipe
+
+    options = engine.engine_options(load_recipe(recipe_path), quantized=True)
+    engine.prepare_environment(options)
+    return engines.load(model_dir, options)
+
+
+def generate(model_dir: str, recipe_path: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy completions of a model folder by the recipe's engine settings (does a published copy serve?)."""
+    return [{"completion": item.text, "tokens": item.tokens}
+            for item in _engine(model_dir, recipe_path).generate(prompts, max_new_tokens)]
+
+
+def serving_figures_and_hand_timed(model_dir: str, recipe_path: str, out_dir: str) -> dict:
+    """serve's figures, then llm.generate timed by hand on the same load, same prompts and settings."""
+    import statistics
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from vllm import SamplingParams
+
+    from pipeline import engines
+    from pipeline.recipe import load_recipe
+    from pipeline.stages import serve
+
+    spec = load_recipe(recipe_path).evaluation
+    loaded = _engine(model_dir, recipe_path)
+    sampling = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens)
+
+    def hand_timed() -> float:
+        started = time.perf_counter()
+        outputs = loaded.llm.generate(list(spec.prompts), sampling, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return sum(len(output.outputs[0].token_ids) for output in outputs) / seconds
+
+    hand_timed()  # warm-up, as serve's own
+    # Timed before and after serve: a 2-core machine drifts by 10-20% within a minute, so the figure
+    # is compared with the spread of hand timings around it, not with one median taken after it.
+    rates = [hand_timed() for _ in range(serve.REPEATS)]
+    figures = serve.serve(loaded, engines.version(loaded.name), list(spec.prompts), spec.max_new_tokens, Path(out_dir))
+    rates += [hand_timed() for _ in range(serve.REPEATS)]
+    return {"figures": asdict(figures), "hand_timed_tokens_per_s": statistics.median(rates), "hand_timed_rates": rates}

@@ -21,6 +21,11 @@ def export(recipe: Recipe, model, base_model_dir: Path, out_dir: Path) -> dict:
     from quark.torch import export_safetensors
 
     export_safetensors(model, str(out_dir), custom_mode="quark")
+    return finish_export(recipe, base_model_dir, out_dir)
+
+
+def finish_export(recipe: Recipe, base_model_dir: Path, out_dir: Path) -> dict:
+    """Tokenizer/generation files and the resolved recipe beside the weights; the export summary."""
     for name in AUXILIARY_FILES:
         if (base_model_dir / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(base_model_dir / name, out_dir / name)

@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from pipeline import hub
 from pipeline.card import build_model_card
 from pipeline.errors import GateFailed, VerifyFailed
@@ -26,6 +28,8 @@ BUILTIN_BASE_MODEL_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM
 # Shipped task -> (dataset id, dataset name) for the card's model-index.
 TASK_DATASETS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge")}
 PROVENANCE_FILES = ("recipe.yaml", "report.json", MANIFEST_FILE, ACCURACY_PLOT)
+# Stands for a folder of the machine that published the bundle (absolute paths are not carried over).
+LOCAL_PATH_PLACEHOLDER = "<publishing machine>"
 # What the publish stage itself writes into the run (left out of the published manifest).
 PUBLISH_OWN_FILES = ("publish/", "logs/publish.log")
 
@@ -75,10 +79,37 @@ def build_bundle(recipe: Recipe, run_dir: Path, report: dict, bundle: Path, serv
     provenance = bundle / "provenance"
     provenance.mkdir()
     for name in PROVENANCE_FILES:
-        if name == MANIFEST_FILE and (run_dir / name).is_file():
-            (provenance / name).write_text(json.dumps(provenance_manifest(read_json(run_dir / name)), indent=2) + "\n")
-        elif (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, provenance / name)
+        source = run_dir / name
+        if not source.is_file():
+            continue
+        if name == MANIFEST_FILE:
+            (provenance / name).write_text(json.dumps(portable(provenance_manifest(read_json(source))), indent=2) + "\n")
+        elif name.endswith(".json"):
+            (provenance / name).write_text(json.dumps(portable(read_json(source)), indent=2, sort_keys=True) + "\n")
+        elif name.endswith(".yaml"):
+            text = yaml.safe_dump(portable(yaml.safe_load(source.read_text())), sort_keys=False)
+            (provenance / name).write_text(text)
+        else:
+            shutil.copy2(source, provenance / name)
+
+
+def portable(value):
+    """The value with every absolute path of this machine replaced by a placeholder and the last part
+    of the path: a published bundle is copied elsewhere, where this machine's folders mean nothing."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value and Path(value).is_absolute():
+        return f"{LOCAL_PATH_PLACEHOLDER}/{Path(value).name}"
+    return value
+
+
+def serve_location(target: str) -> str:
+    """What the card's vLLM snippet loads: the Hub repo id, or for a folder target a relative path to
+    the folder by its name (the bundle is meant to be copied; the absolute path here would be wrong there)."""
+    repo_id = hub.parse_hub_target(target)
+    return repo_id or f"./{Path(target).name}"
 
 
 def provenance_manifest(manifest: dict) -> dict:
@@ -111,7 +142,7 @@ def check_publishable(run_dir: Path) -> dict:
 def publish(recipe: Recipe, run_dir: Path, report: dict, out_dir: Path, *, dry_run: bool = False) -> dict:
     target = recipe.publish.target
     repo_id = hub.parse_hub_target(target)
-    serve_as = repo_id or str(Path(target).resolve())
+    serve_as = serve_location(target)
     token = None
     if repo_id is not None and not dry_run:
         token = hub.resolve_token()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import layers
-from pipeline.recipe import Recipe
-from pipeline.schemes import SchemeSpec, get_scheme
+from pipeline.recipe import ALGORITHMS, Recipe
+from pipeline.schemes import SchemeSpec
 from pipeline.stages.calibrate import load_token_batches
 
 
@@ -90,13 +91,15 @@ def quark_scheme_name(scheme: SchemeSpec) -> str:
     return scheme.quark_scheme or scheme.name
 
 
-def layer_overrides(recipe: Recipe, linear_names: list[str], excluded: list[str]) -> dict[str, str]:
-    """Exact layer name -> scheme name for the recipe's `layers` patterns (first pattern wins)."""
-    overrides: dict[str, str] = {}
+def layer_overrides(recipe: Recipe, linear_names: list[str], excluded: list[str]) -> dict[str, SchemeSpec]:
+    """Exact layer name -> scheme for the recipe's `layers` patterns (first pattern wins). The scheme
+    objects come from the recipe itself: quantize, verify and check derive them the same way, and no
+    stage parses a scheme back from its name."""
+    overrides: dict[str, SchemeSpec] = {}
     for pattern, scheme in recipe.quantization.layer_schemes().items():
         for name in layers.select(linear_names, [pattern]):
             if name not in excluded:
-                overrides.setdefault(name, scheme.name)
+                overrides.setdefault(name, scheme)
     return overrides
 
 
@@ -113,18 +116,12 @@ def algorithm_configs(recipe: Recipe, template) -> dict | None:
     if default is None:  # no template default for this architecture: Quark's class defaults
         from quark.torch.quantization.config import config as quark_config
 
-        default = getattr(quark_config, QUARK_ALGORITHM_CLASSES[name])()
+        default = getattr(quark_config, ALGORITHMS[name].quark_config_class)()
     return {name: dataclasses.replace(default, **options)}
 
 
-# Quark's config class per recipe algorithm name (tests check the recipe's option fields against them).
-QUARK_ALGORITHM_CLASSES = {
-    "gptq": "GPTQConfig", "awq": "AWQConfig", "smoothquant": "SmoothQuantConfig", "rotation": "RotationConfig",
-}
-
-
-def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[str], overrides: dict[str, str]):
-    for scheme in (recipe.scheme, *(get_scheme(name) for name in overrides.values())):
+def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[str], overrides: dict[str, SchemeSpec]):
+    for scheme in (recipe.scheme, *overrides.values()):
         _register_scheme(scheme)
     template = _template_for(model_type)
     return template.get_config(
@@ -132,7 +129,7 @@ def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[st
         algorithm=recipe.quantization.algorithm_name,
         kv_cache_scheme=recipe.quantization.kv_cache,
         exclude_layers=excluded_layers,
-        layer_config={name: quark_scheme_name(get_scheme(scheme)) for name, scheme in overrides.items()} or None,
+        layer_config={name: quark_scheme_name(scheme) for name, scheme in overrides.items()} or None,
         algo_configs=algorithm_configs(recipe, template),
     )
 
@@ -155,54 +152,113 @@ def linear_layer_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Path):
-    """Quantize `model` in place with Quark; write the resolved config summary. Returns (model, quantizer, summary)."""
-    import torch
-    from quark.torch import ModelQuantizer
+@dataclass
+class ResolvedConfig:
+    """The Quark config of a recipe on one model, and the layer names it was resolved from."""
 
+    quark_config: object
+    linear_names: list[str]
+    excluded: list[str]
+    overrides: dict[str, SchemeSpec]
+
+
+def resolve_config(recipe: Recipe, model) -> ResolvedConfig:
+    """From the model's module names alone (works on a meta-device skeleton too)."""
     linear_names = linear_layer_names(model)
     excluded = layers.select(linear_names, recipe.quantization.exclude)
     overrides = layer_overrides(recipe, linear_names, excluded)
     config = build_quark_config(recipe, model.config.model_type, excluded, overrides)
-    quantizer = ModelQuantizer(config)
-    if recipe.quantization.algorithm_name is not None:
-        token_batches = equal_length_batches(token_batches)
-    batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
-    with torch.no_grad():
-        model = quantizer.quantize_model(model, batches)
+    return ResolvedConfig(config, linear_names, excluded, overrides)
+
+
+def write_summary(recipe: Recipe, resolved: ResolvedConfig, calibration_batches: int, out_dir: Path,
+                  extra: dict | None = None) -> dict:
+    """quantize.json (what was quantized how) and quark_config.txt; returns the summary."""
+    linear_names, excluded, overrides = resolved.linear_names, resolved.excluded, resolved.overrides
     summary = {
         "scheme": recipe.scheme.name,
         "quark_scheme": quark_scheme_name(recipe.scheme),
         "kv_cache": recipe.quantization.kv_cache,
         "linear_layers": len(linear_names),
         "excluded_layers": excluded,
-        "layer_overrides": overrides,
+        "layer_overrides": {name: scheme.name for name, scheme in overrides.items()},  # for people; not read back
         "algorithm": recipe.quantization.algorithm_name,
         "algorithm_options": recipe.quantization.algorithm_options,
         "quantized_layers": len(linear_names) - len(excluded),
         "linear_layer_names": linear_names,
-        "calibration_batches": len(batches),
+        "calibration_batches": calibration_batches,
+        **(extra or {}),
     }
     (out_dir / "quantize.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "quark_config.txt").write_text(str(config) + "\n")
+    (out_dir / "quark_config.txt").write_text(str(resolved.quark_config) + "\n")
+    return summary
+
+
+def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Path, extra: dict | None = None):
+    """Quantize `model` in place with Quark; write the resolved config summary. Returns (model, quantizer, summary)."""
+    import torch
+    from quark.torch import ModelQuantizer
+
+    resolved = resolve_config(recipe, model)
+    quantizer = ModelQuantizer(resolved.quark_config)
+    if recipe.quantization.algorithm_name is not None:
+        token_batches = equal_length_batches(token_batches)
+    batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
+    with torch.no_grad():
+        model = quantizer.quantize_model(model, batches)
+    summary = write_summary(recipe, resolved, len(batches), out_dir, extra)
     return model, quantizer, summary
 
 
-def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out_dirs: dict[str, str]) -> dict:
-    """Child-process job: quantize -> freeze -> export. Returns one record per stage."""
+def device_placement(recipe: Recipe, device: str) -> dict:
+    """from_pretrained arguments that place the in-memory model: nothing on the CPU; on GPUs an accelerate
+    device map over every GPU torch sees, within the recipe's per-device limits and offload folder."""
+    if device == "cpu":
+        return {}
+    import torch
+
+    from pipeline.devices import max_memory
+
+    resources = recipe.resources
+    placement: dict = {"device_map": "auto"}
+    if (limits := max_memory(resources, torch.cuda.device_count())) is not None:
+        placement["max_memory"] = limits
+    if resources.offload_folder is not None:
+        placement["offload_folder"] = resources.offload_folder
+    return placement
+
+
+def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out_dirs: dict[str, str],
+                           state_dir: str | None = None, device: str = "cpu") -> dict:
+    """Child-process job: quantize -> freeze -> export. Returns one record per stage.
+
+    state_dir: where a streaming run keeps finished layers for a layer-level resume.
+    device: torch device type ("cpu", "cuda"): streaming onloads each layer there; in memory, the model
+    is spread over the GPUs with an accelerate device map, as Quark's own `quantize_quark.py --multi_gpu` does."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.plan import quantize_mode
     from pipeline.stages import export, freeze
 
     parsed = Recipe.model_validate(recipe)
+    mode, reason = quantize_mode(parsed, Path(model_dir) / "config.json", device)
+    print(f"quantization mode: {mode} on {device} ({reason})", flush=True)
+    token_batches = load_token_batches(Path(calibrate_dir))
+    if mode == "streaming":
+        from pipeline.stages.stream_quantize import stream_quantize
+
+        return stream_quantize(parsed, Path(model_dir), token_batches, {k: Path(v) for k, v in out_dirs.items()},
+                               device=device, mode_reason=reason, state_dir=Path(state_dir) if state_dir else None)
     records = {}
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, parsed.model.dtype), trust_remote_code=parsed.model.trust_remote_code
+        model_dir, dtype=getattr(torch, parsed.model.dtype), trust_remote_code=parsed.model.trust_remote_code,
+        **device_placement(parsed, device),
     )
     model.eval()
-    model, quantizer, summary = quantize(parsed, model, load_token_batches(Path(calibrate_dir)), Path(out_dirs["quantize"]))
+    model, quantizer, summary = quantize(parsed, model, token_batches, Path(out_dirs["quantize"]),
+                                         extra={"mode": mode, "mode_reason": reason})
     records["quantize"] = {"summary": summary, "wall_s": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
 
     started = time.perf_counter()

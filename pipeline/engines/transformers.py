@@ -1,0 +1,95 @@
+"""The transformers engine: Quark exports load through Quark's emulation; any scheme, slow.
+Runs on the recipe's `resources.device` as resolved here (cpu, or cuda on GPU machines)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from pipeline.engine import EngineOptions
+from pipeline.engines.base import Generation
+
+LM_EVAL_BATCH_SIZE = 8
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model_dir: str, options: EngineOptions):
+        started = time.perf_counter()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.import_s = time.perf_counter() - started
+        started = time.perf_counter()
+        self.options = options
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = self._load_model(AutoModelForCausalLM, model_dir, getattr(torch, options.dtype)).eval()
+        self.load_s = time.perf_counter() - started
+        self._lm = None
+
+    def _load_model(self, auto_class, model_dir: str, dtype):
+        return auto_class.from_pretrained(model_dir, dtype=dtype).to(self.options.device)
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[Generation]:
+        import torch
+
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"  # batched greedy generation of prompts of different lengths
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(self.options.device)
+        with torch.no_grad():
+            output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+        results = []
+        for row in output[:, batch["input_ids"].shape[1]:]:
+            tokens = [token for token in row.tolist() if token != tokenizer.pad_token_id]
+            results.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
+        return results
+
+    def lm_eval_model(self):
+        if self._lm is None:
+            from lm_eval.models.huggingface import HFLM
+
+            self._lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, device=self.options.device,
+                            batch_size=LM_EVAL_BATCH_SIZE, max_length=self.options.max_model_len)
+        return self._lm
+
+    def top_logprobs(self, token_ids: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        top_ids, top_logprobs = [], []
+        for ids in token_ids:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1]
+            top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            top_ids.append(top.indices.cpu().numpy())
+            top_logprobs.append(top.values.cpu().numpy())
+        return np.concatenate(top_ids).astype(np.int64), np.concatenate(top_logprobs).astype(np.float32)
+
+    def completion_perplexities(self, pairs: list[list[str]]) -> list[float]:
+        import torch
+
+        perplexities = []
+        for prompt, completion in pairs:
+            start = len(self.tokenizer(prompt)["input_ids"])
+            ids = self.tokenizer(prompt + completion, return_tensors="pt")["input_ids"].to(self.model.device)
+            if ids.shape[1] <= start:
+                perplexities.append(float("inf"))
+                continue
+            with torch.no_grad():
+                logprobs = torch.log_softmax(self.model(ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, 1:]
+            token_logprobs = logprobs[torch.arange(len(targets), device=ids.device), targets][start - 1:]
+            perplexities.append(math.exp(-token_logprobs.mean().item()))
+        return perplexities
+
+    def device_memory_used_mb(self) -> float | None:
+        if self.options.device == "cpu":
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.options.device) / 2**20

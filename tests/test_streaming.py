@@ -1,0 +1,141 @@
+"""quantization.mode: the recipe rules, the auto decision, and the streaming path's shard reader/writer.
+
+The equality of streaming and in-memory exports on the real model is in test_streaming_equality.py (slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import plan
+from pipeline.errors import RecipeError
+from pipeline.recipe import Recipe, ResourcesSpec, load_recipe
+from tests.conftest import REPO
+
+LLAMA_8B = REPO / "recipes" / "model-configs" / "llama-3.1-8b-instruct" / "config.json"
+
+
+def _recipe(**quantization) -> Recipe:
+    return Recipe.model_validate({
+        "name": "t", "model": {"source": "builtin:smollm2-135m-instruct"},
+        "quantization": {"scheme": "fp8", **quantization},
+    })
+
+
+def test_mode_defaults_to_auto():
+    assert _recipe().quantization.mode == "auto"
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"algorithm": "gptq"}, "algorithm gptq needs the whole model"),
+    ({"algorithm": "smoothquant"}, "algorithm smoothquant needs the whole model"),
+])
+def test_streaming_refuses_whole_model_features_naming_the_field(write_recipe, minimal_recipe_text, extra, words):
+    lines = "".join(f"  {key}: {value}\n" for key, value in extra.items())
+    path = write_recipe(minimal_recipe_text + lines + "  mode: streaming\n")
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path)
+    assert "quantization.mode" in str(raised.value) and words in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_unknown_mode_is_refused(write_recipe, minimal_recipe_text):
+    with pytest.raises(RecipeError, match="quantization.mode"):
+        load_recipe(write_recipe(minimal_recipe_text + "  mode: sometimes\n"))
+
+
+def _mode(budget_gib: float, **quantization) -> tuple[str, str]:
+    recipe = _recipe(**quantization).model_copy(update={"resources": ResourcesSpec(host_memory_gb=budget_gib)})
+    return plan.quantize_mode(recipe, LLAMA_8B, "cpu")
+
+
+def test_explicit_mode_is_kept_with_its_reason():
+    assert _mode(8, mode="in_memory") == ("in_memory", "as the recipe asks")
+
+
+def test_auto_streams_when_the_in_memory_estimate_exceeds_the_budget():
+    mode, reason = _mode(8)  # 8B in bf16: ~18.7 GiB in memory
+    assert mode == "streaming" and "> budget 8.0 GiB" in reason
+
+
+def test_auto_stays_in_memory_when_it_fits():
+    mode, reason = _mode(64)
+    assert mode == "in_memory" and "fits" in reason
+
+
+def test_auto_with_an_algorithm_falls_back_to_in_memory_and_says_why():
+    mode, reason = _mode(8, scheme="int4_wo_64", algorithm="gptq")
+    assert mode == "in_memory" and "gptq needs the whole model" in reason
+
+
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 3000])
+def test_shard_writer_layout_reads_back(tmp_path, max_shard_bytes):
+    import torch
+
+    from pipeline.stages.stream_quantize import CheckpointReader, ShardWriter
+
+    tensors = {f"model.layers.{index}.weight": torch.full((16, 16), float(index)) for index in range(4)}
+    writer = ShardWriter(tmp_path, max_shard_bytes=max_shard_bytes)
+    for name, tensor in tensors.items():
+        writer.add({name: tensor})
+    files = writer.close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    if max_shard_bytes == 3000:  # 1 KiB tensors, at most 2 per shard, as save_pretrained names them
+        assert files == [f"model-0000{number}-of-00002.safetensors" for number in (1, 2)]
+        assert names == sorted(files + ["model.safetensors.index.json"])
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == 4 * 16 * 16 * 4
+    else:
+        assert files == names == ["model.safetensors"]
+    reader = CheckpointReader(tmp_path)
+    assert sorted(reader.names("model.layers.")) == sorted(tensors)
+    read = reader.read(["model.layers.3.weight", "model.layers.0.weight"])
+    assert torch.equal(read["model.layers.3.weight"], tensors["model.layers.3.weight"])
+    assert torch.equal(read["model.layers.0.weight"], tensors["model.layers.0.weight"])
+
+
+def test_container_names_modules_as_the_full_model():
+    import torch
+
+    from pipeline.stages.stream_quantize import _named_container
+
+    layer = torch.nn.Sequential()
+    layer.add_module("q_proj", torch.nn.Linear(4, 4))
+    container = _named_container("model.layers.7", layer)
+    assert "model.layers.7.q_proj" in dict(container.named_modules())
+    inputs = torch.ones(1, 4)
+    container.batches = [{"hidden_states": inputs}]
+    output = container(inputs)
+    assert container.batches == [{"hidden_states": output}] and container.seen == 1  # the output replaced its input
+
+
+def test_layer_state_resumes_after_the_last_layer_that_verifies(tmp_path):
+    import torch
+
+    from pipeline.stream_state import LayerState
+
+    state = LayerState(tmp_path / "layers", "key-1")
+    for index in range(3):
+        state.save(index, {f"layers.{index}.w": torch.full((4,), float(index))}, [torch.full((2, 3), float(index))])
+    assert state.finished_layers(5, needs_hidden=True) == 3
+    assert not (tmp_path / "layers" / "layer-00000.hidden.safetensors").exists()  # only the newest boundary is kept
+    assert torch.equal(state.load_hidden(2, "cpu")[0], torch.full((2, 3), 2.0))
+    assert torch.equal(state.load_tensors(1)["layers.1.w"], torch.full((4,), 1.0))
+
+    (tmp_path / "layers" / "layer-00002.hidden.safetensors").write_bytes(b"torn")  # the boundary does not verify
+    assert state.finished_layers(5, needs_hidden=True) == 0  # no earlier boundary is kept: start over
+    assert state.finished_layers(5, needs_hidden=False) == 3  # weight-only schemes need no boundary
+
+    with open(tmp_path / "layers" / "layer-00001.safetensors", "r+b") as handle:  # a flipped byte in layer 1
+        handle.seek(-1, 2)
+        handle.write(b"\x01")
+    assert state.finished_layers(5, needs_hidden=False) == 1
+
+    assert LayerState(tmp_path / "layers", "key-2").finished_layers(5, needs_hidden=False) == 0  # other inputs
+
+
+def test_streaming_takes_the_kv_cache_scales(write_recipe, minimal_recipe_text):
+    recipe = load_recipe(write_recipe(minimal_recipe_text + "  kv_cache: fp8\n  mode: streaming\n"))
+    assert recipe.quantization.mode == "streaming" and recipe.quantization.kv_cache == "fp8"

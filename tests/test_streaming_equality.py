@@ -1,0 +1,180 @@
+"""Streaming equals in-memory on the real tiny model, tensor by tensor, and a streaming run passes verify.
+
+Slow: each case quantizes the model twice with Quark (whole, then one decoder layer at a time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import Recipe
+from pipeline.stages.calibrate import TOKENS_FILE, calibrate
+from tests.conftest import REPO
+from tests.test_end_to_end import ci_sized, run_dir_of, run_recipe
+
+pytestmark = pytest.mark.slow
+
+SCALE_RTOL = 1e-3
+# Integer codes may differ where a weight sits on a rounding tie; "rare" = at most this fraction.
+MAX_TIE_FRACTION = 1e-4
+
+
+def _recipe(scheme: str, mode: str, kv_cache: str | None = None) -> Recipe:
+    return Recipe.model_validate({
+        "name": "equality", "model": {"source": "builtin:smollm2-135m-instruct"},
+        "calibration": {"samples": 8, "max_seq_len": 128},
+        "quantization": {"scheme": scheme, "mode": mode, "kv_cache": kv_cache},
+    })
+
+
+def _out_dirs(root: Path) -> dict[str, Path]:
+    dirs = {stage: root / stage for stage in ("quantize", "freeze", "model")}
+    for folder in dirs.values():
+        folder.mkdir(parents=True)
+    return dirs
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+# fp8 with the fp8 KV cache: the flagship's scheme (static activation and k/v output scales).
+@pytest.mark.parametrize(("scheme", "kv_cache"), [("int8_per_channel", None), ("fp8", "fp8"), ("int4_wo_64", None)])
+def test_streaming_export_equals_in_memory(tmp_path, scheme, kv_cache):
+    import torch
+
+    from pipeline.models import converted_model_dir
+    from pipeline.stages.quantize import quantize_freeze_export
+    from pipeline.stages.stream_quantize import stream_quantize
+
+    model_dir = converted_model_dir(_recipe(scheme, "in_memory", kv_cache).model)
+    calibrate_dir = tmp_path / "calibrate"
+    calibrate_dir.mkdir()
+    calibrate(_recipe(scheme, "in_memory", kv_cache), model_dir, calibrate_dir)
+    in_memory = _out_dirs(tmp_path / "in_memory")
+    records = quantize_freeze_export(_recipe(scheme, "in_memory", kv_cache).model_dump(mode="json"), str(model_dir),
+                                     str(calibrate_dir), {stage: str(path) for stage, path in in_memory.items()})
+    assert records["quantize"]["summary"]["mode"] == "in_memory"
+    batches = [json.loads(line) for line in (calibrate_dir / TOKENS_FILE).read_text().splitlines()]
+    streamed = _out_dirs(tmp_path / "streaming")
+    records = stream_quantize(_recipe(scheme, "streaming", kv_cache), model_dir, batches, streamed)
+    assert records["quantize"]["summary"]["mode"] == "streaming"
+    assert records["quantize"]["summary"]["calibrated_activations"] == (scheme == "fp8")
+
+    expected, actual = _tensors(in_memory["model"]), _tensors(streamed["model"])
+    assert sorted(actual) == sorted(expected)
+    if scheme == "fp8":
+        assert any(name.endswith(".input_scale") for name in actual)  # static activation scales were calibrated
+    if kv_cache:
+        assert any(name.endswith("k_proj.output_scale") for name in actual)  # the KV-cache scales too
+    for name, tensor in expected.items():
+        other = actual[name]
+        assert (other.dtype, other.shape) == (tensor.dtype, tensor.shape), name
+        if tensor.is_floating_point():
+            torch.testing.assert_close(other.float(), tensor.float(), rtol=SCALE_RTOL, atol=0, msg=name)
+        else:
+            differing = (other != tensor).sum().item()
+            assert differing <= MAX_TIE_FRACTION * tensor.numel(), f"{name}: {differing} integer codes differ"
+    config = json.loads((streamed["model"] / "config.json").read_text())
+    reference = json.loads((in_memory["model"] / "config.json").read_text())
+    assert config["quantization_config"] == reference["quantization_config"]
+    assert sorted(path.name for path in streamed["model"].iterdir()) == sorted(
+        path.name for path in in_memory["model"].iterdir())
+
+
+def test_streaming_run_passes_verify_and_serves(tmp_path):
+    """The int8 recipe with `mode: streaming` through `run`: verify, vLLM CPU serving and the gate."""
+    text = (REPO / "recipes" / "smollm2-135m-int8.yaml").read_text()
+    text = ci_sized(text.replace("quantization:\n", "quantization:\n  mode: streaming\n", 1))
+    recipe = tmp_path / "streaming-int8.yaml"
+    recipe.write_text(text)
+    completed = run_recipe(recipe, tmp_path)
+    assert completed.returncode in (0, 3, 4), completed.stdout[-3000:] + completed.stderr[-3000:]
+    run_dir = run_dir_of(completed)
+    summary = json.loads((run_dir / "quantize" / "quantize.json").read_text())
+    assert summary["mode"] == "streaming" and summary["mode_reason"] == "as the recipe asks"
+    assert "quantization mode: streaming" in (run_dir / "logs" / "quantize.log").read_text()
+    verify = json.loads((run_dir / "verify" / "verify.json").read_text())
+    assert verify["passed"] and verify["quantized_layers_checked"] == 30 * 7
+    serve = json.loads((run_dir / "serve" / "generations.json").read_text())
+    assert serve["generated_tokens"] > 0
+
+
+def test_kill_9_mid_layers_resumes_after_the_last_finished_layer_byte_identical(tmp_path):
+    """A streaming quantize killed (SIGKILL to the whole tree) after some layers: `run` again keeps the
+    finished layers whose hashes verify, restarts after them, and writes the uninterrupted export byte for byte."""
+    import re
+
+    from pipeline.rundir import hash_tree
+    from pipeline.runner import STREAM_STATE_FOLDER
+    from tests.process_tree import CliRun
+    from tests.test_failure_drills import DRILL_NAME, _drill_recipe, _log_has, _stage_done, _uninterrupted_export
+
+    recipe = _drill_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("quantization:\n", "quantization:\n  mode: streaming\n", 1))
+    exports = tmp_path / "exports"
+    run_args = ("run", str(recipe), "--output-dir", str(exports))
+
+    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
+    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
+    run_dir = next((exports / DRILL_NAME).iterdir())
+    first.wait_for(lambda: _log_has(run_dir, "quantize", "layer 8/30 quantized"), "eight layers", 900)
+    first.kill_like_a_crash()
+    assert not _stage_done(run_dir, "quantize")
+    assert (run_dir / STREAM_STATE_FOLDER / "layer-00007.json").is_file()  # kept across the kill
+
+    second = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-2")
+    second.wait_for(lambda: _stage_done(run_dir, "export"), "the export", 900)
+    second.kill_like_a_crash()  # the rest (serve, evaluate) is not what this drill is about
+    resumed = re.search(r"resuming after layer (\d+)/30", (run_dir / "logs" / "quantize.log").read_text())
+    assert resumed and int(resumed.group(1)) >= 8, "the second run did not resume from the finished layers"
+    summary = json.loads((run_dir / "quantize" / "quantize.json").read_text())
+    assert summary["resumed_after_layer"] == int(resumed.group(1))
+    assert not (run_dir / STREAM_STATE_FOLDER).exists()  # removed once the export is complete
+    assert hash_tree(run_dir / "model") == _uninterrupted_export(recipe, run_dir, tmp_path / "reference")
+
+
+def test_static_fp8_resume_from_saved_boundary_hidden_states_is_byte_identical(tmp_path, monkeypatch):
+    """fp8 (static activation scales): a run that dies after layer 6 resumes from the saved boundary hidden
+    states, and its export equals an uninterrupted streaming run's byte for byte."""
+    from pipeline.models import converted_model_dir
+    from pipeline.rundir import hash_tree
+    from pipeline.stages.stream_quantize import stream_quantize
+    from pipeline.stream_state import LayerState
+
+    recipe = _recipe("fp8", "streaming")
+    model_dir = converted_model_dir(recipe.model)
+    calibrate_dir = tmp_path / "calibrate"
+    calibrate_dir.mkdir()
+    calibrate(recipe, model_dir, calibrate_dir)
+    batches = [json.loads(line) for line in (calibrate_dir / TOKENS_FILE).read_text().splitlines()]
+    state_dir = tmp_path / "quantize-layers"
+
+    class Crash(Exception):
+        pass
+
+    save = LayerState.save
+
+    def save_then_die(self, index, *args, **kwargs):
+        save(self, index, *args, **kwargs)
+        if index == 5:
+            raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LayerState, "save", save_then_die)
+        with pytest.raises(Crash):
+            stream_quantize(recipe, model_dir, batches, _out_dirs(tmp_path / "first"), state_dir=state_dir)
+    assert (state_dir / "layer-00005.hidden.safetensors").is_file()
+    records = stream_quantize(recipe, model_dir, batches, _out_dirs(tmp_path / "resumed"), state_dir=state_dir)
+    assert records["quantize"]["summary"]["resumed_after_layer"] == 6
+    stream_quantize(recipe, model_dir, batches, _out_dirs(tmp_path / "reference"))
+    assert hash_tree(tmp_path / "resumed" / "model") == hash_tree(tmp_path / "reference" / "model")
