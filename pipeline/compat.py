@@ -20,6 +20,7 @@ TRANSFORMERS = "transformers"
 ENGINES = (*VLLM_ENGINES, TRANSFORMERS)
 MEASURED = "measured here"
 PER_VLLM_DOCS = "per vLLM docs"
+PER_VLLM_SOURCE = "per vLLM source"
 PER_QUARK_DOCS = "per Quark docs"
 # transformers loads any Quark export through Quark's emulation (QParamsLinear): right
 # numbers, slow kernels -- an evaluation engine, not a serving one.
@@ -107,10 +108,22 @@ KV_CACHE_SUPPORT: dict[str, dict[str, Support]] = {
 }
 
 
+# vLLM 0.32's CPU attention (v1/attention/backends/cpu_attn.py) raises "FP8 KV cache on CPU requires
+# x86 with AVX-512 or AMX." at load on an AVX2-only CPU: refused there, before anything runs.
+NO_CPU_FP8_KV_CACHE = Support(
+    False, "vLLM 0.32's CPU attention has no FP8 KV cache without AVX-512 or AMX (this CPU: AVX2 only; "
+    "\"FP8 KV cache on CPU requires x86 with AVX-512 or AMX\" in vLLM's cpu_attn); use engine: auto "
+    "(transformers evaluates it)", PER_VLLM_SOURCE,
+)
+
+
 def kv_cache_support(kv_cache: str | None, engine: str) -> Support:
     if kv_cache is None:
         return Support(True, "KV cache not quantized", MEASURED)
     entry = KV_CACHE_SUPPORT.get(kv_cache, {}).get(engine)
+    if entry is not None and entry.supported and engine == "vllm-cpu" and kv_cache == "fp8" \
+            and not {"avx512f", "amx_tile"} & cpu_flags():
+        return NO_CPU_FP8_KV_CACHE
     return entry or Support(False, f"kv_cache {kv_cache} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
 

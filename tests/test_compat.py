@@ -87,3 +87,15 @@ def test_int4_weight_only_on_vllm_cpu_needs_avx512(monkeypatch):
     monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "avx512f", "amx_tile"})
     assert compat.support("int4_wo_64", "vllm-cpu").supported
     assert compat.support("w-uint4-per_group64-asym", "vllm-cpu").supported
+
+
+def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(monkeypatch):
+    """vLLM 0.32's cpu_attn raises "FP8 KV cache on CPU requires x86 with AVX-512 or AMX" on AVX2."""
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "fma"})
+    refused = compat.kv_cache_support("fp8", "vllm-cpu")
+    assert not refused.supported and "AVX-512 or AMX" in refused.reason
+    assert compat.kv_cache_support("fp8", "vllm-cuda").supported
+    assert compat.kv_cache_support("fp8", "transformers").supported
+    for flags in ({"avx2", "avx512f"}, {"avx512f", "amx_tile"}):
+        monkeypatch.setattr(compat, "cpu_flags", lambda flags=flags: flags)
+        assert compat.kv_cache_support("fp8", "vllm-cpu").supported

@@ -212,7 +212,8 @@ def test_verify_checks_the_kv_cache_group():
     ]
 
 
-def test_kv_cache_fp8_support_is_recorded_per_engine():
+def test_kv_cache_fp8_support_is_recorded_per_engine(monkeypatch):
+    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx512f", "amx_tile"})  # AVX2 refuses it: test_compat
     entry = compat.kv_cache_support("fp8", "vllm-cpu")
     assert entry.supported and entry.source == compat.MEASURED
     recipe = _recipe("int8_per_channel", kv_cache="fp8")

