@@ -107,6 +107,19 @@ def _after_kill(run_dir: Path, killed_stage: str, staged_folder: str) -> None:
         assert not any(name.startswith(".") or "/." in name for name in record.get("outputs", {}))
 
 
+def kill_first_run_in_quantize(run_args: tuple[str, ...], exports: Path, tmp_path: Path, log_text: str,
+                               what: str, timeout: int) -> Path:
+    """Start `run`, wait until its quantize log says `log_text`, kill it like a crash; its run directory."""
+    from tests.process_tree import CliRun
+
+    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
+    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
+    run_dir = next((exports / DRILL_NAME).iterdir())
+    first.wait_for(lambda: _log_has(run_dir, "quantize", log_text), what, timeout)
+    first.kill_like_a_crash()
+    return run_dir
+
+
 def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrupted_export(tmp_path):
     """A machine crash (SIGKILL to the CLI and every stage child's session) three times over, each time resumed:
     the final export is byte-identical to an uninterrupted run's, and no half-written folder is ever kept."""
@@ -117,11 +130,8 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
     run_args = ("run", str(recipe), "--output-dir", str(exports))
 
     # 1. A fresh run, killed while Quark calibrates its quantizers.
-    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
-    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
-    run_dir = next((exports / DRILL_NAME).iterdir())
-    first.wait_for(lambda: _log_has(run_dir, "quantize", "In-place OPs replacement start"), "Quark to start quantizing", 600)
-    first.kill_like_a_crash()
+    run_dir = kill_first_run_in_quantize(run_args, exports, tmp_path, "In-place OPs replacement start",
+                                         "Quark to start quantizing", 600)
     _after_kill(run_dir, "quantize", "quantize")
     assert _stage_done(run_dir, "calibrate")
 

@@ -117,18 +117,14 @@ def test_kill_9_mid_layers_resumes_after_the_last_finished_layer_byte_identical(
     from pipeline.rundir import hash_tree
     from pipeline.runner import STREAM_STATE_FOLDER
     from tests.process_tree import CliRun
-    from tests.test_failure_drills import DRILL_NAME, _drill_recipe, _log_has, _stage_done, _uninterrupted_export
+    from tests.test_failure_drills import _drill_recipe, _stage_done, _uninterrupted_export, kill_first_run_in_quantize
 
     recipe = _drill_recipe(tmp_path)
     recipe.write_text(recipe.read_text().replace("quantization:\n", "quantization:\n  mode: streaming\n", 1))
     exports = tmp_path / "exports"
     run_args = ("run", str(recipe), "--output-dir", str(exports))
 
-    first = CliRun(*run_args, cwd=tmp_path, logs=tmp_path / "cli-1")
-    first.wait_for(lambda: any((exports / DRILL_NAME).glob("*/logs/quantize.log")), "the quantize stage", 600)
-    run_dir = next((exports / DRILL_NAME).iterdir())
-    first.wait_for(lambda: _log_has(run_dir, "quantize", "layer 8/30 quantized"), "eight layers", 900)
-    first.kill_like_a_crash()
+    run_dir = kill_first_run_in_quantize(run_args, exports, tmp_path, "layer 8/30 quantized", "eight layers", 900)
     assert not _stage_done(run_dir, "quantize")
     assert (run_dir / STREAM_STATE_FOLDER / "layer-00007.json").is_file()  # kept across the kill
 
