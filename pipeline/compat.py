@@ -13,6 +13,7 @@ import importlib.metadata
 from dataclasses import dataclass
 
 from pipeline.compute_dtype import cpu_flags
+from pipeline import schemes
 from pipeline.schemes import SCHEMES, SchemeSpec, get_scheme
 
 VLLM_ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
@@ -25,7 +26,7 @@ PER_QUARK_DOCS = "per Quark docs"
 # transformers loads any Quark export through Quark's emulation (QParamsLinear): right
 # numbers, slow kernels -- an evaluation engine, not a serving one.
 EMULATION = "Quark emulation in transformers (QParamsLinear): correct, slow; for evaluation"
-MEASURED_IN_TRANSFORMERS = ("fp8", "ptpc_fp8")
+MEASURED_IN_TRANSFORMERS = ("fp8", "ptpc_fp8", "mxfp4", "nvfp4")  # the slow tests run them
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,41 @@ def _int4_wo(group: int) -> dict[str, Support]:
         "vllm-cpu": Support(
             True, f"QuarkW4A16Int4; group size {group} must divide the model's hidden sizes", MEASURED if group == 64 else PER_VLLM_DOCS
         ),
+    }
+
+
+# The block formats (OCP MX, NVFP4), per vLLM 0.32's Quark loader (quark.py: _is_nvfp4, _is_w4a8_mxfp4_fp8,
+# _is_w_ocp_mx_a_x) and its kernel registry (kernels/linear/__init__.py: _POSSIBLE_MXFP4/MXFP6/NVFP4_KERNELS,
+# which list CUDA, ROCm and XPU kernels and none for the CPU).
+_NO_CPU_BLOCK_KERNEL = "vLLM's CPU build has no {kind} linear kernel (\"Failed to find a kernel that can implement the {kind} linear layer\")"
+BLOCK_FORMAT_SUPPORT: dict[str, tuple[str, str, str, bool]] = {
+    # scheme: (vllm-cuda, vllm-rocm, vllm-cpu refusal, the CPU refusal measured here)
+    "mxfp4": ("QuarkOCP_MX: FlashInfer/Marlin MXFP4 kernels where the GPU has them (Blackwell), vLLM's emulation "
+              "otherwise", "QuarkOCP_MX: AITER MXFP4 GEMM on MI350/MI355 (gfx950), emulation on MI300",
+              _NO_CPU_BLOCK_KERNEL.format(kind="MXFP4"), True),
+    "mxfp4_weight_only": ("QuarkOCP_MX (weight-only MXFP4)", "QuarkOCP_MX: AITER MXFP4 on MI350/MI355, emulation on MI300",
+                          _NO_CPU_BLOCK_KERNEL.format(kind="MXFP4"), True),
+    "mxfp6_e3m2": ("QuarkOCP_MX: Humming MXFP6 kernel or emulation", "QuarkOCP_MX: MXFP6 emulation",
+                   _NO_CPU_BLOCK_KERNEL.format(kind="MXFP6"), True),
+    "mxfp6_e2m3": ("QuarkOCP_MX: Humming MXFP6 kernel or emulation", "QuarkOCP_MX: MXFP6 emulation",
+                   _NO_CPU_BLOCK_KERNEL.format(kind="MXFP6"), False),
+    "mxfp4_mxfp6_e2m3": ("QuarkOCP_MX: MXFP4 weights, MXFP6 activations", "QuarkOCP_MX: MXFP4 weights, MXFP6 "
+                         "activations (AITER on MI350/MI355)", _NO_CPU_BLOCK_KERNEL.format(kind="MXFP4"), False),
+    "mxfp4_fp8": ("QuarkW4A8_MXFP4_FP8 in emulation", "QuarkW4A8_MXFP4_FP8: AITER gemm_a8wfp4 on MI350/MI355, "
+                  "emulation elsewhere", "QuarkW4A8_MXFP4_FP8 loads, then generation raises "
+                  "\"dq_uint8_mxfp4_to_half is only implemented in CUDA devices\"", True),
+    "nvfp4": ("QuarkNVFP4: CUTLASS/FlashInfer NVFP4 GEMM on Blackwell (sm100+), Marlin W4A16 on older GPUs, "
+              "emulation otherwise", "QuarkNVFP4: emulation", _NO_CPU_BLOCK_KERNEL.format(kind="NVFP4"), True),
+}
+
+
+def _block_format(name: str) -> dict[str, Support]:
+    cuda, rocm, cpu_refusal, cpu_measured = BLOCK_FORMAT_SUPPORT[name]
+    return {
+        "vllm-cuda": Support(True, cuda, PER_VLLM_SOURCE),
+        "vllm-rocm": Support(True, rocm, PER_VLLM_SOURCE),
+        "vllm-cpu": Support(False, cpu_refusal + "; engine: auto evaluates it in transformers",
+                            MEASURED if cpu_measured else PER_VLLM_SOURCE),
     }
 
 
@@ -76,6 +112,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         )
         for engine in VLLM_ENGINES
     },
+    **{name: _block_format(name) for name in BLOCK_FORMAT_SUPPORT},
 }
 # Schemes whose support differs for MoE expert layers: (engine -> Support) for those layers.
 MOE_EXPERT_SUPPORT: dict[str, dict[str, Support]] = {
@@ -214,6 +251,8 @@ def vllm_quark_class(spec: SchemeSpec) -> tuple[str | None, str]:
     """(vLLM Quark scheme class, why) for a layout, following vLLM 0.32's `_get_scheme_cls_from_config`
     rules for dense layers; class None: the loader has no scheme for it (NotImplementedError at load)."""
     w, a = spec.weight_dtype, spec.activation_dtype
+    if spec.weight_granularity == "per_block":
+        return _block_quark_class(spec)
     if spec.progressive:
         return None, "multi-entry (progressive) weight configs are served only for NVFP4"
     if a is None:
@@ -235,6 +274,25 @@ def vllm_quark_class(spec: SchemeSpec) -> tuple[str | None, str]:
     return None, f"no scheme for {w} weights with {a} activations (vLLM's Quark loader pairs int8/int8 and fp8/fp8)"
 
 
+def _block_quark_class(spec: SchemeSpec) -> tuple[str | None, str]:
+    """vLLM 0.32's Quark loader on block formats: NVFP4 needs NVFP4 activations (_is_nvfp4); OCP MX weights
+    take no activation quantization, MX/FP8 dynamic activations, or (MXFP4 only) static per-tensor FP8."""
+    a = spec.activation_dtype
+    if spec.global_scale:
+        if a == "fp4_e2m1" and spec.activation_granularity == "per_block":
+            return "QuarkNVFP4", "NVFP4 weights and activations"
+        return None, "NVFP4 weights are served only with NVFP4 activations (_is_nvfp4)"
+    if a is None or (a in schemes.BLOCK_DTYPES and spec.activation_granularity == "per_block"):
+        return "QuarkOCP_MX", "OCP MX weights with MX or no activation quantization"
+    if a == "fp8_e4m3" and spec.activation_static:
+        if spec.weight_dtype == "fp4_e2m1" and spec.activation_granularity == "per_tensor":
+            return "QuarkW4A8_MXFP4_FP8", "MXFP4 weights with static per-tensor FP8 activations"
+        return None, "static FP8 activations over OCP MX weights: MXFP4 weights, per-tensor scales only"
+    if a == "fp8_e4m3" and spec.activation_granularity == "per_tensor":
+        return "QuarkOCP_MX", "OCP MX weights with dynamic per-tensor FP8 activations"
+    return None, f"OCP MX weights take MX, dynamic FP8 or no activation quantization, not {a} {spec.activation_granularity}"
+
+
 def explicit_support(spec: SchemeSpec, engine: str) -> Support:
     """Support for an explicit form, from vLLM's Quark loader rules (and, on CPU, what was measured)."""
     if engine == TRANSFORMERS:
@@ -245,7 +303,10 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
     if quark_class is None:
         return Support(False, f"vLLM's Quark loader: {why}", PER_VLLM_DOCS)
     if engine != "vllm-cpu":
-        return Support(True, f"{quark_class}: {why}", PER_VLLM_DOCS)
+        return Support(True, f"{quark_class}: {why}", PER_VLLM_SOURCE if spec.weight_granularity == "per_block" else PER_VLLM_DOCS)
+    if spec.weight_granularity == "per_block":
+        return Support(False, f"{quark_class}: vLLM's CPU build has no MX/NVFP4 linear kernel (measured with the named "
+                       "block schemes); engine: auto evaluates it in transformers", PER_VLLM_SOURCE)
     if refusal := vllm_cpu_refusal(spec):
         return refusal
     if spec.name in MEASURED_EXPLICIT_ON_CPU:

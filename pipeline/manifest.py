@@ -73,8 +73,8 @@ class Manifest:
         self.save()
 
     def record_error(self, stage: str | None, message: str, exit_code: int) -> None:
+        """Kept in memory: the `finish("failed")` that follows writes it (one save, not two)."""
         self.data["error"] = {"stage": stage, "message": message, "exit_code": exit_code}
-        self.save()
 
     def record_stage(self, stage: str, record: dict, folder: str | None) -> None:
         if folder and (self.run_dir / folder).is_dir():

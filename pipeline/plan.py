@@ -91,6 +91,9 @@ def assign_schemes(recipe: Recipe, linear_names: list[str]) -> dict[str, str | N
 def _quantized_bytes(spec: SchemeSpec, shape: tuple[int, ...]) -> int:
     out_features, in_features = shape[0], shape[-1]
     weight = out_features * in_features * WEIGHT_BITS[spec.weight_dtype] // 8
+    if spec.weight_granularity == "per_block":
+        # one byte per block scale (e8m0 or FP8); NVFP4 adds one FP32 scale per tensor (and per input)
+        return weight + out_features * -(-in_features // spec.block_size) + (8 if spec.global_scale else 0)
     if spec.weight_granularity == "per_group":
         scales = out_features * (in_features // spec.group_size)
     elif spec.weight_granularity == "per_channel":

@@ -143,9 +143,15 @@ def _check_scheme_name(scheme: str) -> str:
 class WeightQuantization(Strict):
     """How weights are quantized (offline, once): Quark's weight QuantizationSpec in recipe words."""
 
-    dtype: Literal[schemes.WEIGHT_DTYPES] = Field(description="int8, uint8, int4, uint4 or fp8_e4m3")
-    granularity: str = Field(description="per_tensor, per_channel (one scale per output row) or per_group")
+    dtype: Literal[schemes.WEIGHT_DTYPES] = Field(
+        description="int8, uint8, int4, uint4, fp8_e4m3, or a block element: fp4_e2m1, fp6_e3m2, fp6_e2m3")
+    granularity: str = Field(
+        description="per_tensor, per_channel (one scale per output row), per_group, or per_block (MX/NVFP4)")
     group_size: int | None = Field(None, ge=1, description="input channels per scale; per_group only")
+    block_size: int | None = Field(None, ge=1, description="elements per block scale; per_block only (32 MX, 16 NVFP4)")
+    scale_dtype: Literal["e8m0", "fp8_e4m3"] | None = Field(
+        None, description="per_block only: e8m0 (OCP MX) or fp8_e4m3 (NVFP4, with global_scale)")
+    global_scale: bool = Field(False, description="per_block fp8_e4m3 scales: one FP32 scale per tensor above them")
     symmetric: bool = Field(True, description="false: a zero point per scale (integer dtypes only)")
     dynamic: bool = Field(False, description="always false: weights are quantized once, offline")
 
@@ -153,7 +159,8 @@ class WeightQuantization(Strict):
     @classmethod
     def _weight_granularity(cls, granularity: str) -> str:
         if granularity == "per_token":
-            raise ValueError("per_token is an activation granularity; weights use per_tensor, per_channel or per_group")
+            raise ValueError("per_token is an activation granularity; weights use per_tensor, per_channel, "
+                             "per_group or per_block")
         if granularity not in schemes.WEIGHT_GRANULARITIES:
             raise ValueError(f"unknown granularity '{granularity}' (weights: {', '.join(schemes.WEIGHT_GRANULARITIES)})")
         return granularity
@@ -175,14 +182,43 @@ class WeightQuantization(Strict):
             raise ValueError("fp8_e4m3 has no zero point: symmetric must be true")
         if self.dtype == "fp8_e4m3" and self.granularity == "per_group":
             raise ValueError("fp8_e4m3 weights are per_tensor or per_channel")
+        _check_blocks(self.dtype, self.granularity, self.symmetric)
+        if self.granularity != "per_block":
+            for name in ("block_size", "scale_dtype"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to per_block only, not {self.granularity}")
+            if self.global_scale:
+                raise ValueError(f"global_scale applies to per_block only, not {self.granularity}")
+            return self
+        if self.scale_dtype is None:
+            raise ValueError("per_block needs scale_dtype: e8m0 (OCP MX, blocks of 32) or fp8_e4m3 (NVFP4, blocks of 16)")
+        fixed = schemes.BLOCK_SCALE_DTYPES[self.scale_dtype]
+        if self.block_size != fixed:
+            raise ValueError(f"{self.scale_dtype} block scales come one per {fixed} elements: block_size must be {fixed}")
+        if self.scale_dtype == "fp8_e4m3" and self.dtype != "fp4_e2m1":
+            raise ValueError("fp8_e4m3 block scales are NVFP4's: dtype must be fp4_e2m1")
+        if self.global_scale != (self.scale_dtype == "fp8_e4m3"):
+            raise ValueError("global_scale: true goes with fp8_e4m3 block scales (NVFP4) and only with them")
         return self
+
+
+def _check_blocks(dtype: str, granularity: str, symmetric: bool) -> None:
+    """Block elements (FP4/FP6) and per_block go together; their codes are sign-magnitude (no zero point)."""
+    if dtype in schemes.BLOCK_DTYPES and granularity != "per_block":
+        raise ValueError(f"{dtype} elements share one scale per block: granularity must be per_block")
+    if granularity == "per_block" and dtype not in schemes.PER_BLOCK_DTYPES:
+        why = " (OCP MXFP8: Quark 0.13 cannot export it)" if dtype == "fp8_e4m3" else ""
+        raise ValueError(f"per_block takes {', '.join(schemes.PER_BLOCK_DTYPES)} elements, not {dtype}{why}")
+    if dtype in schemes.BLOCK_DTYPES and not symmetric:
+        raise ValueError(f"{dtype} has no zero point: symmetric must be true")
 
 
 class ActivationQuantization(Strict):
     """How layer inputs are quantized: static (scale calibrated once) or dynamic (computed per call)."""
 
-    dtype: Literal[schemes.ACTIVATION_DTYPES] = Field(description="int8, uint8 or fp8_e4m3")
-    granularity: str = Field(description="per_tensor or per_token")
+    dtype: Literal[schemes.ACTIVATION_DTYPES] = Field(
+        description="int8, uint8, fp8_e4m3, or a block element: fp4_e2m1, fp6_e3m2, fp6_e2m3")
+    granularity: str = Field(description="per_tensor, per_token, or per_block (the weight's blocks and scale dtype)")
     dynamic: bool = Field(description="true: scales computed at run time; false: calibrated (static)")
     symmetric: bool = Field(True, description="false: a zero point per scale (integer dtypes only)")
 
@@ -190,7 +226,7 @@ class ActivationQuantization(Strict):
     @classmethod
     def _activation_granularity(cls, granularity: str) -> str:
         if granularity == "per_channel":
-            raise ValueError("activations are per_tensor or per_token (per_channel is a weight granularity)")
+            raise ValueError("activations are per_tensor, per_token or per_block (per_channel is a weight granularity)")
         if granularity not in schemes.ACTIVATION_GRANULARITIES:
             raise ValueError(
                 f"unknown granularity '{granularity}' (activations: {', '.join(schemes.ACTIVATION_GRANULARITIES)})"
@@ -203,6 +239,9 @@ class ActivationQuantization(Strict):
             raise ValueError("per_token scales are computed at run time: per_token needs dynamic: true")
         if self.dtype == "fp8_e4m3" and not self.symmetric:
             raise ValueError("fp8_e4m3 has no zero point: symmetric must be true")
+        _check_blocks(self.dtype, self.granularity, self.symmetric)
+        if self.granularity == "per_block" and not self.dynamic:
+            raise ValueError("per_block activation scales are computed at run time: per_block needs dynamic: true")
         return self
 
 
@@ -212,12 +251,24 @@ class ExplicitScheme(Strict):
     weight: WeightQuantization
     activation: ActivationQuantization | None = Field(None, description="omit or null: weight-only")
 
+    @model_validator(mode="after")
+    def _blocks_follow_the_weight(self) -> ExplicitScheme:
+        activation, weight = self.activation, self.weight
+        if activation is None or activation.granularity != "per_block":
+            return self
+        if weight.granularity != "per_block":
+            raise ValueError("per_block activations use the weight's blocks: weight granularity must be per_block")
+        if weight.scale_dtype == "fp8_e4m3" and activation.dtype != "fp4_e2m1":
+            raise ValueError("with fp8_e4m3 block scales (NVFP4) per_block activations must be fp4_e2m1")
+        return self
+
     def to_spec(self) -> schemes.SchemeSpec:
-        activation = self.activation
+        activation, weight = self.activation, self.weight
         return schemes.explicit_scheme(
-            self.weight.dtype, self.weight.granularity, self.weight.group_size, self.weight.symmetric,
+            weight.dtype, weight.granularity, weight.group_size, weight.symmetric,
             activation.dtype if activation else None, activation.granularity if activation else None,
             not activation.dynamic if activation else False, activation.symmetric if activation else True,
+            block_size=weight.block_size, scale_dtype=weight.scale_dtype, global_scale=weight.global_scale,
         )
 
 

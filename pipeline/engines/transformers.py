@@ -3,13 +3,16 @@ Runs on the recipe's `resources.device` as resolved here (cpu, or cuda on GPU ma
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.engine import EngineOptions
 from pipeline.engines.base import Generation
+from pipeline.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
 
@@ -31,7 +34,12 @@ class TransformersEngine:
         self._lm = None
 
     def _load_model(self, auto_class, model_dir: str, dtype):
+        if has_scale_quantized_tensors(model_dir):
+            from quark.torch import import_model_from_safetensors
+
+            return import_model_from_safetensors(None, model_dir, device=self.options.device).to(dtype)
         return auto_class.from_pretrained(model_dir, dtype=dtype).to(self.options.device)
+
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[Generation]:
         import torch
@@ -93,3 +101,16 @@ class TransformersEngine:
         import torch
 
         return torch.cuda.max_memory_allocated(self.options.device) / 2**20
+
+
+def has_scale_quantized_tensors(model_dir: str) -> bool:
+    """A Quark export whose scales are themselves quantized (NVFP4: `weight_scale_2`, `input_scale_2`).
+    transformers' Quark loader maps only one scale per tensor (quantizer_quark.CHECKPOINT_KEYS), so such a
+    model loads with NaN outputs (measured); Quark's own importer maps both levels."""
+    config_path = Path(model_dir) / "config.json"
+    quantization = (json.loads(config_path.read_text()) if config_path.is_file() else {}).get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "quark":
+        return False
+    layer_configs = [quantization.get("global_quant_config") or {}, *(quantization.get("layer_quant_config") or {}).values()]
+    return any(quark_stages((config or {}).get(tensor))[1] is not None
+               for config in layer_configs for tensor in ("weight", "input_tensors"))

@@ -45,6 +45,7 @@ class LayerTensors:
     # the header cannot tell int4 from int8 there, so verify reads the values.
     value_range: tuple[int, int] | None = None
     input_scale: str = "input_scale"  # stored for static activation scales only
+    scale_dtype: str | None = None  # safetensors dtype the scale must have (block scales); None: not checked
 
 
 class FormatAdapter(Protocol):
@@ -98,6 +99,8 @@ def weight_only(scheme: SchemeSpec, what: str) -> None:
 
 def standard_scale_shapes(scheme: SchemeSpec, out_features: int, in_features: int) -> tuple[tuple[Shape, ...], str]:
     """Scale shapes of formats that store scales output-row first (Quark, compressed-tensors, FP8)."""
+    if scheme.weight_granularity == "per_block":
+        raise FormatError("scheme", f"{scheme.name}: block formats (MX, NVFP4) are verified in Quark exports only")
     if scheme.weight_granularity == "per_tensor":
         return ((), (1,)), "one scale"
     if scheme.weight_granularity == "per_channel":

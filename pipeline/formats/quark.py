@@ -7,14 +7,48 @@ The config names dtypes and qschemes in Quark's vocabulary (`global_quant_config
 
 from __future__ import annotations
 
-from pipeline.formats.base import Claim, FormatError, LayerTensors, standard_scale_shapes
-from pipeline.schemes import STORED_WEIGHT_DTYPE, WEIGHT_DTYPES, SchemeSpec, get_scheme, infer_from_quark_config, infer_kv_cache
+from pipeline.formats.base import Claim, FormatError, LayerTensors, cdiv, standard_scale_shapes
+from pipeline.schemes import (
+    QUARK_DTYPE, STORED_BLOCK_SCALE_DTYPE, STORED_WEIGHT_DTYPE, WEIGHT_BITS, SchemeSpec, block_scale_of, get_scheme,
+    infer_from_quark_config, infer_kv_cache, quark_stages,
+)
 
-# How Quark's quantization_config names our granularities.
-QUARK_QSCHEME = {"per_tensor": "per_tensor", "per_channel": "per_channel", "per_group": "per_group", "per_token": "per_channel"}
-QUARK_DTYPE = {dtype: dtype for dtype in WEIGHT_DTYPES}
+# How Quark's quantization_config names our granularities and dtypes (FP4/FP6 blocks are its
+# per_group with the block as group_size).
+QUARK_QSCHEME = {"per_tensor": "per_tensor", "per_channel": "per_channel", "per_group": "per_group",
+                 "per_token": "per_channel", "per_block": "per_group"}
 # Quark's kv_cache_group: the k/v projection outputs get an fp8 per-tensor scale.
 KV_CACHE_DTYPE = {"fp8": "fp8_e4m3"}
+
+
+def _block_problems(what: str, scheme: SchemeSpec, element: dict, scale_stage: dict | None) -> list[str]:
+    """A per_block element config: the block as group_size, and its scales (e8m0, or FP8 under a global scale)."""
+    problems = []
+    if element.get("group_size") != scheme.block_size:
+        problems.append(f"{what} block (group_size) is {element.get('group_size')!r}, expected {scheme.block_size}")
+    claimed = block_scale_of(element, scale_stage)
+    if claimed != (scheme.scale_dtype, scheme.global_scale):
+        said = "no block scale this tool knows" if claimed[0] is None else f"{claimed[0]} block scales"
+        wanted = f"{scheme.scale_dtype} block scales" + (" under a per-tensor scale" if scheme.global_scale else "")
+        problems.append(f"{what} has {said}{' under a per-tensor scale' if claimed[1] else ''}, expected {wanted}")
+    return problems
+
+
+def _tensor_problems(what: str, entry, dtype: str, granularity: str, scheme: SchemeSpec, symmetric: bool) -> list[str]:
+    element, scale_stage = quark_stages(entry)
+    element = element or {}
+    problems = []
+    if element.get("dtype") != QUARK_DTYPE[dtype]:
+        problems.append(f"{what} dtype is {element.get('dtype')!r}, expected {QUARK_DTYPE[dtype]!r}")
+    if element.get("qscheme") != QUARK_QSCHEME[granularity]:
+        problems.append(f"{what} qscheme is {element.get('qscheme')!r}, expected {granularity!r}")
+    if granularity == "per_block":
+        return problems + _block_problems(what, scheme, element, scale_stage)
+    if what == "weight" and scheme.group_size is not None and element.get("group_size") != scheme.group_size:
+        problems.append(f"weight group_size is {element.get('group_size')!r}, expected {scheme.group_size}")
+    if (element.get("symmetric", True) is not False) != symmetric:
+        problems.append(f"{what} symmetric is {element.get('symmetric')!r}, expected {symmetric}")
+    return problems
 
 
 def check_config(scheme: SchemeSpec, quantization: dict) -> list[str]:
@@ -23,17 +57,8 @@ def check_config(scheme: SchemeSpec, quantization: dict) -> list[str]:
     if quantization.get("quant_method") != "quark":
         problems.append(f"quant_method is {quantization.get('quant_method')!r}, expected 'quark'")
     global_config = quantization.get("global_quant_config") or {}
-    weight = global_config.get("weight") or {}
-    if isinstance(weight, list):  # progressive: the last step is what is stored
-        weight = weight[-1] if weight else {}
-    if weight.get("dtype") != QUARK_DTYPE[scheme.weight_dtype]:
-        problems.append(f"weight dtype is {weight.get('dtype')!r}, expected {QUARK_DTYPE[scheme.weight_dtype]!r}")
-    if weight.get("qscheme") != QUARK_QSCHEME[scheme.weight_granularity]:
-        problems.append(f"weight qscheme is {weight.get('qscheme')!r}, expected {scheme.weight_granularity!r}")
-    if scheme.group_size is not None and weight.get("group_size") != scheme.group_size:
-        problems.append(f"weight group_size is {weight.get('group_size')!r}, expected {scheme.group_size}")
-    if (weight.get("symmetric", True) is not False) != scheme.weight_symmetric:
-        problems.append(f"weight symmetric is {weight.get('symmetric')!r}, expected {scheme.weight_symmetric}")
+    problems += _tensor_problems("weight", global_config.get("weight"), scheme.weight_dtype, scheme.weight_granularity,
+                                 scheme, scheme.weight_symmetric)
     activation = global_config.get("input_tensors")
     if scheme.weight_only:
         if activation:
@@ -41,17 +66,11 @@ def check_config(scheme: SchemeSpec, quantization: dict) -> list[str]:
     elif not activation:
         problems.append("activations are not quantized")
     else:
-        if activation.get("dtype") != QUARK_DTYPE[scheme.activation_dtype]:
-            problems.append(
-                f"activation dtype is {activation.get('dtype')!r}, expected {QUARK_DTYPE[scheme.activation_dtype]!r}"
-            )
-        if activation.get("qscheme") != QUARK_QSCHEME[scheme.activation_granularity]:
-            problems.append(f"activation qscheme is {activation.get('qscheme')!r}, expected {scheme.activation_granularity!r}")
-        if bool(activation.get("is_dynamic")) == scheme.activation_static:
+        problems += _tensor_problems("activation", activation, scheme.activation_dtype, scheme.activation_granularity,
+                                     scheme, scheme.activation_symmetric)
+        if bool((quark_stages(activation)[0] or {}).get("is_dynamic")) == scheme.activation_static:
             wanted = "static" if scheme.activation_static else "dynamic"
             problems.append(f"activation quantization is not {wanted}")
-        if (activation.get("symmetric", True) is not False) != scheme.activation_symmetric:
-            problems.append(f"activation symmetric is {activation.get('symmetric')!r}, expected {scheme.activation_symmetric}")
     return problems
 
 
@@ -92,6 +111,8 @@ class QuarkAdapter:
         return check_config(scheme, quantization_config)
 
     def layer_tensors(self, scheme: SchemeSpec, quantization_config: dict, out_features: int, in_features: int) -> LayerTensors:
+        if scheme.weight_granularity == "per_block":
+            return block_layer_tensors(scheme, out_features, in_features)
         shapes, wanted = standard_scale_shapes(scheme, out_features, in_features)
         return LayerTensors(
             weight="weight", weight_dtype=STORED_WEIGHT_DTYPE[scheme.weight_dtype], weight_shape=None,
@@ -101,6 +122,23 @@ class QuarkAdapter:
 
     def kv_cache_problems(self, kv_cache, quantization_config, exported, linear_layers) -> list[str]:
         return check_kv_cache(kv_cache, quantization_config, exported, linear_layers)
+
+
+def block_layer_tensors(scheme: SchemeSpec, out_features: int, in_features: int) -> LayerTensors:
+    """FP4/FP6 codes packed into uint8 rows (two FP4 or four FP6 codes per 1 or 3 bytes), one scale
+    per block of each row (e8m0 bytes or FP8), and NVFP4's FP32 tensor scales `weight_scale_2`
+    (and `input_scale_2` for its activations)."""
+    blocks = cdiv(in_features, scheme.block_size)
+    required = ("weight_scale_2",) if scheme.global_scale else ()
+    if scheme.global_scale and scheme.activation_granularity == "per_block":
+        required += ("input_scale_2",)
+    return LayerTensors(
+        weight="weight", weight_dtype=STORED_WEIGHT_DTYPE[scheme.weight_dtype],
+        weight_shape=(out_features, in_features * WEIGHT_BITS[scheme.weight_dtype] // 8),
+        scale="weight_scale", scale_shapes=((out_features, blocks),),
+        scale_wanted=f"{out_features}x{blocks} {scheme.scale_dtype} block scales",
+        scale_dtype=STORED_BLOCK_SCALE_DTYPE[scheme.scale_dtype], required=required,
+    )
 
 
 ADAPTER = QuarkAdapter()

@@ -47,14 +47,13 @@ def baseline_job(model_dir: str, engine_options: dict, prompts: list[str], max_n
                  tasks: dict[str, int | None]) -> dict:
     """Child-process job: one load; generation figures, then lm-eval per question."""
     from pipeline.stages.evaluate import _engine_start, _load, evaluate_tasks
+    from pipeline.stages.serve import timed_generate
 
     options = EngineOptions.from_json(engine_options)
     loaded = _load(model_dir, options, "baseline")
     loaded.generate(prompts, 1)  # warm-up: lazy initialisation is not generation
     with PeakSampler(loaded.device_memory_used_mb) as peak:
-        started = time.perf_counter()
-        generations = loaded.generate(prompts, max_new_tokens)
-        generate_s = time.perf_counter() - started
+        generations, generate_s = timed_generate(loaded, prompts, max_new_tokens)
     tokens = sum(item.tokens for item in generations)
     figures = {
         "engine": loaded.name, "engine_version": engines.version(options.engine), "load_s": round(loaded.load_s, 2),

@@ -340,6 +340,7 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
     `base`, `quantized` and the per-question files in place. Records the rounds in evaluation["sequential"]."""
     from pipeline import sequential
     from pipeline.question_store import QuestionStore
+    from pipeline.run_facts import completion_texts
     from pipeline.stages import gate
 
     spec = recipe.evaluation
@@ -355,8 +356,8 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
                "questions": {task: len(quantized[task]["per_doc"]) for task in accuracy_tasks}}]
     evaluation["sequential"] = {"looks_planned": len(schedule), "rounds": rounds}
     done = 0
+    completions = completion_texts(serve_figures)
     while True:
-        completions = [item["completion"] for item in serve_figures["completions"]]
         rules = gate.evaluation_rules(recipe, evaluation, completions, evidence_dir=out_dir)
         states = {rule["rule"]: rule["state"] for rule in rules}
         asked = sum(len(quantized[task]["per_doc"]) for task in accuracy_tasks)

@@ -38,7 +38,7 @@ _SPEC_CLASS_NAMES = {
 
 
 def _tensor_spec(dtype: str, granularity: str, *, symmetric: bool, dynamic: bool, group_size: int | None = None,
-                 activation: bool = False):
+                 activation: bool = False, float_scale_type: bool = True):
     """One Quark QTensorConfig, built with Quark's own helper classes and the arguments its templates use."""
     from quark.torch.quantization.config import config as quark_config
 
@@ -47,8 +47,8 @@ def _tensor_spec(dtype: str, granularity: str, *, symmetric: bool, dynamic: bool
     arguments: dict = {"is_dynamic": dynamic}
     if dtype != "fp8_e4m3":  # Quark's FP8 specs are symmetric (no zero point)
         arguments["symmetric"] = symmetric
-    elif qscheme == "per_tensor":  # as Quark's fp8 template passes them
-        arguments.update(observer_method="min_max", scale_type="float")
+    elif qscheme == "per_tensor":  # as Quark's fp8 template passes them (its mxfp4_fp8 leaves scale_type unset)
+        arguments.update(observer_method="min_max", **({"scale_type": "float"} if float_scale_type else {}))
     if qscheme == "per_channel":
         arguments["ch_axis"] = 1 if activation else 0
     elif qscheme == "per_group":
@@ -56,17 +56,45 @@ def _tensor_spec(dtype: str, granularity: str, *, symmetric: bool, dynamic: bool
     return spec_class(**arguments).to_quantization_spec()
 
 
+# Quark's OCP MX spec class per element dtype (blocks of 32, e8m0 scales).
+_MX_SPEC_CLASS_NAMES = {
+    "fp4_e2m1": "OCP_MXFP4Spec", "fp6_e3m2": "OCP_MXFP6E3M2Spec", "fp6_e2m3": "OCP_MXFP6E2M3Spec",
+}
+
+
+def _block_spec(dtype: str, scheme: SchemeSpec, *, dynamic: bool):
+    """A per_block QTensorConfig as Quark's mxfp*/nvfp4 templates build one."""
+    from quark.torch.quantization.config import config as quark_config
+
+    if scheme.scale_dtype == "e8m0":
+        return getattr(quark_config, _MX_SPEC_CLASS_NAMES[dtype])(ch_axis=-1, is_dynamic=dynamic).to_quantization_spec()
+    # NVFP4: FP4 per block of 16 with float scales, themselves quantized to FP8 E4M3 under one static
+    # FP32 scale per tensor (Quark's ScaleQuantSpec, as its nvfp4 template).
+    return quark_config.ScaleQuantSpec(
+        first_stage=quark_config.FP4PerGroupSpec(ch_axis=-1, group_size=scheme.block_size, is_dynamic=dynamic,
+                                                 scale_type="float32"),
+        second_stage=quark_config.FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False,
+                                                       scale_type="float32"),
+    ).to_quantization_spec()
+
+
 def layer_config(scheme: SchemeSpec):
     """The Quark QLayerConfig of a (non-progressive) scheme, from its fields alone."""
     from quark.torch.quantization.config.config import QLayerConfig
 
-    weight = _tensor_spec(scheme.weight_dtype, scheme.weight_granularity, symmetric=scheme.weight_symmetric,
-                          dynamic=False, group_size=scheme.group_size)
+    if scheme.weight_granularity == "per_block":
+        weight = _block_spec(scheme.weight_dtype, scheme, dynamic=False)
+    else:
+        weight = _tensor_spec(scheme.weight_dtype, scheme.weight_granularity, symmetric=scheme.weight_symmetric,
+                              dynamic=False, group_size=scheme.group_size)
     if scheme.weight_only:
         return QLayerConfig(weight=weight)
-    activation = _tensor_spec(scheme.activation_dtype, scheme.activation_granularity,
-                              symmetric=scheme.activation_symmetric, dynamic=not scheme.activation_static,
-                              activation=True)
+    if scheme.activation_granularity == "per_block":
+        activation = _block_spec(scheme.activation_dtype, scheme, dynamic=True)
+    else:
+        activation = _tensor_spec(scheme.activation_dtype, scheme.activation_granularity,
+                                  symmetric=scheme.activation_symmetric, dynamic=not scheme.activation_static,
+                                  activation=True, float_scale_type=scheme.weight_granularity != "per_block")
     return QLayerConfig(weight=weight, input_tensors=activation)
 
 

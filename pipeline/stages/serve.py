@@ -60,7 +60,7 @@ class ServingFigures:
     definitions: dict
 
 
-def _timed(engine: Engine, prompts: list[str], max_new_tokens: int):
+def timed_generate(engine: Engine, prompts: list[str], max_new_tokens: int):
     started = time.perf_counter()
     generations = engine.generate(prompts, max_new_tokens)
     return generations, time.perf_counter() - started
@@ -68,14 +68,14 @@ def _timed(engine: Engine, prompts: list[str], max_new_tokens: int):
 
 def serve(engine: Engine, engine_version: str, prompts: list[str], max_new_tokens: int, out_dir: Path) -> ServingFigures:
     """Completions of the prompts and the serving figures; writes generations.json."""
-    _, warmup_s = _timed(engine, prompts, max_new_tokens)
+    _, warmup_s = timed_generate(engine, prompts, max_new_tokens)
     with PeakSampler(engine.device_memory_used_mb) as peak:
-        repeats = [_timed(engine, prompts, max_new_tokens) for _ in range(REPEATS)]
+        repeats = [timed_generate(engine, prompts, max_new_tokens) for _ in range(REPEATS)]
         generations, generate_s = repeats[0][0], statistics.median(seconds for _, seconds in repeats)
-        ttft_s = statistics.median(_timed(engine, [prompt], 1)[1] for prompt in prompts)
-        single = [_timed(engine, [prompt], max_new_tokens) for prompt in prompts]
+        ttft_s = statistics.median(timed_generate(engine, [prompt], 1)[1] for prompt in prompts)
+        single = [timed_generate(engine, [prompt], max_new_tokens) for prompt in prompts]
         batch = prompts * BATCH_COPIES
-        batched, batch_s = _timed(engine, batch, max_new_tokens)
+        batched, batch_s = timed_generate(engine, batch, max_new_tokens)
     generated = sum(item.tokens for item in generations)
     figures = ServingFigures(
         engine=engine.name, engine_version=engine_version,

@@ -68,6 +68,9 @@ def _layer_problems(layer: str, scheme: SchemeSpec, expected: LayerTensors, expo
         problem = _scale_shape_problem(expected, scale["shape"])
         if problem:
             problems.append(f"{layer}: {problem}")
+        if expected.scale_dtype is not None and scale["dtype"] != expected.scale_dtype:
+            problems.append(f"{layer}: {expected.scale} stored as {scale['dtype']}, expected {expected.scale_dtype} "
+                            f"for {scheme.name}")
     if expected.zero_point is not None:
         zero_point = exported.get(f"{layer}.{expected.zero_point}")
         if zero_point is None:
