@@ -129,6 +129,15 @@ def _recipe(scheme: str) -> Recipe:
                                   "quantization": {"scheme": scheme}})
 
 
+def _verify_problems(tmp_path: Path, base_dir: Path, tensors: dict, claimed: str, scheme: str) -> list[str]:
+    """Verify an export of `tensors` whose config is the recorded Quark config of `claimed`, against
+    `scheme`: it must fail; its recorded problems."""
+    export = _write(tmp_path / "export", tensors, _config(claimed))
+    with pytest.raises(VerifyFailed, match=f"export does not match scheme {scheme}"):
+        verify.verify(_recipe(scheme), base_dir, export, LAYERS, tmp_path)
+    return json.loads((tmp_path / "verify.json").read_text())["problems"]
+
+
 def test_a_matching_mxfp4_export_passes(tmp_path, base_dir):
     export = _write(tmp_path / "export", _mxfp4_tensors(), _config("mxfp4"))
     summary = verify.verify(_recipe("mxfp4"), base_dir, export, LAYERS, tmp_path)
@@ -139,10 +148,7 @@ def test_an_int8_export_labelled_mxfp4_fails(tmp_path, base_dir):
     """A hand-mislabelled MXFP4 export: the config says mxfp4, the tensors are INT8 per channel."""
     tensors = {f"{UP}.weight": np.zeros((64, 32), np.int8), f"{UP}.weight_scale": np.ones((64,), np.float32),
                "lm_head.weight": np.zeros((16, 32), np.float32)}
-    export = _write(tmp_path / "export", tensors, _config("mxfp4"))
-    with pytest.raises(VerifyFailed, match="export does not match scheme mxfp4"):
-        verify.verify(_recipe("mxfp4"), base_dir, export, LAYERS, tmp_path)
-    problems = json.loads((tmp_path / "verify.json").read_text())["problems"]
+    problems = _verify_problems(tmp_path, base_dir, tensors, "mxfp4", "mxfp4")
     assert f"{UP}: weight stored as I8, expected U8 for mxfp4" in problems
     assert f"{UP}: scale shape [64], expected 64x1 e8m0 block scales" in problems
 
@@ -150,10 +156,7 @@ def test_an_int8_export_labelled_mxfp4_fails(tmp_path, base_dir):
 def test_unpacked_codes_or_wrong_blocks_fail(tmp_path, base_dir):
     tensors = _mxfp4_tensors() | {f"{UP}.weight": np.zeros((64, 32), np.uint8),  # one code per byte: not FP4
                                   f"{UP}.weight_scale": np.full((64, 2), 127, np.uint8)}  # blocks of 16
-    export = _write(tmp_path / "export", tensors, _config("mxfp4"))
-    with pytest.raises(VerifyFailed):
-        verify.verify(_recipe("mxfp4"), base_dir, export, LAYERS, tmp_path)
-    problems = json.loads((tmp_path / "verify.json").read_text())["problems"]
+    problems = _verify_problems(tmp_path, base_dir, tensors, "mxfp4", "mxfp4")
     assert f"{UP}: weight shape [64, 32], expected [64, 16] for mxfp4" in problems
     assert f"{UP}: scale shape [64, 2], expected 64x1 e8m0 block scales" in problems
 
@@ -161,19 +164,13 @@ def test_unpacked_codes_or_wrong_blocks_fail(tmp_path, base_dir):
 def test_nvfp4_needs_fp8_block_scales_and_its_tensor_scales(tmp_path, base_dir):
     tensors = _nvfp4_tensors()
     del tensors[f"{UP}.weight_scale_2"]
-    export = _write(tmp_path / "export", tensors, _config("nvfp4"))
-    with pytest.raises(VerifyFailed):
-        verify.verify(_recipe("nvfp4"), base_dir, export, LAYERS, tmp_path)
-    problems = json.loads((tmp_path / "verify.json").read_text())["problems"]
+    problems = _verify_problems(tmp_path, base_dir, tensors, "nvfp4", "nvfp4")
     assert f"{UP}: weight_scale stored as F32, expected F8_E4M3 for nvfp4" in problems
     assert f"{UP}: no weight_scale_2" in problems
 
 
 def test_an_mxfp4_export_labelled_nvfp4_fails_on_its_tensors(tmp_path, base_dir):
-    export = _write(tmp_path / "export", _mxfp4_tensors(), _config("nvfp4"))
-    with pytest.raises(VerifyFailed):
-        verify.verify(_recipe("nvfp4"), base_dir, export, LAYERS, tmp_path)
-    problems = json.loads((tmp_path / "verify.json").read_text())["problems"]
+    problems = _verify_problems(tmp_path, base_dir, _mxfp4_tensors(), "nvfp4", "nvfp4")
     assert f"{UP}: scale shape [64, 1], expected 64x2 fp8_e4m3 block scales" in problems
     assert f"{UP}: weight_scale stored as U8, expected F8_E4M3 for nvfp4" in problems
 
