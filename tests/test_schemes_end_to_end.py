@@ -168,7 +168,7 @@ def _finite_gate_figures(report: dict) -> None:
     """The emulated model computed numbers, not NaN (transformers' own Quark loader gives NaN on NVFP4)."""
     import math
 
-    figures = [rule["value"] for rule in report["rules"] if isinstance(rule.get("value"), (int, float))]
+    figures = [rule["figure"] for rule in report["rules"] if isinstance(rule.get("figure"), (int, float))]
     assert figures and all(math.isfinite(value) for value in figures), report["rules"]
 
 
@@ -189,6 +189,31 @@ def test_nvfp4_is_exported_verified_and_gated_through_the_fallback(tmp_path):
     assert tensors[f"{UP}.weight_scale_2"]["shape"] == [] and tensors[f"{UP}.input_scale_2"]["shape"] == []
     assert report["scheme"] == "nvfp4" and report["engine"]["name"] == "transformers"
     _finite_gate_figures(report)
+    _a_hand_mislabelled_mxfp4_export_fails_verify(run_dir, tmp_path)
+
+
+def _a_hand_mislabelled_mxfp4_export_fails_verify(nvfp4_run: Path, tmp_path: Path) -> None:
+    """Real NVFP4 tensors under a config edited to claim MXFP4 (Quark's own, recorded): verify of an
+    mxfp4 recipe refuses the tensors (FP8 block scales of 16 where MX has e8m0 scales of 32)."""
+    import shutil
+
+    from pipeline.errors import VerifyFailed
+    from pipeline.recipe import load_recipe
+    from pipeline.stages import verify
+
+    model_dir = shutil.copytree(nvfp4_run / "model", tmp_path / "mislabelled")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = json.loads((REPO / "tests" / "fixtures" / "quark-block-configs" / "mxfp4.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(_cheap_copy("smollm2-135m-mxfp4.yaml", tmp_path, fallback=True))
+    base = Path(json.loads((nvfp4_run / "manifest.json").read_text())["base_model"]["path"])
+    linear = json.loads((nvfp4_run / "quantize" / "quantize.json").read_text())["linear_layer_names"]
+    (out := tmp_path / "verify-mislabelled").mkdir()
+    with pytest.raises(VerifyFailed, match="export does not match scheme mxfp4"):
+        verify.verify(recipe, base, model_dir, linear, out)
+    problems = json.loads((out / "verify.json").read_text())["problems"]
+    assert f"{UP}: scale shape [1536, 36], expected 1536x18 e8m0 block scales" in problems
+    assert f"{UP}: weight_scale stored as F8_E4M3, expected U8 for mxfp4" in problems
 
 
 @pytest.mark.parametrize("name, weight_bytes_per_row, scale_dtype", [
@@ -219,30 +244,3 @@ def _export_only_text(recipe_text: str, tmp_path: Path):
     recipe = load_recipe(path)
     _, result, folders = quantize_and_verify(recipe, tmp_path)
     return recipe, result, read_folder(folders["model"])
-
-
-def test_a_hand_mislabelled_mxfp4_export_fails_verify(tmp_path):
-    """Real NVFP4 tensors under a config edited to claim MXFP4: `check` reads the claim and verify
-    refuses the tensors (FP8 block scales of 16 where MX has e8m0 scales of 32)."""
-    from pipeline.errors import VerifyFailed
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import resolve_base_model
-    from pipeline.stages import verify
-
-    text = (REPO / "recipes" / "smollm2-135m-nvfp4.yaml").read_text()
-    _export_only_text(text, tmp_path)
-    model_dir = tmp_path / "model"
-    config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = json.loads((REPO / "tests" / "fixtures" / "quark-block-configs" / "mxfp4.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config))
-    mxfp4 = tmp_path / "mxfp4.yaml"
-    mxfp4.write_text(ci_sized(text.replace("scheme: nvfp4", "scheme: mxfp4"), limit=20))
-    recipe = load_recipe(mxfp4)
-    base = resolve_base_model(recipe, tmp_path / "prepare.log", print)
-    linear = json.loads((tmp_path / "quantize" / "quantize.json").read_text())["linear_layer_names"]
-    (out := tmp_path / "verify-mislabelled").mkdir()
-    with pytest.raises(VerifyFailed, match="export does not match scheme mxfp4"):
-        verify.verify(recipe, base, model_dir, linear, out)
-    problems = json.loads((out / "verify.json").read_text())["problems"]
-    assert f"{UP}: scale shape [1536, 36], expected 1536x18 e8m0 block scales" in problems
-    assert f"{UP}: weight_scale stored as F8_E4M3, expected U8 for mxfp4" in problems
