@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import checks, compat, layers
+from pipeline.formats.base import cdiv
 from pipeline.recipe import Recipe, streaming_refusal
 from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
 
@@ -93,7 +94,7 @@ def _quantized_bytes(spec: SchemeSpec, shape: tuple[int, ...]) -> int:
     weight = out_features * in_features * WEIGHT_BITS[spec.weight_dtype] // 8
     if spec.weight_granularity == "per_block":
         # one byte per block scale (e8m0 or FP8); NVFP4 adds one FP32 scale per tensor (and per input)
-        return weight + out_features * -(-in_features // spec.block_size) + (8 if spec.global_scale else 0)
+        return weight + out_features * cdiv(in_features, spec.block_size) + (8 if spec.global_scale else 0)
     if spec.weight_granularity == "per_group":
         scales = out_features * (in_features // spec.group_size)
     elif spec.weight_granularity == "per_channel":
