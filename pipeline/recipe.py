@@ -636,6 +636,45 @@ class BaselineSpec(Strict):
         return f"bitsandbytes {self.bitsandbytes}" if self.bitsandbytes else f"checkpoint {self.checkpoint}"
 
 
+# The algorithm name of plain round-to-nearest in a sweep: no Quark algorithm (`algorithm: null`).
+RTN = "rtn"
+
+
+def check_sweep_scheme(name: str) -> str:
+    """A sweep's scheme: a named scheme (the recipe's explicit form stays in the recipe)."""
+    return _check_scheme_name(name)
+
+
+def check_sweep_algorithm(name: str) -> str:
+    if name != RTN and name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm '{name}' (known: {', '.join([RTN, *ALGORITHMS])})")
+    return name
+
+
+class SweepSpec(Strict):
+    """`quantize-pipeline sweep`: every scheme with every algorithm, each its own run of this recipe."""
+
+    schemes: tuple[str, ...] = Field(min_length=1, description="named schemes to compare")
+    algorithms: tuple[str, ...] = Field(
+        (RTN,), min_length=1, description=f"{RTN} (round to nearest: no algorithm) or Quark algorithm names; "
+        "the algorithm's template defaults"
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: one variant after another; ray: each variant a Ray task (RAY_ADDRESS, else a "
+        "local Ray instance)"
+    )
+
+    @field_validator("schemes")
+    @classmethod
+    def _known_schemes(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_sweep_scheme(name) for name in names)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_sweep_algorithm(name) for name in names)
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     description: str = ""
@@ -653,6 +692,10 @@ class Recipe(Strict):
     baselines: tuple[BaselineSpec, ...] = Field(
         (), description="evaluation-only columns beside the export in the report (not gated): bitsandbytes "
         "int8/nf4 of the base model, or existing checkpoints; same questions, tokens/s and peak memory while generating",
+    )
+    sweep: SweepSpec | None = Field(
+        None, description="variants for `quantize-pipeline sweep` (its --schemes/--algorithms/--executor override); "
+        "`run` ignores it",
     )
 
     @model_validator(mode="before")
@@ -682,7 +725,8 @@ class Recipe(Strict):
 
     def content_hash(self) -> str:
         """sha256 of the resolved recipe (defaults included): what produced a run."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # `sweep` lists variants to run, not how this run is made: not part of what produced it.
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"sweep"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

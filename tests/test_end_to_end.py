@@ -401,8 +401,9 @@ def test_rerun_from_serve_starts_the_export_engine_once_and_the_base_not_at_all(
 
 def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_once(default_run, tmp_path):
     """Sequential evaluation end to end: a rule the first 50 questions cannot decide gets a second round
-    (100 questions) on the export; the base answers come from the per-question store the default run
-    filled, so the base evaluates none of them again. Whether
+    (100 questions) on the export, in the child that evaluated the first (its engine is not started
+    again); the base answers come from the per-question store the default run filled, so the base
+    evaluates none of them again. Whether
     the first look is undecided depends on the data, so the test recomputes that look from the recorded
     per-question outcomes and checks the run did what the look required; a strict max_accuracy_drop makes
     any disagreement between the models undecidable at 50 questions."""
@@ -440,12 +441,14 @@ def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_o
         # evaluated again, in this run's first round or its second, and no base engine starts for round 2.
         assert rounds[1]["base_questions_evaluated"] == {}
         assert "arc_easy" not in report["evaluation"]["baseline"]["computed_tasks"]  # round 1: from the store too
-        roles = [start["role"] for start in report["evaluation"]["engine_starts"]]
-        assert roles.count("quantized") == 2 and roles.count("base") <= 1, roles
         assert report["evaluation"]["tasks"]["arc_easy"]["quantized"]["samples"] == 100
         assert "inconclusive" in rounds[0]["decision"]
     else:
         assert len(rounds) == 1, rounds
+    # One engine start in all: the export's, kept alive for round 2; every base figure was cached (the
+    # perplexity and divergence sizes are the default run's, the completions repeat).
+    roles = [start["role"] for start in report["evaluation"]["engine_starts"]]
+    assert roles == ["quantized"], roles
     # JUnit: one test case per rule, read back with the standard library's parser.
     import xml.etree.ElementTree as ElementTree
 

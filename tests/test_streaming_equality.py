@@ -18,6 +18,11 @@ from tests.test_end_to_end import ci_sized, run_dir_of, run_recipe
 pytestmark = pytest.mark.slow
 
 SCALE_RTOL = 1e-3
+# Static activation scales (input_scale, k/v output_scale) are a max over activations that reach layer N
+# through N layers computed in bf16 in two orders (whole model vs one layer at a time): the max may land
+# one or two bf16 steps (2**-8 relative each) apart. Seen once in CI: layer 11 o_proj's input_scale
+# beyond 1e-3. Weight scales see identical weights and keep SCALE_RTOL.
+ACTIVATION_SCALE_RTOL = 2 * 2**-8
 # Integer codes may differ where a weight sits on a rounding tie; "rare" = at most this fraction.
 MAX_TIE_FRACTION = 1e-4
 
@@ -80,7 +85,9 @@ def test_streaming_export_equals_in_memory(tmp_path, scheme, kv_cache):
         other = actual[name]
         assert (other.dtype, other.shape) == (tensor.dtype, tensor.shape), name
         if tensor.is_floating_point():
-            torch.testing.assert_close(other.float(), tensor.float(), rtol=SCALE_RTOL, atol=0, msg=name)
+            activation = name.endswith(("input_scale", "output_scale"))
+            torch.testing.assert_close(other.float(), tensor.float(), atol=0, msg=name,
+                                       rtol=ACTIVATION_SCALE_RTOL if activation else SCALE_RTOL)
         else:
             differing = (other != tensor).sum().item()
             assert differing <= MAX_TIE_FRACTION * tensor.numel(), f"{name}: {differing} integer codes differ"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pipeline.errors import StageError, VerifyFailed
-from pipeline.worker import call_isolated
+from pipeline.worker import Session, call_isolated
 
 
 def test_result_and_peak_memory_of_the_child(tmp_path):
@@ -53,6 +53,32 @@ def test_a_crash_is_one_line_with_the_traceback_in_the_log(tmp_path):
     with pytest.raises(StageError, match="ZeroDivisionError: boom"):
         call_isolated("tests.worker_targets:crash", {}, log_path=log, stage="serve")
     assert "Traceback" in log.read_text()
+
+
+def test_a_session_keeps_what_its_calls_loaded_and_ends_with_close(tmp_path):
+    """How a model's engine is loaded once for several calls: the child and its memory outlive each call."""
+    import psutil
+
+    with Session(log_path=tmp_path / "x.log") as session:
+        first, _ = session.call("tests.worker_targets:remember", {"value": 1}, stage="t")
+        with pytest.raises(VerifyFailed):  # a failed call leaves the child and what it holds
+            session.call("tests.worker_targets:raise_verify_failed", {}, stage="verify")
+        second, _ = session.call("tests.worker_targets:remember", {"value": 2}, stage="t")
+        _, peak_mb = session.call("tests.worker_targets:allocate", {"megabytes": 200}, stage="t")
+    assert first["remembered"] == [1] and second["remembered"] == [1, 2] and first["pid"] == second["pid"]
+    assert peak_mb > 200
+    assert not psutil.pid_exists(first["pid"]) or psutil.Process(first["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert tmp_path.joinpath("x.log").read_text().count("$ tests.worker_targets:remember") == 2
+    # A fresh child for each call_isolated: nothing carried over.
+    again, _ = call_isolated("tests.worker_targets:remember", {"value": 3}, log_path=tmp_path / "x.log", stage="t")
+    assert again["remembered"] == [3]
+
+
+def test_a_child_that_dies_in_a_call_is_a_stage_error_naming_its_exit_code(tmp_path):
+    with Session(log_path=tmp_path / "x.log") as session:
+        with pytest.raises(StageError, match="exit_hard exited with code 7"):
+            session.call("tests.worker_targets:exit_hard", {"code": 7}, stage="evaluate")
+        assert not session.alive
 
 
 def test_a_run_directory_is_locked_while_written(tmp_path):

@@ -102,3 +102,20 @@ def serving_figures_and_hand_timed(model_dir: str, recipe_path: str, out_dir: st
     figures = serve.serve(loaded, engines.version(loaded.name), list(spec.prompts), spec.max_new_tokens, Path(out_dir))
     rates += [hand_timed() for _ in range(serve.REPEATS)]
     return {"figures": asdict(figures), "hand_timed_tokens_per_s": statistics.median(rates), "hand_timed_rates": rates}
+
+
+_remembered: list[int] = []  # lives as long as the child: a Session's later calls see it
+
+
+def remember(value: int) -> dict:
+    import os
+
+    _remembered.append(value)
+    return {"remembered": list(_remembered), "pid": os.getpid()}
+
+
+def exit_hard(code: int) -> dict:
+    """Die as an OOM kill or a segfault would: no result, no traceback."""
+    import os
+
+    os._exit(code)

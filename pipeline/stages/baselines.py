@@ -46,11 +46,11 @@ def accuracy_tasks(recipe: Recipe) -> dict[str, int | None]:
 def baseline_job(model_dir: str, engine_options: dict, prompts: list[str], max_new_tokens: int,
                  tasks: dict[str, int | None]) -> dict:
     """Child-process job: one load; generation figures, then lm-eval per question."""
-    from pipeline.stages.evaluate import _engine_start, _load, evaluate_tasks
+    from pipeline.stages.evaluate import _load, evaluate_tasks
     from pipeline.stages.serve import timed_generate
 
     options = EngineOptions.from_json(engine_options)
-    loaded = _load(model_dir, options, "baseline")
+    loaded, start = _load(model_dir, options, "baseline")
     loaded.generate(prompts, 1)  # warm-up: lazy initialisation is not generation
     with PeakSampler(loaded.device_memory_used_mb) as peak:
         generations, generate_s = timed_generate(loaded, prompts, max_new_tokens)
@@ -68,7 +68,7 @@ def baseline_job(model_dir: str, engine_options: dict, prompts: list[str], max_n
     if model is not None:
         figures["bitsandbytes_linear_layers"] = sum(type(module).__module__.startswith("bitsandbytes")
                                                     for module in model.modules())
-    return {"engine_start": _engine_start(loaded, "baseline"), "serve": figures, "tasks": evaluate_tasks(loaded, tasks)}
+    return {"engine_start": start, "serve": figures, "tasks": evaluate_tasks(loaded, tasks)}
 
 
 def evaluate_baselines(recipe: Recipe, base: dict[str, dict], base_model_dir: Path, logs: Path, *,

@@ -23,7 +23,7 @@ from pipeline.models import cache_root
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, read_json, tree_digest
 from pipeline.stages import divergence
-from pipeline.worker import call_isolated
+from pipeline.worker import Session
 
 # What a task is asked: its first N questions (None: all), or these doc ids (the gate's later rounds).
 Questions = int | None | list[int]
@@ -60,11 +60,24 @@ def evaluate_tasks(loaded: engines.Engine, tasks: dict[str, Questions]) -> dict[
     return results
 
 
-def _load(model_dir: str, options: EngineOptions, role: str) -> engines.Engine:
+# The engine this child process has loaded, kept for the next call of the same session (worker.Session):
+# ((model_dir, options), engine). One slot: a child serves one model.
+_loaded: tuple[tuple[str, str], engines.Engine] | None = None
+
+
+def _load(model_dir: str, options: EngineOptions, role: str) -> tuple[engines.Engine, dict | None]:
+    """(the engine, its start record), or (the engine an earlier call of this child loaded, None)."""
+    global _loaded
+    key = (model_dir, json.dumps(options.to_json(), sort_keys=True))
+    if _loaded is not None and _loaded[0] == key:
+        return _loaded[1], None
+    _loaded = None  # another model: let go of the first (a session keeps one model per child)
     engine.prepare_environment(options)
     loaded = engines.load(model_dir, options)
-    report_event({"event": "engine_start", **_engine_start(loaded, role)})
-    return loaded
+    start = _engine_start(loaded, role)
+    report_event({"event": "engine_start", **start})
+    _loaded = (key, loaded)
+    return loaded, start
 
 
 def _engine_start(loaded: engines.Engine, role: str) -> dict:
@@ -81,10 +94,10 @@ def export_job(model_dir: str, engine_options: dict, prompts: list[str], max_new
 
     options = EngineOptions.from_json(engine_options)
     started = time.perf_counter()
-    loaded = _load(model_dir, options, "quantized")
+    loaded, start = _load(model_dir, options, "quantized")
     figures = serve.serve(loaded, engines.version(options.engine), prompts, max_new_tokens, Path(serve_dir))
     serve_s = time.perf_counter() - started
-    results: dict = {"engine_start": _engine_start(loaded, "quantized"), "serve": asdict(figures),
+    results: dict = {"engine_start": start, "serve": asdict(figures),
                      "serve_s": round(serve_s, 2), "tasks": evaluate_tasks(loaded, tasks)}
     if divergence_texts is not None:
         token_ids = divergence.heldout_token_ids(loaded.tokenizer, divergence_texts, options.max_model_len)
@@ -100,8 +113,8 @@ def base_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], 
     score_texts: [prompt, completion] pairs whose completion this model scores (the base
     judging the export's generations: how word salad is caught)."""
     options = EngineOptions.from_json(engine_options)
-    loaded = _load(model_dir, options, "base")
-    results: dict = {"engine_start": _engine_start(loaded, "base"), "tasks": evaluate_tasks(loaded, tasks)}
+    loaded, start = _load(model_dir, options, "base")
+    results: dict = {"engine_start": start, "tasks": evaluate_tasks(loaded, tasks)}
     if score_texts:
         started = time.perf_counter()
         results["completion_perplexities"] = loaded.completion_perplexities(score_texts)
@@ -114,10 +127,43 @@ def base_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], 
 
 def round_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], role: str) -> dict:
     """Child-process job for a later round of the gate's sequential evaluation: more questions of
-    the tasks on one load of the model (role: "quantized" or "base")."""
+    the tasks (role: "quantized" or "base"), on the engine the session's child has loaded, if it has."""
     options = EngineOptions.from_json(engine_options)
-    loaded = _load(model_dir, options, role)
-    return {"engine_start": _engine_start(loaded, role), "tasks": evaluate_tasks(loaded, tasks)}
+    loaded, start = _load(model_dir, options, role)
+    return {"engine_start": start, "tasks": evaluate_tasks(loaded, tasks)}
+
+
+class EngineChildren:
+    """serve's and evaluate's engine children: at most one alive, so two models never share the memory
+    (a 70B export and its base do not fit one GPU together). A model's later work (the gate's next round)
+    runs in its child while that child lives: its engine is not started again."""
+
+    def __init__(self, logs: Path, on_event: Emit | None) -> None:
+        self.logs, self.on_event = logs, on_event
+        self.role: str | None = None
+        self._session: Session | None = None
+        self.starts: list[dict] = []  # every engine start, in order
+
+    def __enter__(self) -> EngineChildren:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def call(self, role: str, job: str, kwargs: dict, *, log_name: str, stage: str) -> tuple[dict, float]:
+        """Run `pipeline.stages.evaluate:<job>` for the model of `role` ("quantized" or "base")."""
+        if self.role != role or self._session is None or not self._session.alive:
+            self.close()
+            self._session, self.role = Session(log_path=self.logs / log_name, on_event=self.on_event), role
+        result, peak_mb = self._session.call(f"pipeline.stages.evaluate:{job}", kwargs, stage=stage, label=role)
+        if result.get("engine_start") is not None:
+            self.starts.append(result["engine_start"])
+        return result, peak_mb
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        self._session, self.role = None, None
 
 
 def _cache_file(base_digest: str, what: str, engine_version: str, options: EngineOptions, suffix: str) -> Path:
@@ -181,7 +227,17 @@ def serve_and_evaluate(
     """serve's and evaluate's records: {stage: {"summary", "wall_s", "peak_rss_mb"}}, plus "engine_starts".
 
     One child for the export (serve + evaluate work on one load), then one for the base model
-    only when one of its figures is not cached."""
+    only when one of its figures is not cached; the gate's later rounds reuse whichever child is alive
+    (see EngineChildren)."""
+    with EngineChildren(logs, on_event) as children:
+        return _serve_and_evaluate(recipe, base_model_dir, model_dir, serve_dir, out_dir, logs, children,
+                                   engine_name=engine_name, device=device, refresh_baseline=refresh_baseline,
+                                   on_event=on_event)
+
+
+def _serve_and_evaluate(recipe: Recipe, base_model_dir: Path, model_dir: Path, serve_dir: Path, out_dir: Path,
+                        logs: Path, children: EngineChildren, *, engine_name: str, device: str, refresh_baseline: bool,
+                        on_event: Emit | None) -> dict[str, dict]:
     started = time.perf_counter()
     engine_version = engines.version(engine_name)
     limits = _limits(recipe)
@@ -191,16 +247,15 @@ def serve_and_evaluate(
     texts = divergence.heldout_texts(spec.divergence_text, spec.divergence_limit) if spec.divergence_text else None
     quantized_top = out_dir / "quantized-top-logprobs.safetensors"
 
-    exported, export_peak = call_isolated(
-        "pipeline.stages.evaluate:export_job",
+    exported, export_peak = children.call(
+        "quantized", "export_job",
         {"model_dir": str(model_dir),
          "engine_options": engine.engine_options(recipe, quantized=True, engine_name=engine_name, device=device).to_json(),
          "prompts": list(spec.prompts), "max_new_tokens": spec.max_new_tokens, "tasks": limits,
          "divergence_texts": texts, "serve_dir": str(serve_dir), "top_logprobs_path": str(quantized_top)},
-        log_path=logs / "serve.log", stage="serve", on_event=on_event, label="quantized",
+        log_name="serve.log", stage="serve",
     )
     serve_figures = exported["serve"]
-    engine_starts = [exported["engine_start"]]
 
     # What of the base is cached; the base's child does the rest.
     base: dict[str, dict] = {}
@@ -224,14 +279,13 @@ def serve_and_evaluate(
     timings: dict = {}
     base_peak = 0.0
     if missing or unscored or build_reference:
-        computed, base_peak = call_isolated(
-            "pipeline.stages.evaluate:base_job",
+        computed, base_peak = children.call(
+            "base", "base_job",
             {"model_dir": str(base_model_dir), "engine_options": base_options.to_json(), "tasks": missing,
              "score_texts": unscored, "divergence_texts": texts if build_reference else None,
              "reference_path": str(reference) if build_reference else None},
-            log_path=logs / "evaluate.log", stage="evaluate", on_event=on_event, label="base",
+            log_name="evaluate.log", stage="evaluate",
         )
-        engine_starts.append(computed["engine_start"])
         if build_reference:
             timings["token divergence: base reference"] = computed["divergence_reference"]["seconds"]
         if unscored:
@@ -252,7 +306,7 @@ def serve_and_evaluate(
     evaluation: dict = {
         "engine": engine_name,
         "engine_version": engine_version,
-        "engine_starts": engine_starts,
+        "engine_starts": children.starts,  # the list itself: the gate's later rounds append theirs
         "baseline": {
             "model_sha256": base_digest,
             "cached_tasks": sorted(set(limits) - set(missing)),
@@ -289,10 +343,12 @@ def serve_and_evaluate(
             "base": base[text]["metrics"].get("word_perplexity"),
             "quantized": quantized[text]["metrics"].get("word_perplexity"),
         }
-    more_rounds(recipe, evaluation, base, quantized, serve_figures, out_dir, logs, started, model_dir=model_dir,
+    more_rounds(recipe, evaluation, base, quantized, serve_figures, out_dir, children, started, model_dir=model_dir,
                 base_model_dir=base_model_dir, options=engine.engine_options(
                     recipe, quantized=True, engine_name=engine_name, device=device), base_options=base_options,
-                base_digest=base_digest, engine_version=engine_version, on_event=on_event)
+                base_digest=base_digest, engine_version=engine_version)
+    children.close()  # the baselines below load models of their own
+    evaluation["engine_starts"] = list(children.starts)
     if recipe.baselines:  # evaluation-only columns (not gated), after the gate's own evidence is in
         from pipeline.stages import baselines
 
@@ -305,7 +361,7 @@ def serve_and_evaluate(
     return {
         "serve": {"summary": serve_figures, "wall_s": exported["serve_s"], "peak_rss_mb": export_peak},
         "evaluate": {"summary": evaluation, "wall_s": wall_s - exported["serve_s"], "peak_rss_mb": max(export_peak, base_peak)},
-        "engine_starts": engine_starts,
+        "engine_starts": evaluation["engine_starts"],
     }
 
 
@@ -332,8 +388,8 @@ def _accuracy_figures(per_doc: list) -> dict:
 
 
 def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, serve_figures: dict, out_dir: Path,
-                logs: Path, started: float, *, model_dir: Path, base_model_dir: Path, options: EngineOptions,
-                base_options: EngineOptions, base_digest: str, engine_version: str, on_event: Emit | None) -> None:
+                children: EngineChildren, started: float, *, model_dir: Path, base_model_dir: Path,
+                options: EngineOptions, base_options: EngineOptions, base_digest: str, engine_version: str) -> None:
     """The gate's sequential evaluation: while an accuracy rule is inconclusive, evaluate the next round's
     questions (the schedule of pipeline/sequential.py, up to evaluation.max_limit and time_budget_s) on
     the export, and on the base only for questions its per-question store lacks; update `evaluation`,
@@ -380,22 +436,30 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
         if not wanted:  # every split is exhausted
             rounds[-1]["decision"] = "every question of the split evaluated"
             return
-        extra, _ = call_isolated("pipeline.stages.evaluate:round_job",
-                                 {"model_dir": str(model_dir), "engine_options": options.to_json(), "tasks": wanted,
-                                  "role": "quantized"},
-                                 log_path=logs / "evaluate.log", stage="evaluate", on_event=on_event, label="quantized")
-        evaluation["engine_starts"].append(extra["engine_start"])
         base_missing = {task: stores[task].missing(ids) for task, ids in wanted.items()}
         base_missing = {task: ids for task, ids in base_missing.items() if ids}
-        if base_missing:
-            computed, _ = call_isolated("pipeline.stages.evaluate:round_job",
-                                        {"model_dir": str(base_model_dir), "engine_options": base_options.to_json(),
-                                         "tasks": base_missing, "role": "base"},
-                                        log_path=logs / "evaluate.log", stage="evaluate", on_event=on_event,
-                                        label="base")
-            evaluation["engine_starts"].append(computed["engine_start"])
+
+        def export_round() -> dict:
+            return children.call("quantized", "round_job", {"model_dir": str(model_dir), "engine_options": options.to_json(),
+                                                            "tasks": wanted, "role": "quantized"},
+                                 log_name="serve.log", stage="evaluate")[0]
+
+        def base_round() -> None:
+            computed, _ = children.call("base", "round_job", {"model_dir": str(base_model_dir),
+                                                              "engine_options": base_options.to_json(),
+                                                              "tasks": base_missing, "role": "base"},
+                                        log_name="evaluate.log", stage="evaluate")
             for task, figures in computed["tasks"].items():
                 stores[task].add(figures["per_doc"])
+
+        # Whichever model's child is alive goes first: its engine is loaded already.
+        if base_missing and children.role == "base":
+            base_round()
+            extra = export_round()
+        else:
+            extra = export_round()
+            if base_missing:
+                base_round()
         for task, figures in extra["tasks"].items():
             quantized[task]["per_doc"] += figures["per_doc"]
             quantized[task]["seconds"] += figures["seconds"]

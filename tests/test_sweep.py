@@ -1,0 +1,120 @@
+"""The sweep's plan (names refused before anything runs), its Pareto front and its plot (read back by pixel)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import RecipeError
+from pipeline.sweep import Variant, plan_sweep, variant_recipe_data
+from pipeline.sweep_report import pareto_front, smallest_passing, write
+from tests.conftest import REPO
+
+DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
+
+
+def test_the_plan_is_every_scheme_with_every_algorithm(tmp_path):
+    plan = plan_sweep(DEFAULT_RECIPE, tmp_path, schemes="int8_per_channel, int4_wo_64", algorithms="rtn,gptq")
+    assert [variant.name for variant in plan.variants] == [
+        "int8_per_channel-rtn", "int8_per_channel-gptq", "int4_wo_64-rtn", "int4_wo_64-gptq"]
+    assert plan.executor == "local" and plan.sweep_dir == tmp_path / "smollm2-135m-int8-sweep"
+    data = variant_recipe_data(plan.recipe, Variant("int4_wo_64", "gptq"))
+    assert data["quantization"]["scheme"] == "int4_wo_64" and data["quantization"]["algorithm"] == "gptq"
+    assert data["publish"] is None and "sweep" not in data and data["name"] == "smollm2-135m-int8--int4_wo_64-gptq"
+    assert variant_recipe_data(plan.recipe, Variant("int8_per_tensor", "rtn"))["quantization"]["algorithm"] is None
+
+
+def test_the_recipes_sweep_section_is_the_default_and_the_options_override_it(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(DEFAULT_RECIPE.read_text() + "sweep:\n  schemes: [int8_per_tensor, fp8]\n  executor: ray\n")
+    plan = plan_sweep(recipe, tmp_path)
+    assert [variant.name for variant in plan.variants] == ["int8_per_tensor-rtn", "fp8-rtn"] and plan.executor == "ray"
+    plan = plan_sweep(recipe, tmp_path, schemes="int4_wo_128", executor="local")
+    assert [variant.name for variant in plan.variants] == ["int4_wo_128-rtn"] and plan.executor == "local"
+
+
+@pytest.mark.parametrize(("options", "field", "message"), [
+    ({"schemes": "int8_per_channel,int9"}, "--schemes", "unknown scheme 'int9'"),
+    ({"schemes": "int8_per_channel", "algorithms": "rtn,gptx"}, "--algorithms", "unknown algorithm 'gptx'"),
+    ({}, "sweep.schemes", "no schemes to sweep"),
+])
+def test_unknown_names_are_refused_before_anything_runs(tmp_path, options, field, message):
+    with pytest.raises(Exception) as caught:
+        plan_sweep(DEFAULT_RECIPE, tmp_path / "out", **options)
+    assert caught.value.exit_code == 2 and field in caught.value.one_line() and message in caught.value.one_line()
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_impossible_variant_is_refused_before_anything_runs(tmp_path):
+    """GPTQ needs the whole model: a streaming recipe cannot take it (the recipe schema says so)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(DEFAULT_RECIPE.read_text().replace("  exclude: [lm_head]", "  exclude: [lm_head]\n  mode: streaming"))
+    with pytest.raises(RecipeError, match="sweep variant int8_per_channel-gptq: .*needs the whole model"):
+        plan_sweep(recipe, tmp_path, schemes="int8_per_channel", algorithms="rtn,gptq")
+
+
+def test_a_bad_sweep_section_names_its_field(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(DEFAULT_RECIPE.read_text() + "sweep:\n  schemes: [int8_per_channel, nope]\n")
+    with pytest.raises(RecipeError) as caught:
+        plan_sweep(recipe, tmp_path)
+    assert "r.yaml: sweep.schemes: " in caught.value.one_line() and "unknown scheme 'nope'" in caught.value.one_line()
+
+
+def test_the_cli_refuses_in_one_line_with_exit_2(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sweep", str(DEFAULT_RECIPE), "--schemes", "int9",
+         "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and "--schemes: unknown scheme 'int9'" in completed.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def _row(name: str, size: int, recovery: float | None, kl: float | None, status: str = "pass") -> dict:
+    return {"variant": name, "status": status, "export_size_bytes": size, "recovery": recovery, "mean_kl": kl}
+
+
+ROWS = [
+    _row("big-good", 200 * 2**20, 0.99, 0.01),
+    _row("mid-dominated", 210 * 2**20, 0.95, 0.05, "fail"),  # bigger and worse than big-good
+    _row("small-worse", 80 * 2**20, 0.90, 0.20, "fail"),
+    _row("small-trade-off", 90 * 2**20, 0.97, 0.03),
+    {"variant": "crashed", "status": "crashed", "reason": "StageError: boom"},
+]
+
+
+def test_the_pareto_front_and_the_smallest_passing_variant():
+    assert pareto_front(ROWS) == ["big-good", "small-worse", "small-trade-off"]
+    assert smallest_passing(ROWS) == "small-trade-off"
+    # Equal figures do not dominate each other: both stay on the front.
+    twins = [_row("a", 10, 0.9, 0.1), _row("b", 10, 0.9, 0.1)]
+    assert pareto_front(twins) == ["a", "b"]
+    assert smallest_passing([_row("x", 10, 0.5, 1.0, "fail")]) is None
+
+
+def test_sweep_files_and_the_plot_drawn_where_it_says(tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    from types import SimpleNamespace
+
+    rows = [dict(row) for row in ROWS]
+    result = write(tmp_path, SimpleNamespace(name="demo"), "r.yaml", "local", rows)
+    assert result["pareto_front"] == ["big-good", "small-worse", "small-trade-off"]
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "Smallest variant that passes every gate: **small-trade-off**" in markdown
+    assert "| crashed | crashed |" in markdown and "StageError: boom" in markdown
+    image = matplotlib.image.imread(tmp_path / "sweep.png")
+    points = result["plot"]["points"]
+    assert len(points) == 8  # four variants with figures, two panels; the crashed one is not drawn
+    colors = {True: np.array([0xd6, 0x27, 0x28]) / 255, False: np.array([0x7f, 0x7f, 0x7f]) / 255}
+    for point in points:
+        column, row = point["pixel"]
+        assert 0 <= row < image.shape[0] and 0 <= column < image.shape[1]
+        pixel = image[row, column, :3]
+        assert np.abs(pixel - colors[point["pareto"]]).max() < 0.05, (point, pixel)
+    # Blank canvas elsewhere: the image is a drawing, not one colour.
+    assert (image[:, :, :3] > 0.95).all(axis=2).mean() > 0.5
