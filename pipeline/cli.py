@@ -354,6 +354,55 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
+              help="Written to OUTPUT_DIR/<recipe name>-sensitivity/.")
+@click.option("--top", default=10, show_default=True, help="How many of the ranked layers to print.")
+def sensitivity(recipe: Path, output_dir: Path, top: int) -> None:
+    """Rank RECIPE's linear layers by their relative output error under its scheme (one Quark quantization,
+    one forward pass of the calibration tokens); write sensitivity.json."""
+    from pipeline.auto_exclude import sensitivity as measure
+
+    try:
+        folder, result = measure(recipe, output_dir, click.echo)
+    except PipelineError as exc:
+        _fail(exc)
+    for row in result["ranking"][:top]:
+        click.echo(f"{row['relative_output_error']:.3e}  {row['layer']}")
+    click.echo(f"sensitivity: {folder / 'sensitivity.json'}")
+
+
+@main.command("auto-exclude")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
+              help="Written to OUTPUT_DIR/<recipe name>-auto-exclude/ (one run per trial under trials/).")
+@click.option("--max-size-ratio", type=float,
+              help="Size budget: export / base size, gated in every trial (default: the recipe's "
+                   "gates.max_export_size_ratio).")
+@click.option("--max-trials", default=6, show_default=True, help="Whole runs at most.")
+def auto_exclude_command(recipe: Path, output_dir: Path, max_size_ratio: float | None, max_trials: int) -> None:
+    """Find the fewest of RECIPE's most sensitive layers to keep in the model dtype so that its gate passes;
+    write the resulting recipe (exclude list spelled out). Exit 0 when found, 3 when not."""
+    from pipeline.auto_exclude import auto_exclude
+
+    try:
+        result = auto_exclude(recipe, output_dir, click.echo, max_size_ratio=max_size_ratio, max_trials=max_trials)
+    except PipelineError as exc:
+        _fail(exc)
+    if result["fewest_layers_kept"] is None:
+        click.echo(f"no trial passed the gate ({len(result['trials'])} trials); see {result['folder']}")
+        sys.exit(3)
+    click.echo(f"fewest layers kept: {result['fewest_layers_kept']}"
+               + ("" if result["proved_fewest"] else " (one fewer was not tried: --max-trials)"))
+    for name in result["kept_layers"]:
+        click.echo(f"  {name}")
+    cost = result.get("size_cost_bytes")
+    if cost is not None:
+        click.echo(f"size cost: {cost / 2**20:.1f} MiB over the scheme with no layer kept")
+    click.echo(f"recipe: {result['recipe_file']}")
+
+
+@main.command()
 def schemes() -> None:
     """The scheme x engine table: which engine serves which scheme, and why."""
     from rich.console import Console

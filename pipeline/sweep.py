@@ -91,7 +91,8 @@ def plan_sweep(recipe_path: Path, output_root: Path, *, schemes: str | None = No
     if executor not in EXECUTORS:
         raise InputError(f"--executor: unknown executor '{executor}' (known: {', '.join(EXECUTORS)})")
     variants = tuple(Variant(scheme, algorithm) for scheme in chosen["--schemes"] for algorithm in chosen["--algorithms"])
-    plan = SweepPlan(recipe, recipe_path, variants, executor, output_root / f"{recipe.name}-sweep")
+    # Absolute: Ray's workers do not start in this directory.
+    plan = SweepPlan(recipe, recipe_path, variants, executor, output_root.resolve() / f"{recipe.name}-sweep")
     for variant in variants:  # an impossible combination is bad input too: refused before the first run
         try:
             Recipe.model_validate(variant_recipe_data(recipe, variant))

@@ -19,7 +19,7 @@ def test_the_plan_is_every_scheme_with_every_algorithm(tmp_path):
     plan = plan_sweep(DEFAULT_RECIPE, tmp_path, schemes="int8_per_channel, int4_wo_64", algorithms="rtn,gptq")
     assert [variant.name for variant in plan.variants] == [
         "int8_per_channel-rtn", "int8_per_channel-gptq", "int4_wo_64-rtn", "int4_wo_64-gptq"]
-    assert plan.executor == "local" and plan.sweep_dir == tmp_path / "smollm2-135m-int8-sweep"
+    assert plan.executor == "local" and plan.sweep_dir == tmp_path.resolve() / "smollm2-135m-int8-sweep"
     data = variant_recipe_data(plan.recipe, Variant("int4_wo_64", "gptq"))
     assert data["quantization"]["scheme"] == "int4_wo_64" and data["quantization"]["algorithm"] == "gptq"
     assert data["publish"] is None and "sweep" not in data and data["name"] == "smollm2-135m-int8--int4_wo_64-gptq"
@@ -118,3 +118,19 @@ def test_sweep_files_and_the_plot_drawn_where_it_says(tmp_path):
         assert np.abs(pixel - colors[point["pareto"]]).max() < 0.05, (point, pixel)
     # Blank canvas elsewhere: the image is a drawing, not one colour.
     assert (image[:, :, :3] > 0.95).all(axis=2).mean() > 0.5
+
+
+def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
+    from pipeline.auto_exclude import _next_k
+
+    def walk(first_passing: int, layers: int = 210) -> list[int]:
+        tried: dict[int, bool] = {}
+        while (k := _next_k(tried, layers)) is not None:
+            tried[k] = k >= first_passing
+        return list(tried)
+
+    assert walk(0) == [0]
+    assert walk(1) == [0, 1]
+    assert walk(3) == [0, 1, 2, 4, 3]
+    assert walk(6) == [0, 1, 2, 4, 8, 6, 5]
+    assert walk(1000, layers=5) == [0, 1, 2, 4, 5]  # never passes: stops after keeping every layer

@@ -1,0 +1,140 @@
+"""`quantize-pipeline sensitivity` and `auto-exclude`: which layers hurt most under a scheme, and the
+fewest of them to keep in the model's dtype so that the gate passes, within a size budget.
+
+sensitivity: calibrate, then one child measures each linear layer's relative output error under the
+scheme (pipeline/stages/sensitivity.py) and ranks the layers.
+
+auto-exclude: the recipe with the K most sensitive layers added to `quantization.exclude`, each K a
+whole run (the same runner, resumable, a folder per K): K = 0, 1, 2, 4, 8, ... until one passes the
+gate, then halving the gap to the last K that did not, while trials remain. The size budget is the
+gate's own `max_export_size_ratio` (the option sets it in every trial), so "passes" includes it. The
+chosen recipe, with its exclude list spelled out, is written next to the report so the user can run it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from pipeline import sweep
+from pipeline.errors import InputError
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.rundir import atomic_write_json, atomic_write_text, read_json, staged_folder
+
+Say = Callable[[str], None]
+DEFAULT_MAX_TRIALS = 6
+AUTO_EXCLUDE_JSON = "auto-exclude.json"
+
+
+def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, dict]:
+    """(folder, ranking) of RECIPE's scheme on its calibration tokens; reused while the recipe's
+    model, calibration and quantization sections are unchanged."""
+    from pipeline import runner
+    from pipeline.stages import calibrate
+    from pipeline.stages.sensitivity import SENSITIVITY_FILE, read
+    from pipeline.worker import call_isolated
+
+    recipe = load_recipe(recipe_path)
+    folder = output_root.resolve() / f"{recipe.name}-sensitivity"
+    key = {section: recipe.model_dump(mode="json")[section] for section in ("model", "calibration", "quantization")}
+    if (folder / SENSITIVITY_FILE).is_file() and (folder / "key.json").is_file() and read_json(folder / "key.json") == key:
+        say(f"sensitivity: reused {folder / SENSITIVITY_FILE}")
+        return folder, read(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_model_dir = runner.resolve_base_model(recipe, folder / "logs" / "prepare.log", say)
+    with staged_folder(folder / "calibrate") as calibrate_dir:
+        calibrate.calibrate(recipe, base_model_dir, calibrate_dir)
+    say(f"sensitivity: quantizing {recipe.model.source} with {recipe.scheme.name} and measuring each layer")
+    with staged_folder(folder / "measure") as measure_dir:
+        result, _ = call_isolated("pipeline.stages.sensitivity:measure",
+                                  {"recipe": recipe.model_dump(mode="json"), "model_dir": str(base_model_dir),
+                                   "calibrate_dir": str(folder / "calibrate"), "out_dir": str(measure_dir)},
+                                  log_path=folder / "logs" / "sensitivity.log", stage="sensitivity")
+    atomic_write_json(folder / SENSITIVITY_FILE, result)
+    atomic_write_json(folder / "key.json", key)
+    return folder, result
+
+
+def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | None, label: str) -> dict:
+    data = copy.deepcopy(recipe.model_dump(mode="json", exclude={"sweep"}))
+    data["name"] = f"{recipe.name}--{label}"[:100]
+    data["quantization"]["exclude"] = list(data["quantization"]["exclude"]) + kept
+    if max_size_ratio is not None:
+        data["gates"]["max_export_size_ratio"] = max_size_ratio
+    data["publish"] = None
+    data["report_to"] = []
+    return data
+
+
+def _next_k(tried: dict[int, bool], layers: int) -> int | None:
+    """The next number of layers to keep: doubling until one passes, then bisecting down to the fewest."""
+    passing = sorted(k for k, passed in tried.items() if passed)
+    failing = sorted(k for k, passed in tried.items() if not passed)
+    if not passing:
+        last = max(tried) if tried else -1
+        if last >= layers:
+            return None
+        return min(layers, 0 if last < 0 else max(1, last * 2))
+    best = passing[0]
+    below = max((k for k in failing if k < best), default=-1)
+    if best - below <= 1:
+        return None
+    return (best + below + 1) // 2
+
+
+def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_ratio: float | None = None,
+                 max_trials: int = DEFAULT_MAX_TRIALS) -> dict:
+    recipe = load_recipe(recipe_path)
+    if max_trials < 1:
+        raise InputError(f"--max-trials: {max_trials}: at least one trial")
+    budget = max_size_ratio if max_size_ratio is not None else recipe.gates.max_export_size_ratio
+    _, measured = sensitivity(recipe_path, output_root, say)
+    ranking = [row["layer"] for row in measured["ranking"]]
+    folder = output_root.resolve() / f"{recipe.name}-auto-exclude"
+    trials: dict[int, dict] = {}
+    while len(trials) < max_trials:
+        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(ranking))
+        if k is None:
+            break
+        label = f"keep{k}"
+        path = folder / "trials" / label / "recipe.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(trial_recipe_data(recipe, ranking[:k], budget, label), sort_keys=False)
+        if not path.is_file() or path.read_text() != text:
+            atomic_write_text(path, text)
+        say(f"trial {len(trials) + 1}: keep the {k} most sensitive layer{'s' if k != 1 else ''} in {recipe.model.dtype}")
+        row = sweep.run_variant(label, str(path), lambda line: say(f"  {line}"))
+        row["kept_layers"] = ranking[:k]
+        trials[k] = row
+        say(f"  {row['status']}" + (f": {row['reason']}" if row.get("reason") else "")
+            + (f" (size ratio {row['size_ratio']})" if row.get("size_ratio") is not None else ""))
+        if row["status"] not in ("pass", "fail", "inconclusive"):
+            break  # a crash or refusal: more layers kept would not change it
+    passing = sorted(k for k, row in trials.items() if row["status"] == "pass")
+    chosen = passing[0] if passing else None
+    result = {
+        "recipe": recipe.name, "scheme": recipe.scheme.name, "max_size_ratio": budget,
+        "ranking": measured["ranking"], "trials": [trials[k] for k in sorted(trials)],
+        "fewest_layers_kept": chosen,
+        "kept_layers": ranking[:chosen] if chosen is not None else None,
+        "proved_fewest": chosen is not None and (chosen == 0 or (chosen - 1) in trials),
+    }
+    if chosen is not None:
+        base_size = trials[chosen].get("export_size_bytes")
+        unkept = trials.get(0, {}).get("export_size_bytes")
+        result["size_cost_bytes"] = base_size - unkept if base_size is not None and unkept is not None else None
+        data = trial_recipe_data(recipe, ranking[:chosen], budget, "auto-exclude")
+        data["name"] = f"{recipe.name}-auto-exclude"[:100]
+        data["publish"] = recipe.model_dump(mode="json")["publish"]
+        data["report_to"] = list(recipe.report_to)
+        recipe_out = folder / f"{recipe.name}-auto-exclude.yaml"
+        atomic_write_text(recipe_out, f"# auto-exclude of {recipe_path}: the {chosen} most sensitive layers kept in "
+                                      f"{recipe.model.dtype} (see {AUTO_EXCLUDE_JSON})\n"
+                                      + yaml.safe_dump(data, sort_keys=False))
+        result["recipe_file"] = str(recipe_out)
+    atomic_write_json(folder / AUTO_EXCLUDE_JSON, result)
+    result["folder"] = str(folder)
+    return result
