@@ -4,7 +4,8 @@ fewest of them to keep in the model's dtype so that the gate passes, within a si
 sensitivity: calibrate, then one child measures each linear layer's relative output error under the
 scheme (pipeline/stages/sensitivity.py) and ranks the layers.
 
-auto-exclude: the recipe with the K most sensitive layers added to `quantization.exclude`, each K a
+auto-exclude: the recipe with the K most sensitive layers (with the shards vLLM fuses with them) added
+to `quantization.exclude`, each K a
 whole run (the same runner, resumable, a folder per K): K = 0, 1, 2, 4, 8, ... until one passes the
 gate, then halving the gap to the last K that did not, while trials remain. The size budget is the
 gate's own `max_export_size_ratio` (the option sets it in every trial), so "passes" includes it. The
@@ -26,6 +27,10 @@ from pipeline.rundir import atomic_write_json, atomic_write_text, read_json, sta
 
 Say = Callable[[str], None]
 DEFAULT_MAX_TRIALS = 6
+# Layers vLLM fuses into one (its packed_modules_mapping for Llama-family models: qkv_proj, gate_up_proj)
+# must share one scheme: "Found different quantization schemes for the shards of ...gate_up_proj"
+# (measured: a trial that kept up_proj alone crashed in serve). They are kept or quantized together.
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 AUTO_EXCLUDE_JSON = "auto-exclude.json"
 
 
@@ -69,6 +74,23 @@ def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | N
     return data
 
 
+def keep_units(ranked_layers: list[str]) -> list[list[str]]:
+    """The ranking in units that can be kept alone: a layer, or the shards vLLM fuses with it, ranked by
+    the most sensitive member."""
+    present = set(ranked_layers)
+    units, seen = [], set()
+    for name in ranked_layers:
+        if name in seen:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        group = next((group for group in FUSED_SHARDS if leaf in group), (leaf,))
+        unit = [f"{parent}.{member}" if parent else member for member in group]
+        unit = [member for member in unit if member in present]
+        seen.update(unit)
+        units.append(unit)
+    return units
+
+
 def _next_k(tried: dict[int, bool], layers: int) -> int | None:
     """The next number of layers to keep: doubling until one passes, then bisecting down to the fewest."""
     passing = sorted(k for k, passed in tried.items() if passed)
@@ -92,22 +114,27 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
         raise InputError(f"--max-trials: {max_trials}: at least one trial")
     budget = max_size_ratio if max_size_ratio is not None else recipe.gates.max_export_size_ratio
     _, measured = sensitivity(recipe_path, output_root, say)
-    ranking = [row["layer"] for row in measured["ranking"]]
+    units = keep_units([row["layer"] for row in measured["ranking"]])
+
+    def kept(k: int) -> list[str]:
+        return [name for unit in units[:k] for name in unit]
+
     folder = output_root.resolve() / f"{recipe.name}-auto-exclude"
     trials: dict[int, dict] = {}
     while len(trials) < max_trials:
-        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(ranking))
+        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(units))
         if k is None:
             break
         label = f"keep{k}"
         path = folder / "trials" / label / "recipe.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(trial_recipe_data(recipe, ranking[:k], budget, label), sort_keys=False)
+        text = yaml.safe_dump(trial_recipe_data(recipe, kept(k), budget, label), sort_keys=False)
         if not path.is_file() or path.read_text() != text:
             atomic_write_text(path, text)
-        say(f"trial {len(trials) + 1}: keep the {k} most sensitive layer{'s' if k != 1 else ''} in {recipe.model.dtype}")
+        say(f"trial {len(trials) + 1}: keep the {k} most sensitive layer{'s' if k != 1 else ''} in {recipe.model.dtype}"
+            + (f" ({len(kept(k))} with the shards vLLM fuses with them)" if len(kept(k)) != k else ""))
         row = sweep.run_variant(label, str(path), lambda line: say(f"  {line}"))
-        row["kept_layers"] = ranking[:k]
+        row["kept_layers"] = kept(k)
         trials[k] = row
         say(f"  {row['status']}" + (f": {row['reason']}" if row.get("reason") else "")
             + (f" (size ratio {row['size_ratio']})" if row.get("size_ratio") is not None else ""))
@@ -119,14 +146,14 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
         "recipe": recipe.name, "scheme": recipe.scheme.name, "max_size_ratio": budget,
         "ranking": measured["ranking"], "trials": [trials[k] for k in sorted(trials)],
         "fewest_layers_kept": chosen,
-        "kept_layers": ranking[:chosen] if chosen is not None else None,
+        "kept_layers": kept(chosen) if chosen is not None else None,
         "proved_fewest": chosen is not None and (chosen == 0 or (chosen - 1) in trials),
     }
     if chosen is not None:
         base_size = trials[chosen].get("export_size_bytes")
         unkept = trials.get(0, {}).get("export_size_bytes")
         result["size_cost_bytes"] = base_size - unkept if base_size is not None and unkept is not None else None
-        data = trial_recipe_data(recipe, ranking[:chosen], budget, "auto-exclude")
+        data = trial_recipe_data(recipe, kept(chosen), budget, "auto-exclude")
         data["name"] = f"{recipe.name}-auto-exclude"[:100]
         data["publish"] = recipe.model_dump(mode="json")["publish"]
         data["report_to"] = list(recipe.report_to)

@@ -327,9 +327,15 @@ def compare(run_dirs: tuple[Path, ...]) -> None:
                    "local Ray instance).")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
               help="The sweep goes to OUTPUT_DIR/<recipe name>-sweep/ (variants/<variant>/ hold the runs).")
+@click.option("--sensitivity", "with_sensitivity", is_flag=True,
+              help="Also rank each scheme's layers by their output error under it (see `sensitivity`).")
+@click.option("--auto-exclude", "with_auto_exclude", is_flag=True,
+              help="For each scheme whose rtn variant fails the gate, find the fewest layers to keep (see `auto-exclude`).")
+@click.option("--max-size-ratio", type=float, help="With --auto-exclude: the size budget (export / base size).")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json's content instead of the summary lines.")
 def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, executor: str | None,
-          output_dir: Path, as_json: bool) -> None:
+          output_dir: Path, with_sensitivity: bool, with_auto_exclude: bool, max_size_ratio: float | None,
+          as_json: bool) -> None:
     """Run RECIPE once per scheme x algorithm (each variant its own resumable run, nothing published);
     write sweep.json, sweep.md and sweep.png (size vs recovery and KL, the Pareto front), and name the
     smallest variant that passes every gate. Exit 0 when one passes, 3 when none does."""
@@ -342,7 +348,11 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
         _fail(exc)
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     say(f"sweep: {len(plan.variants)} variants ({plan.executor} executor) -> {plan.sweep_dir}")
-    result = sweeping.sweep(plan, say)
+    try:
+        result = sweeping.sweep(plan, say, sensitivity=with_sensitivity, auto_exclude=with_auto_exclude,
+                                max_size_ratio=max_size_ratio)
+    except PipelineError as exc:
+        _fail(exc)
     if as_json:
         import json
 

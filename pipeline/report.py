@@ -6,6 +6,7 @@ ACCURACY_PLOT = "accuracy.png"
 
 
 def _fmt(value) -> str:
+    """A figure in a table cell (the sweep's table too)."""
     if value is None:
         return "—"
     if isinstance(value, float):

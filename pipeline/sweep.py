@@ -37,6 +37,8 @@ VARIANTS_FOLDER = "variants"
 RUNS_FOLDER = "runs"
 # What a row's status is when no verdict was reached.
 REFUSED, CRASHED = "refused", "crashed"
+# Most sensitive layers per scheme shown in a sweep's report (sensitivity.json has them all).
+SENSITIVITY_SHOWN = 5
 
 Say = Callable[[str], None]
 
@@ -259,8 +261,13 @@ def _status_line(row: dict) -> str:
     return text + (f": {row['reason']}" if row.get("reason") else "")
 
 
-def sweep(plan: SweepPlan, say: Say) -> dict:
-    """Run (or reuse) every variant with the plan's executor; write sweep.json, sweep.md and sweep.png."""
+def sweep(plan: SweepPlan, say: Say, *, sensitivity: bool = False, auto_exclude: bool = False,
+          max_size_ratio: float | None = None) -> dict:
+    """Run (or reuse) every variant with the plan's executor; write sweep.json, sweep.md and sweep.png.
+    sensitivity: rank each scheme's layers too (its most sensitive layers in the report);
+    auto_exclude: for each scheme whose round-to-nearest variant failed the gate, the fewest layers to keep
+    (pipeline/auto_exclude.py; its trials run locally, one after another)."""
+    from pipeline import auto_exclude as excluding
     from pipeline import sweep_report
 
     paths = write_variant_recipes(plan)
@@ -269,7 +276,34 @@ def sweep(plan: SweepPlan, say: Say) -> dict:
     for variant, row in zip(plan.variants, rows):
         row.setdefault("scheme", variant.scheme)
         row.setdefault("algorithm", variant.algorithm)
-    return sweep_report.write(plan.sweep_dir, plan.recipe, str(plan.recipe_path), plan.executor, rows)
+    extras: dict[str, Any] = {}
+    schemes = list(dict.fromkeys(variant.scheme for variant in plan.variants))
+    rtn_paths = {scheme: plan.sweep_dir / VARIANTS_FOLDER / Variant(scheme, RTN).name / "recipe.yaml" for scheme in schemes}
+    if sensitivity or auto_exclude:
+        for scheme in schemes:
+            path = rtn_paths[scheme]
+            if not path.is_file():
+                write_variant_recipes(SweepPlan(plan.recipe, plan.recipe_path, (Variant(scheme, RTN),), plan.executor,
+                                                plan.sweep_dir))
+    if sensitivity:
+        extras["sensitivity"] = {}
+        for scheme in schemes:
+            _, measured = excluding.sensitivity(rtn_paths[scheme], plan.sweep_dir / "sensitivity", say)
+            extras["sensitivity"][scheme] = measured["ranking"][:SENSITIVITY_SHOWN]
+    if auto_exclude:
+        extras["auto_exclude"] = {}
+        for row in rows:
+            if row.get("algorithm") != RTN or row.get("status") != "fail":
+                continue
+            say(f"auto-exclude for {row['variant']} (failed the gate)")
+            found = excluding.auto_exclude(rtn_paths[row["scheme"]], plan.sweep_dir / "auto-exclude", say,
+                                           max_size_ratio=max_size_ratio)
+            extras["auto_exclude"][row["scheme"]] = {key: found.get(key) for key in (
+                "fewest_layers_kept", "kept_layers", "proved_fewest", "size_cost_bytes", "recipe_file", "folder")} | {
+                "trials": [{key: trial.get(key) for key in ("variant", "status", "reason", "size_ratio", "mean_kl",
+                                                           "top1_agreement", "perplexity_ratio")}
+                           for trial in found["trials"]]}
+    return sweep_report.write(plan.sweep_dir, plan.recipe, str(plan.recipe_path), plan.executor, rows, extras)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+from pipeline.report import _fmt
 from pipeline.rundir import atomic_write_json, atomic_write_text
 
 SWEEP_JSON, SWEEP_MD, SWEEP_PNG = "sweep.json", "sweep.md", "sweep.png"
@@ -58,7 +59,7 @@ def smallest_passing(rows: list[dict]) -> str | None:
     return min(passing, key=lambda row: (row["export_size_bytes"], row["variant"]))["variant"] if passing else None
 
 
-def write(sweep_dir: Path, recipe, recipe_path: str, executor: str, rows: list[dict]) -> dict:
+def write(sweep_dir: Path, recipe, recipe_path: str, executor: str, rows: list[dict], extras: dict | None = None) -> dict:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     front = pareto_front(rows)
     for row in rows:
@@ -67,19 +68,12 @@ def write(sweep_dir: Path, recipe, recipe_path: str, executor: str, rows: list[d
         "recipe": recipe.name, "recipe_path": recipe_path, "executor": executor, "sweep_dir": str(sweep_dir),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows, "pareto_front": front, "smallest_passing": smallest_passing(rows), "definitions": DEFINITIONS,
+        **(extras or {}),
     }
     result["plot"] = write_plot(rows, sweep_dir / SWEEP_PNG, result["smallest_passing"])
     atomic_write_text(sweep_dir / SWEEP_MD, render_markdown(result))
     atomic_write_json(sweep_dir / SWEEP_JSON, result)
     return result
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def render_markdown(result: dict) -> str:
@@ -100,6 +94,19 @@ def render_markdown(result: dict) -> str:
             _fmt(row.get("perplexity_ratio")), _fmt(row.get("tokens_per_s")), _fmt(row.get("serving_peak_rss_mb")),
             "yes" if row.get("pareto") else "", (row.get("reason") or "").replace("|", "/"),
         ]) + " |")
+    for scheme, ranking in (result.get("sensitivity") or {}).items():
+        lines += ["", f"Most sensitive layers under {scheme} (relative output error on the calibration tokens): "
+                  + ", ".join(f"{row['layer']} {row['relative_output_error']:.3g}" for row in ranking)]
+    for scheme, found in (result.get("auto_exclude") or {}).items():
+        trials = "; ".join(f"{trial['variant']}: {trial['status']}" for trial in found["trials"])
+        if found["fewest_layers_kept"] is None:
+            lines += ["", f"Auto-exclude for {scheme}: no trial passed ({trials})."]
+        else:
+            cost = found.get("size_cost_bytes")
+            lines += ["", f"Auto-exclude for {scheme}: keeping {found['fewest_layers_kept']} layer(s) in the model dtype "
+                      f"passes the gate ({', '.join(found['kept_layers'])}); size cost "
+                      f"{'—' if cost is None else f'{cost / 2**20:.1f} MiB'}; recipe `{found['recipe_file']}` "
+                      f"(trials: {trials})."]
     lines += ["", "Columns:", ""]
     lines += [f"- {name}: {text}" for name, text in result["definitions"].items()]
     return "\n".join(lines) + "\n"

@@ -134,3 +134,15 @@ def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
     assert walk(3) == [0, 1, 2, 4, 3]
     assert walk(6) == [0, 1, 2, 4, 8, 6, 5]
     assert walk(1000, layers=5) == [0, 1, 2, 4, 5]  # never passes: stops after keeping every layer
+
+
+def test_layers_vllm_fuses_are_kept_together():
+    from pipeline.auto_exclude import keep_units
+
+    ranked = ["model.layers.9.mlp.down_proj", "model.layers.29.mlp.up_proj", "model.layers.3.self_attn.k_proj",
+              "model.layers.29.mlp.gate_proj", "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
+              "model.layers.3.self_attn.o_proj"]
+    assert keep_units(ranked) == [
+        ["model.layers.9.mlp.down_proj"], ["model.layers.29.mlp.gate_proj", "model.layers.29.mlp.up_proj"],
+        ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"],
+        ["model.layers.3.self_attn.o_proj"]]

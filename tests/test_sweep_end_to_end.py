@@ -128,3 +128,41 @@ def test_a_ray_sweep_gives_the_same_table(local_sweep, sweep_recipe, tmp_path):
     assert not any(row["reused"] for row in on_ray["rows"])
     assert _comparable(on_ray) == _comparable(local)
     assert on_ray["smallest_passing"] == local["smallest_passing"]
+
+
+def test_auto_exclude_keeps_the_most_sensitive_layers_in_the_model_dtype(sweep_recipe, tmp_path):
+    """Per-tensor INT8 fails the default thresholds (KL, top-1) on the tiny model. Two trials: the scheme
+    as is (fails), then the most sensitive layer kept in the model's dtype: that trial's export really
+    has it unquantized, and whichever verdict it gets, the command's answer follows from the trials."""
+    from safetensors import safe_open
+
+    recipe = tmp_path / "per-tensor.yaml"
+    text = sweep_recipe.read_text().replace("scheme: int8_per_channel", "scheme: int8_per_tensor")
+    for default, looser in CI_GATES.items():  # back to the default thresholds
+        text = text.replace(f"  {looser}", f"  {default}")
+    recipe.write_text(text.replace("name: smollm2-135m-int8\n", "name: per-tensor\n"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "2",
+         "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=3600,
+    )
+    result = json.loads((tmp_path / "out" / "per-tensor-auto-exclude" / "auto-exclude.json").read_text())
+    sensitivity = json.loads((tmp_path / "out" / "per-tensor-sensitivity" / "sensitivity.json").read_text())
+    ranking = sensitivity["ranking"]
+    assert len(ranking) == 210 and "lm_head" not in {row["layer"] for row in ranking}  # 30 layers x 7, lm_head kept
+    assert ranking[0]["relative_output_error"] >= ranking[-1]["relative_output_error"] > 0
+    trials = result["trials"]
+    assert [trial["variant"] for trial in trials] == ["keep0", "keep1"], completed.stdout[-3000:] + completed.stderr[-2000:]
+    kept = trials[1]["kept_layers"]  # the top layer, with the shards vLLM fuses with it (q/k/v, gate/up)
+    assert trials[0]["status"] == "fail" and ranking[0]["layer"] in kept and len(kept) <= 3
+    with safe_open(Path(trials[1]["run_dir"], "model", "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+        for layer in kept:
+            assert handle.get_slice(f"{layer}.weight").get_dtype() in ("BF16", "F32") and f"{layer}.weight_scale" not in names
+    assert trials[1]["export_size_bytes"] > trials[0]["export_size_bytes"]  # what keeping it cost
+    if trials[1]["status"] == "pass":
+        assert completed.returncode == 0 and result["fewest_layers_kept"] == 1 and result["proved_fewest"]
+        written = Path(result["recipe_file"]).read_text()
+        assert all(layer in written for layer in kept) and "publish:" in written
+    else:
+        assert completed.returncode == 3 and result["fewest_layers_kept"] is None
+        assert "no trial passed the gate (2 trials)" in completed.stdout
