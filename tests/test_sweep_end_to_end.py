@@ -30,12 +30,14 @@ SAME_IN_BOTH = ("variant", "scheme", "algorithm", "status", "export_size_bytes",
 
 @pytest.fixture(scope="module")
 def sweep_recipe(tmp_path_factory) -> Path:
-    """The default recipe at a small size; min_recovery off (30 questions cannot decide it), the other
-    rules at the CI thresholds; prompts cut to one for 8 tokens."""
-    text = ci_sized(DEFAULT_RECIPE.read_text(), samples=32, limit=30)
+    """The default recipe at a small size: 8 calibration samples (GPTQ replays them through every layer:
+    123 s of quantize at 32), min_recovery off (30 questions cannot decide it), the other rules at the
+    CI thresholds, the garbage rule without the base's perplexity of the completions (each variant
+    generates new ones: a base engine start each to score them); prompts cut to one for 8 tokens."""
+    text = ci_sized(DEFAULT_RECIPE.read_text(), samples=8, limit=30)
     for default, looser in CI_GATES.items():
         text = text.replace(f"  {default}", f"  {looser}")
-    text = text.replace("  min_recovery: 0.75", "  min_recovery: null")
+    text = text.replace("  min_recovery: 0.75", "  min_recovery: null\n  garbage_max_completion_perplexity: null")
     text = text.replace("\nevaluation:\n", '\nevaluation:\n  prompts: ["The capital of France is"]\n  max_new_tokens: 8\n', 1)
     path = tmp_path_factory.mktemp("sweep-recipe") / "smollm2-135m-int8.yaml"
     path.write_text(text)
@@ -76,8 +78,8 @@ def test_a_local_sweep_runs_every_variant_and_names_the_front(local_sweep):
     assert rows["int4_wo_64-gptq"]["algorithm"] == "gptq" and rows["int4_wo_64-rtn"]["algorithm"] == "rtn"
     # Same calibration tokens for every variant; int4 is smaller than int8 whatever the algorithm.
     assert len({row["calibration_tokens_sha256"] for row in rows.values()}) == 1
-    assert rows["int4_wo_64-rtn"]["export_size_bytes"] == rows["int4_wo_64-gptq"]["export_size_bytes"] < \
-        rows["int8_per_channel-rtn"]["export_size_bytes"]
+    assert max(rows["int4_wo_64-rtn"]["export_size_bytes"], rows["int4_wo_64-gptq"]["export_size_bytes"]) < \
+        min(rows["int8_per_channel-rtn"]["export_size_bytes"], rows["int8_per_channel-gptq"]["export_size_bytes"])
     # The front and the smallest passing variant follow from the rows (recomputed here from the figures).
     for name, row in rows.items():
         dominated = any(other["export_size_bytes"] <= row["export_size_bytes"] and other["recovery"] >= row["recovery"]

@@ -275,7 +275,10 @@ def _serve_and_evaluate(recipe: Recipe, base_model_dir: Path, model_dir: Path, s
     scores_path = _completion_perplexities_path(base_digest, engine_version, base_options)
     scores = {} if refresh_baseline or not scores_path.is_file() else read_json(scores_path)
     pairs = [[item["prompt"], item["completion"]] for item in serve_figures["completions"]]
-    unscored = [pair for pair in pairs if _completion_key(*pair) not in scores]
+    # The base scores the export's completions only for the rule that reads the scores: no base start for them
+    # otherwise (a sweep's variants each generate new completions).
+    scored = recipe.gates.no_garbage and recipe.gates.garbage_max_completion_perplexity is not None
+    unscored = [pair for pair in pairs if _completion_key(*pair) not in scores] if scored else []
     timings: dict = {}
     base_peak = 0.0
     if missing or unscored or build_reference:
@@ -302,7 +305,7 @@ def _serve_and_evaluate(recipe: Recipe, base_model_dir: Path, model_dir: Path, s
     timings |= {f"lm-eval {task}: quantized": figures["seconds"] for task, figures in quantized.items()}
     _write_samples(out_dir, "base", base)
     _write_samples(out_dir, "quantized", quantized)
-    perplexities = [scores[_completion_key(*pair)] for pair in pairs]
+    perplexities = [scores[_completion_key(*pair)] for pair in pairs] if scored else None
     evaluation: dict = {
         "engine": engine_name,
         "engine_version": engine_version,
