@@ -20,17 +20,14 @@ from typing import Callable
 
 import yaml
 
-from pipeline import sweep
+from pipeline import layers, sweep
 from pipeline.errors import InputError
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.rundir import atomic_write_json, atomic_write_text, read_json, staged_folder
 
 Say = Callable[[str], None]
 DEFAULT_MAX_TRIALS = 6
-# Layers vLLM fuses into one (its packed_modules_mapping for Llama-family models: qkv_proj, gate_up_proj)
-# must share one scheme: "Found different quantization schemes for the shards of ...gate_up_proj"
-# (measured: a trial that kept up_proj alone crashed in serve). They are kept or quantized together.
-FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 AUTO_EXCLUDE_JSON = "auto-exclude.json"
 
 
@@ -75,19 +72,15 @@ def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | N
 
 
 def keep_units(ranked_layers: list[str]) -> list[list[str]]:
-    """The ranking in units that can be kept alone: a layer, or the shards vLLM fuses with it, ranked by
-    the most sensitive member."""
-    present = set(ranked_layers)
+    """The ranking in units that can be kept alone: a layer, or the shards vLLM fuses with it
+    (layers.FUSED_SHARDS: a trial that kept up_proj alone crashed in serve), ranked by the most
+    sensitive member."""
     units, seen = [], set()
     for name in ranked_layers:
-        if name in seen:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        group = next((group for group in FUSED_SHARDS if leaf in group), (leaf,))
-        unit = [f"{parent}.{member}" if parent else member for member in group]
-        unit = [member for member in unit if member in present]
-        seen.update(unit)
-        units.append(unit)
+        if name not in seen:
+            unit = layers.fused_siblings(name, ranked_layers)
+            seen.update(unit)
+            units.append(unit)
     return units
 
 

@@ -56,6 +56,10 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
     for pattern in recipe.quantization.layers:
         if not layers.select(names, [pattern]):
             problems.append(("quantization.layers", f"pattern {pattern!r} matches no layer of the model"))
+    if recipe.evaluation.engine != "transformers":  # vLLM serves fused shards with one scheme
+        for name, missing in layers.split_fused_groups(layers.select(names, recipe.quantization.exclude), names)[:1]:
+            problems.append(("quantization.exclude", f"{name} excluded without {', '.join(missing)}: vLLM fuses them "
+                             "into one layer with one scheme; exclude them together"))
     return problems
 
 

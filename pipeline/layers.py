@@ -22,6 +22,31 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+# Layers vLLM fuses into one (its packed_modules_mapping for Llama-family models: qkv_proj, gate_up_proj)
+# must share one scheme: vLLM refuses "different quantization schemes for the shards of ...gate_up_proj"
+# (measured: an export that kept up_proj unquantized and gate_proj in int8).
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_siblings(name: str, names: Iterable[str]) -> list[str]:
+    """`name` with the layers vLLM fuses it with (those present in `names`), in the fused order."""
+    parent, _, leaf = name.rpartition(".")
+    group = next((group for group in FUSED_SHARDS if leaf in group), (leaf,))
+    present = set(names) | {name}
+    return [member for member in (f"{parent}.{leaf_}" if parent else leaf_ for leaf_ in group) if member in present]
+
+
+def split_fused_groups(selected: Iterable[str], names: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """(selected layer, its fused siblings left out) for every fused group `selected` takes only part of."""
+    names, chosen = list(names), set(selected)
+    split = []
+    for name in selected:
+        missing = [member for member in fused_siblings(name, names) if member not in chosen]
+        if missing:
+            split.append((name, missing))
+    return split
+
+
 def select(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
     """Names selected by any of the patterns, in their original order."""
     patterns = list(patterns)

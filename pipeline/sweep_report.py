@@ -126,12 +126,14 @@ def write_plot(rows: list[dict], path: Path, best: str | None) -> dict:
     points = []
     for axis, (key, label) in zip(axes, PANELS):
         drawn = [row for row in plotted if row.get(key) is not None]
-        for row in drawn:
+        for index, row in enumerate(drawn):
             size_mib = row["export_size_bytes"] / 2**20
             color = FRONT_COLOR if row.get("pareto") else OTHER_COLOR
             axis.scatter([size_mib], [row[key]], s=120, color=color, zorder=3 if row.get("pareto") else 2)
             text = row["variant"] + (" (smallest pass)" if row["variant"] == best else "")
-            axis.annotate(text, (size_mib, row[key]), textcoords="offset points", xytext=(8, 6), fontsize=7)
+            # Labels stepped down by row: variants of one size (rtn, gptq) sit on top of each other.
+            axis.annotate(text, (size_mib, row[key]), textcoords="offset points", xytext=(8, 6 - 10 * (index % 3)),
+                          fontsize=7)
         front = sorted((row for row in drawn if row.get("pareto")), key=lambda row: row["export_size_bytes"])
         if len(front) > 1:
             axis.plot([row["export_size_bytes"] / 2**20 for row in front], [row[key] for row in front],

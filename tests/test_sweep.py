@@ -146,3 +146,18 @@ def test_layers_vllm_fuses_are_kept_together():
         ["model.layers.9.mlp.down_proj"], ["model.layers.29.mlp.gate_proj", "model.layers.29.mlp.up_proj"],
         ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"],
         ["model.layers.3.self_attn.o_proj"]]
+
+
+def test_an_exclude_that_splits_a_fused_layer_is_found():
+    """`validate` and `run` refuse it before loading (pipeline/checks.py): vLLM would refuse the export in serve."""
+    from pipeline.layers import select, split_fused_groups
+
+    names = [f"model.layers.{i}.{leaf}" for i in range(2) for leaf in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")]
+    assert split_fused_groups(select(names, ["model.layers.1.mlp.up_proj"]), names) == [
+        ("model.layers.1.mlp.up_proj", ["model.layers.1.mlp.gate_proj"])]
+    assert split_fused_groups(select(names, ["re:model\\.layers\\.1\\.mlp\\.(gate|up)_proj", "down_proj", "o_proj"]),
+                              names) == []
+    assert split_fused_groups(select(names, ["model.layers.0.self_attn.k_proj"]), names) == [
+        ("model.layers.0.self_attn.k_proj", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"])]
