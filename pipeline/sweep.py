@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from pydantic import ValidationError
 
 from pipeline import unfinished
 from pipeline.errors import InputError, PipelineError, RecipeError
-from pipeline.recipe import RTN, Recipe, check_sweep_algorithm, check_sweep_scheme, load_recipe
+from pipeline.recipe import RTN, Recipe, check_sweep_algorithm, check_sweep_scheme, field_path, load_recipe
 from pipeline.rundir import atomic_write_text
 
 EXECUTORS = ("local", "ray")
@@ -98,10 +99,10 @@ def plan_sweep(recipe_path: Path, output_root: Path, *, schemes: str | None = No
     for variant in variants:  # an impossible combination is bad input too: refused before the first run
         try:
             Recipe.model_validate(variant_recipe_data(recipe, variant))
-        except Exception as exc:  # pydantic's ValidationError: its first line names the field
-            message = str(exc).splitlines()
-            detail = message[2].strip() if len(message) > 2 else message[0]
-            raise RecipeError(str(recipe_path), f"sweep variant {variant.name}", detail.removeprefix("Value error, "))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise RecipeError(str(recipe_path), f"sweep variant {variant.name}",
+                              f"{field_path(error['loc'])}: {error['msg'].removeprefix('Value error, ')}") from None
     return plan
 
 

@@ -8,7 +8,6 @@ on all three and better on one. Variants without figures (refused, crashed) are 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -158,7 +157,3 @@ def write_plot(rows: list[dict], path: Path, best: str | None) -> dict:
     plt.close(figure)
     staged.replace(path)
     return {"file": path.name, "points": points, "colors": {"pareto": FRONT_COLOR, "other": OTHER_COLOR}}
-
-
-def read(sweep_dir: Path) -> dict:
-    return json.loads((sweep_dir / SWEEP_JSON).read_text())

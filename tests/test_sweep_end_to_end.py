@@ -9,7 +9,6 @@ other slow tests, so the base model's figures come from the cache they fill).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
