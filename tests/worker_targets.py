@@ -16,8 +16,13 @@ def spawn_grandchild(pid_file: str) -> dict:
     return {"grandchild": grandchild.pid}
 
 
-def allocate(megabytes: int) -> dict:
+def allocate(megabytes: int, hold_s: float = 0.6) -> dict:
+    """Hold the memory a while, as a loaded model does: the parent's RSS samples (every 0.2 s) see it even
+    where the kernel's lifetime peak (ru_maxrss) misses an allocation freed at once (seen once under load)."""
+    import time
+
     block = bytearray(megabytes * 2**20)
+    time.sleep(hold_s)
     return {"allocated": len(block)}
 
 
