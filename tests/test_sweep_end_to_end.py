@@ -29,7 +29,7 @@ SAME_IN_BOTH = ("variant", "scheme", "algorithm", "status", "export_size_bytes",
 
 @pytest.fixture(scope="module")
 def sweep_recipe(tmp_path_factory) -> Path:
-    """The default recipe at a small size: 8 calibration samples (GPTQ replays them through every layer:
+    """The default recipe at a small size, `engine: auto`: 8 calibration samples (GPTQ replays them through every layer:
     123 s of quantize at 32), min_recovery off (30 questions cannot decide it), the other rules at the
     CI thresholds, the garbage rule without the base's perplexity of the completions (each variant
     generates new ones: a base engine start each to score them); prompts cut to one for 8 tokens."""
@@ -38,6 +38,10 @@ def sweep_recipe(tmp_path_factory) -> Path:
         text = text.replace(f"  {default}", f"  {looser}")
     text = text.replace("  min_recovery: 0.75", "  min_recovery: null\n  garbage_max_completion_perplexity: null")
     text = text.replace("\nevaluation:\n", '\nevaluation:\n  prompts: ["The capital of France is"]\n  max_new_tokens: 8\n', 1)
+    # auto: vLLM wherever it serves the scheme; on an AVX2-only CPU (no int4 kernel in vLLM's CPU build) the
+    # int4 variants are evaluated with the labelled transformers fallback instead of being refused.
+    assert "  engine: vllm\n" in text
+    text = text.replace("  engine: vllm\n", "  engine: auto\n")
     path = tmp_path_factory.mktemp("sweep-recipe") / "smollm2-135m-int8.yaml"
     path.write_text(text)
     return path
