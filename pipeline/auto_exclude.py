@@ -14,7 +14,6 @@ chosen recipe, with its exclude list spelled out, is written next to the report 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable
 
@@ -61,13 +60,10 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
 
 
 def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | None, label: str) -> dict:
-    data = copy.deepcopy(recipe.model_dump(mode="json", exclude={"sweep"}))
-    data["name"] = f"{recipe.name}--{label}"[:100]
+    data = sweep.derived_recipe_data(recipe, label)
     data["quantization"]["exclude"] = list(data["quantization"]["exclude"]) + kept
     if max_size_ratio is not None:
         data["gates"]["max_export_size_ratio"] = max_size_ratio
-    data["publish"] = None
-    data["report_to"] = []
     return data
 
 

@@ -109,10 +109,17 @@ def plan_sweep(recipe_path: Path, output_root: Path, *, schemes: str | None = No
 def variant_recipe_data(recipe: Recipe, variant: Variant) -> dict:
     """The recipe of one variant: scheme and algorithm replaced, nothing published (a sweep compares;
     the user publishes the variant they choose with `publish RUN_DIR`), no sweep section."""
-    data = copy.deepcopy(recipe.model_dump(mode="json", exclude={"sweep"}))
-    data["name"] = f"{recipe.name}--{variant.name}"[:100]
+    data = derived_recipe_data(recipe, variant.name)
     data["quantization"]["scheme"] = variant.scheme
     data["quantization"]["algorithm"] = None if variant.algorithm == RTN else variant.algorithm
+    return data
+
+
+def derived_recipe_data(recipe: Recipe, label: str) -> dict:
+    """A copy of the recipe run for comparison (a sweep variant, an auto-exclude trial): its own name,
+    nothing published or reported elsewhere, no sweep section."""
+    data = copy.deepcopy(recipe.model_dump(mode="json", exclude={"sweep"}))
+    data["name"] = f"{recipe.name}--{label}"[:100]
     data["publish"] = None
     data["report_to"] = []
     return data
