@@ -1,15 +1,17 @@
 """`quantize-pipeline sensitivity` and `auto-exclude`: which layers hurt most under a scheme, and the
 fewest of them to keep in the model's dtype so that the gate passes, within a size budget.
 
-sensitivity: calibrate, then one child measures each linear layer's relative output error under the
-scheme (pipeline/stages/sensitivity.py) and ranks the layers.
+sensitivity: calibrate, then one child ranks each linear layer by its relative output error under the
+scheme and measures the keep curve (pipeline/stages/sensitivity.py): how close to the base the
+fake-quantized model comes with the top K layers kept, and the fewest K that meets the gate's KL
+and top-1 thresholds there (`keep_estimate`).
 
 auto-exclude: the recipe with the K most sensitive layers (with the shards vLLM fuses with them) added
-to `quantization.exclude`, each K a
-whole run (the same runner, resumable, a folder per K): K = 0, 1, 2, 4, 8, ... until one passes the
-gate, then halving the gap to the last K that did not, while trials remain. The size budget is the
-gate's own `max_export_size_ratio` (the option sets it in every trial), so "passes" includes it. The
-chosen recipe, with its exclude list spelled out, is written next to the report so the user can run it.
+to `quantization.exclude`, each K a whole run (the same runner, resumable, a folder per K): K = 0
+(the scheme as is), then the keep curve's estimate (or 1), doubling until one passes the gate, then
+halving the gap to the last K that did not, while trials remain. The size budget is the gate's own
+`max_export_size_ratio` (the option sets it in every trial), so "passes" includes it. The chosen
+recipe, with its exclude list spelled out, is written next to the report so the user can run it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
     model, calibration and quantization sections are unchanged."""
     from pipeline import runner
     from pipeline.stages import calibrate
-    from pipeline.stages.sensitivity import SENSITIVITY_FILE, read
+    from pipeline.stages.sensitivity import METHOD, SENSITIVITY_FILE, read
     from pipeline.worker import call_isolated
 
     recipe = load_recipe(recipe_path)
     folder = output_root.resolve() / f"{recipe.name}-sensitivity"
     key = {section: recipe.model_dump(mode="json")[section] for section in ("model", "calibration", "quantization")}
+    key |= {"method": METHOD, "thresholds": [recipe.gates.max_mean_kl, recipe.gates.min_top1_agreement]}
     if (folder / SENSITIVITY_FILE).is_file() and (folder / "key.json").is_file() and read_json(folder / "key.json") == key:
         say(f"sensitivity: reused {folder / SENSITIVITY_FILE}")
         return folder, read(folder)
@@ -67,28 +70,20 @@ def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | N
     return data
 
 
-def keep_units(ranked_layers: list[str]) -> list[list[str]]:
-    """The ranking in units that can be kept alone: a layer, or the shards vLLM fuses with it
-    (layers.FUSED_SHARDS: a trial that kept up_proj alone crashed in serve), ranked by the most
-    sensitive member."""
-    units, seen = [], set()
-    for name in ranked_layers:
-        if name not in seen:
-            unit = layers.fused_siblings(name, ranked_layers)
-            seen.update(unit)
-            units.append(unit)
-    return units
-
-
-def _next_k(tried: dict[int, bool], layers: int) -> int | None:
-    """The next number of layers to keep: doubling until one passes, then bisecting down to the fewest."""
+def _next_k(tried: dict[int, bool], layers: int, first_guess: int | None = None) -> int | None:
+    """The next number of layers to keep: 0, then `first_guess` (the keep curve's estimate) or 1, doubling
+    until one passes, then bisecting down to the fewest."""
     passing = sorted(k for k, passed in tried.items() if passed)
     failing = sorted(k for k, passed in tried.items() if not passed)
     if not passing:
         last = max(tried) if tried else -1
         if last >= layers:
             return None
-        return min(layers, 0 if last < 0 else max(1, last * 2))
+        if last < 0:
+            return 0
+        if first_guess is not None and first_guess > last:
+            return min(layers, first_guess)
+        return min(layers, max(1, last * 2))
     best = passing[0]
     below = max((k for k in failing if k < best), default=-1)
     if best - below <= 1:
@@ -103,7 +98,7 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
         raise InputError(f"--max-trials: {max_trials}: at least one trial")
     budget = max_size_ratio if max_size_ratio is not None else recipe.gates.max_export_size_ratio
     _, measured = sensitivity(recipe_path, output_root, say)
-    units = keep_units([row["layer"] for row in measured["ranking"]])
+    units = layers.keep_units([row["layer"] for row in measured["ranking"]])
 
     def kept(k: int) -> list[str]:
         return [name for unit in units[:k] for name in unit]
@@ -111,7 +106,7 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
     folder = output_root.resolve() / f"{recipe.name}-auto-exclude"
     trials: dict[int, dict] = {}
     while len(trials) < max_trials:
-        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(units))
+        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(units), measured.get("keep_estimate"))
         if k is None:
             break
         label = f"keep{k}"
@@ -133,7 +128,8 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
     chosen = passing[0] if passing else None
     result = {
         "recipe": recipe.name, "scheme": recipe.scheme.name, "max_size_ratio": budget,
-        "ranking": measured["ranking"], "trials": [trials[k] for k in sorted(trials)],
+        "ranking": measured["ranking"], "keep_estimate": measured.get("keep_estimate"),
+        "keep_curve": measured.get("keep_curve"), "trials": [trials[k] for k in sorted(trials)],
         "fewest_layers_kept": chosen,
         "kept_layers": kept(chosen) if chosen is not None else None,
         "proved_fewest": chosen is not None and (chosen == 0 or (chosen - 1) in trials),

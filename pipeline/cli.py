@@ -379,6 +379,13 @@ def sensitivity(recipe: Path, output_dir: Path, top: int) -> None:
         _fail(exc)
     for row in result["ranking"][:top]:
         click.echo(f"{row['relative_output_error']:.3e}  {row['layer']}")
+    estimate = result.get("keep_estimate")
+    if estimate is not None:
+        point = next(point for point in result["keep_curve"] if point["keep"] == estimate)
+        click.echo(f"keep estimate: the top {estimate} (with fused shards: {point['layers']} layers) for mean KL "
+                   f"{point['mean_kl']:.3g}, top-1 {point['top1_agreement']:.3g} on the fake-quantized model")
+    elif result.get("keep_curve"):
+        click.echo("keep estimate: none (even with every layer kept the curve misses the gate's KL or top-1 threshold)")
     click.echo(f"sensitivity: {folder / 'sensitivity.json'}")
 
 

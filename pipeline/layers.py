@@ -36,6 +36,18 @@ def fused_siblings(name: str, names: Iterable[str]) -> list[str]:
     return [member for member in (f"{parent}.{leaf_}" if parent else leaf_ for leaf_ in group) if member in present]
 
 
+def keep_units(ranked_layers: list[str]) -> list[list[str]]:
+    """A ranking in units that can be kept out of quantization alone: a layer, or the shards vLLM fuses
+    with it, ranked by the most sensitive member."""
+    units, seen = [], set()
+    for name in ranked_layers:
+        if name not in seen:
+            unit = fused_siblings(name, ranked_layers)
+            seen.update(unit)
+            units.append(unit)
+    return units
+
+
 def split_fused_groups(selected: Iterable[str], names: Iterable[str]) -> list[tuple[str, list[str]]]:
     """(selected layer, its fused siblings left out) for every fused group `selected` takes only part of."""
     names, chosen = list(names), set(selected)

@@ -97,3 +97,39 @@ def test_exclude_pattern_must_match_a_layer(tmp_path, local_model):
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2
     assert f"{recipe_path}: quantization.exclude: pattern 'o_projj' matches no layer of the model" in done.stderr
+
+
+@pytest.fixture
+def fused_model(tmp_path):
+    """One decoder layer's linear shapes in names: q/k/v and gate/up are fused by vLLM."""
+    folder = tmp_path / "fused-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")
+    save_file({f"model.layers.0.{leaf}.weight": np.zeros((64, 64), np.float32) for leaf in leaves}
+              | {"lm_head.weight": np.zeros((8, 64), np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def _layers_recipe(tmp_path, model_dir, exclude: str = "", overrides: str = ""):
+    path = tmp_path / "fused.yaml"
+    path.write_text(f"name: t\nmodel: {{source: {model_dir}}}\n"
+                    f"quantization: {{scheme: int8_per_channel, exclude: [lm_head{exclude}]{overrides}}}\n")
+    return load_recipe(path)
+
+
+def test_shards_vllm_fuses_must_share_one_scheme(tmp_path, fused_model):
+    """vLLM refuses an export whose gate_proj and up_proj (or q/k/v) differ: "Found different quantization
+    schemes for the shards of model.layers.29.mlp.gate_up_proj" (measured). Refused before anything loads."""
+    split_override = _layers_recipe(tmp_path, fused_model, overrides=", layers: {'model.layers.0.mlp.up_proj': int4_wo_64}")
+    assert checks.model_problems(split_override, fused_model) == [(
+        "quantization.layers", "model.layers.0.mlp.gate_proj gets int8_per_channel but model.layers.0.mlp.up_proj "
+        "int4_wo_64: vLLM fuses them into one layer with one scheme; give them the same scheme")]
+    split_exclude = _layers_recipe(tmp_path, fused_model, exclude=", model.layers.0.self_attn.k_proj")
+    problems = checks.model_problems(split_exclude, fused_model)
+    assert [field for field, _ in problems] == ["quantization.exclude"]
+    assert "k_proj excluded without model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj" in problems[0][1]
+    whole_groups = _layers_recipe(tmp_path, fused_model, exclude=", 're:.*(gate|up)_proj'",
+                                  overrides=", layers: {'re:.*[qkv]_proj': int4_wo_64}")
+    assert checks.model_problems(whole_groups, fused_model) == []

@@ -123,9 +123,9 @@ def test_sweep_files_and_the_plot_drawn_where_it_says(tmp_path):
 def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
     from pipeline.auto_exclude import _next_k
 
-    def walk(first_passing: int, layers: int = 210) -> list[int]:
+    def walk(first_passing: int, layers: int = 210, guess: int | None = None) -> list[int]:
         tried: dict[int, bool] = {}
-        while (k := _next_k(tried, layers)) is not None:
+        while (k := _next_k(tried, layers, guess)) is not None:
             tried[k] = k >= first_passing
         return list(tried)
 
@@ -134,10 +134,14 @@ def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
     assert walk(3) == [0, 1, 2, 4, 3]
     assert walk(6) == [0, 1, 2, 4, 8, 6, 5]
     assert walk(1000, layers=5) == [0, 1, 2, 4, 5]  # never passes: stops after keeping every layer
+    # The keep curve's estimate is the second trial: right, then bisected below it; short, then doubled from it.
+    assert walk(40, guess=40) == [0, 40, 20, 30, 35, 38, 39]
+    assert walk(50, guess=40, layers=60) == [0, 40, 60, 50, 45, 48, 49]
+    assert walk(2, guess=0) == [0, 1, 2]  # an estimate of 0 that the real run refuted: from 1 as without one
 
 
 def test_layers_vllm_fuses_are_kept_together():
-    from pipeline.auto_exclude import keep_units
+    from pipeline.layers import keep_units
 
     ranked = ["model.layers.9.mlp.down_proj", "model.layers.29.mlp.up_proj", "model.layers.3.self_attn.k_proj",
               "model.layers.29.mlp.gate_proj", "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
