@@ -37,13 +37,12 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
     model, calibration and quantization sections are unchanged."""
     from pipeline import runner
     from pipeline.stages import calibrate
-    from pipeline.stages.sensitivity import METHOD, SENSITIVITY_FILE, read
+    from pipeline.stages.sensitivity import SENSITIVITY_FILE, read
     from pipeline.worker import call_isolated
 
     recipe = load_recipe(recipe_path)
     folder = output_root.resolve() / f"{recipe.name}-sensitivity"
-    key = {section: recipe.model_dump(mode="json")[section] for section in ("model", "calibration", "quantization")}
-    key |= {"method": METHOD, "thresholds": [recipe.gates.max_mean_kl, recipe.gates.min_top1_agreement]}
+    key = sensitivity_key(recipe)
     if (folder / SENSITIVITY_FILE).is_file() and (folder / "key.json").is_file() and read_json(folder / "key.json") == key:
         say(f"sensitivity: reused {folder / SENSITIVITY_FILE}")
         return folder, read(folder)
@@ -60,6 +59,14 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
     atomic_write_json(folder / SENSITIVITY_FILE, result)
     atomic_write_json(folder / "key.json", key)
     return folder, result
+
+
+def sensitivity_key(recipe: Recipe) -> dict:
+    """What a sensitivity measurement depends on: reused while this is unchanged."""
+    from pipeline.stages.sensitivity import METHOD
+
+    key = {section: recipe.model_dump(mode="json")[section] for section in ("model", "calibration", "quantization")}
+    return key | {"method": METHOD, "thresholds": [recipe.gates.max_mean_kl, recipe.gates.min_top1_agreement]}
 
 
 def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | None, label: str) -> dict:
@@ -92,7 +99,9 @@ def _next_k(tried: dict[int, bool], layers: int, first_guess: int | None = None)
 
 
 def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_ratio: float | None = None,
-                 max_trials: int = DEFAULT_MAX_TRIALS) -> dict:
+                 max_trials: int = DEFAULT_MAX_TRIALS, as_is: dict | None = None) -> dict:
+    """as_is: the row of a finished run of RECIPE itself (a sweep's variant): trial K = 0 when its gate is
+    the trials' (no size budget of the option's own), not run again."""
     recipe = load_recipe(recipe_path)
     if max_trials < 1:
         raise InputError(f"--max-trials: {max_trials}: at least one trial")
@@ -105,6 +114,9 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
 
     folder = output_root.resolve() / f"{recipe.name}-auto-exclude"
     trials: dict[int, dict] = {}
+    if as_is is not None and budget == recipe.gates.max_export_size_ratio:
+        trials[0] = {**as_is, "kept_layers": []}
+        say(f"trial 1: keep no layer: {as_is['status']} (the run of {as_is['variant']}, reused)")
     while len(trials) < max_trials:
         k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(units), measured.get("keep_estimate"))
         if k is None:

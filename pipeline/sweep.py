@@ -305,9 +305,10 @@ def sweep(plan: SweepPlan, say: Say, *, sensitivity: bool = False, auto_exclude:
                 continue
             say(f"auto-exclude for {row['variant']} (failed the gate)")
             found = excluding.auto_exclude(rtn_paths[row["scheme"]], plan.sweep_dir / "auto-exclude", say,
-                                           max_size_ratio=max_size_ratio)
+                                           max_size_ratio=max_size_ratio, as_is=row)
             extras["auto_exclude"][row["scheme"]] = {key: found.get(key) for key in (
-                "fewest_layers_kept", "kept_layers", "proved_fewest", "size_cost_bytes", "recipe_file", "folder")} | {
+                "fewest_layers_kept", "kept_layers", "proved_fewest", "size_cost_bytes", "recipe_file", "folder",
+                "keep_estimate")} | {
                 "trials": [{key: trial.get(key) for key in ("variant", "status", "reason", "size_ratio", "mean_kl",
                                                            "top1_agreement", "perplexity_ratio")}
                            for trial in found["trials"]]}

@@ -94,7 +94,7 @@ def render_markdown(result: dict) -> str:
             "yes" if row.get("pareto") else "", (row.get("reason") or "").replace("|", "/"),
         ]) + " |")
     for scheme, ranking in (result.get("sensitivity") or {}).items():
-        lines += ["", f"Most sensitive layers under {scheme} (relative output error on the calibration tokens): "
+        lines += ["", f"Most sensitive layers under {scheme} (per-token relative output error on the calibration tokens): "
                   + ", ".join(f"{row['layer']} {row['relative_output_error']:.3g}" for row in ranking)]
     for scheme, found in (result.get("auto_exclude") or {}).items():
         trials = "; ".join(f"{trial['variant']}: {trial['status']}" for trial in found["trials"])
@@ -102,7 +102,8 @@ def render_markdown(result: dict) -> str:
             lines += ["", f"Auto-exclude for {scheme}: no trial passed ({trials})."]
         else:
             cost = found.get("size_cost_bytes")
-            lines += ["", f"Auto-exclude for {scheme}: keeping {found['fewest_layers_kept']} layer(s) in the model dtype "
+            lines += ["", f"Auto-exclude for {scheme}: keeping the {found['fewest_layers_kept']} most sensitive unit(s) "
+                      f"({len(found['kept_layers'])} layers with the shards vLLM fuses with them) in the model dtype "
                       f"passes the gate ({', '.join(found['kept_layers'])}); size cost "
                       f"{'—' if cost is None else f'{cost / 2**20:.1f} MiB'}; recipe `{found['recipe_file']}` "
                       f"(trials: {trials})."]

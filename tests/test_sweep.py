@@ -120,6 +120,35 @@ def test_sweep_files_and_the_plot_drawn_where_it_says(tmp_path):
     assert (image[:, :, :3] > 0.95).all(axis=2).mean() > 0.5
 
 
+def test_the_report_names_the_sensitive_layers_and_what_auto_exclude_kept(tmp_path):
+    """sweep --sensitivity and --auto-exclude: their findings reach sweep.json and sweep.md."""
+    from types import SimpleNamespace
+
+    extras = {
+        "sensitivity": {"int8_per_tensor": [{"layer": "model.layers.11.mlp.down_proj", "relative_output_error": 0.993}]},
+        "auto_exclude": {
+            "int8_per_tensor": {"fewest_layers_kept": 2, "keep_estimate": 2, "proved_fewest": True,
+                                "kept_layers": ["model.layers.11.mlp.down_proj", "model.layers.2.mlp.gate_proj",
+                                                "model.layers.2.mlp.up_proj"],
+                                "size_cost_bytes": 3 * 2**20, "recipe_file": "out/x-auto-exclude.yaml",
+                                "trials": [{"variant": "keep0", "status": "fail"}, {"variant": "keep2", "status": "pass"},
+                                           {"variant": "keep1", "status": "inconclusive"}]},
+            "int4_wo_64": {"fewest_layers_kept": None, "kept_layers": None,
+                           "trials": [{"variant": "keep0", "status": "fail"}]},
+        },
+    }
+    result = write(tmp_path, SimpleNamespace(name="demo"), "r.yaml", "local", [dict(row) for row in ROWS], extras)
+    assert result["auto_exclude"]["int8_per_tensor"]["keep_estimate"] == 2
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert ("Most sensitive layers under int8_per_tensor (per-token relative output error on the calibration tokens): "
+            "model.layers.11.mlp.down_proj 0.993") in markdown
+    assert ("Auto-exclude for int8_per_tensor: keeping the 2 most sensitive unit(s) (3 layers with the shards vLLM "
+            "fuses with them) in the model dtype passes the gate (model.layers.11.mlp.down_proj, "
+            "model.layers.2.mlp.gate_proj, model.layers.2.mlp.up_proj); size cost 3.0 MiB") in markdown
+    assert "(trials: keep0: fail; keep2: pass; keep1: inconclusive)" in markdown
+    assert "Auto-exclude for int4_wo_64: no trial passed (keep0: fail)." in markdown
+
+
 def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
     from pipeline.auto_exclude import _next_k
 
@@ -138,6 +167,29 @@ def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
     assert walk(40, guess=40) == [0, 40, 20, 30, 35, 38, 39]
     assert walk(50, guess=40, layers=60) == [0, 40, 60, 50, 45, 48, 49]
     assert walk(2, guess=0) == [0, 1, 2]  # an estimate of 0 that the real run refuted: from 1 as without one
+
+
+def test_a_sweeps_failing_variant_is_auto_excludes_first_trial(tmp_path):
+    """sweep --auto-exclude: the variant's own run is trial K = 0 (the same recipe), not run a second time."""
+    import json
+
+    from pipeline.auto_exclude import auto_exclude, sensitivity_key
+    from pipeline.recipe import load_recipe
+
+    recipe_path = tmp_path / "int8_per_tensor-rtn.yaml"
+    recipe_path.write_text((REPO / "recipes" / "smollm2-135m-int8-per-tensor.yaml").read_text())
+    recipe = load_recipe(recipe_path)
+    measured = tmp_path / "out" / f"{recipe.name}-sensitivity"
+    measured.mkdir(parents=True)
+    (measured / "sensitivity.json").write_text(json.dumps({
+        "ranking": [{"layer": "model.layers.11.mlp.down_proj", "relative_output_error": 0.99}], "keep_estimate": 1}))
+    (measured / "key.json").write_text(json.dumps(sensitivity_key(recipe)))
+    as_is = {"variant": "int8_per_tensor-rtn", "status": "fail", "export_size_bytes": 100, "reason": "max_mean_kl"}
+    said: list[str] = []
+    result = auto_exclude(recipe_path, tmp_path / "out", said.append, max_trials=1, as_is=as_is)
+    assert result["trials"] == [{**as_is, "kept_layers": []}] and result["fewest_layers_kept"] is None
+    assert said[-1] == "trial 1: keep no layer: fail (the run of int8_per_tensor-rtn, reused)", said
+    assert not (tmp_path / "out" / f"{recipe.name}-auto-exclude" / "trials").exists()  # nothing ran
 
 
 def test_layers_vllm_fuses_are_kept_together():
