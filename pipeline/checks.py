@@ -57,19 +57,22 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
         if not layers.select(names, [pattern]):
             problems.append(("quantization.layers", f"pattern {pattern!r} matches no layer of the model"))
     if recipe.evaluation.engine != "transformers":  # vLLM serves fused shards with one scheme
-        problems.extend(fused_scheme_problems(recipe, names)[:1])
+        problems.extend(fused_scheme_problems(recipe, names))
     return problems
 
 
 def fused_scheme_problems(recipe: Recipe, names: list[str]) -> list[tuple[str, str]]:
-    """A (field, problem) per layer whose scheme (or exclusion) differs from a shard vLLM fuses it with:
-    vLLM refuses such an export in serve ("Found different quantization schemes for the shards of ...")."""
+    """The first layer whose scheme (or exclusion) differs from a shard vLLM fuses it with, as a
+    (field, problem) pair, or []: vLLM refuses such an export in serve ("Found different quantization
+    schemes for the shards of ...")."""
     from pipeline.plan import assign_schemes  # plan imports this module
 
-    assigned = assign_schemes(recipe, names)
-    for name, missing in layers.split_fused_groups(layers.select(names, recipe.quantization.exclude), names)[:1]:
+    split = layers.split_fused_groups(layers.select(names, recipe.quantization.exclude), names)
+    if split:
+        name, missing = split[0]
         return [("quantization.exclude", f"{name} excluded without {', '.join(missing)}: vLLM fuses them "
                  "into one layer with one scheme; exclude them together")]
+    assigned = assign_schemes(recipe, names)
     for name in names:
         differing = [member for member in layers.fused_siblings(name, names) if assigned[member] != assigned[name]]
         if differing:
