@@ -25,6 +25,7 @@ from pipeline import layers, sweep
 from pipeline.errors import InputError
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.rundir import atomic_write_json, atomic_write_text, read_json, staged_folder
+from pipeline.stages.sensitivity import METHOD, SENSITIVITY_FILE, next_keep_count, read
 
 Say = Callable[[str], None]
 DEFAULT_MAX_TRIALS = 6
@@ -37,7 +38,6 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
     model, calibration and quantization sections are unchanged."""
     from pipeline import runner
     from pipeline.stages import calibrate
-    from pipeline.stages.sensitivity import SENSITIVITY_FILE, read
     from pipeline.worker import call_isolated
 
     recipe = load_recipe(recipe_path)
@@ -63,8 +63,6 @@ def sensitivity(recipe_path: Path, output_root: Path, say: Say) -> tuple[Path, d
 
 def sensitivity_key(recipe: Recipe) -> dict:
     """What a sensitivity measurement depends on: reused while this is unchanged."""
-    from pipeline.stages.sensitivity import METHOD
-
     key = {section: recipe.model_dump(mode="json")[section] for section in ("model", "calibration", "quantization")}
     return key | {"method": METHOD, "thresholds": [recipe.gates.max_mean_kl, recipe.gates.min_top1_agreement]}
 
@@ -75,27 +73,6 @@ def trial_recipe_data(recipe: Recipe, kept: list[str], max_size_ratio: float | N
     if max_size_ratio is not None:
         data["gates"]["max_export_size_ratio"] = max_size_ratio
     return data
-
-
-def _next_k(tried: dict[int, bool], layers: int, first_guess: int | None = None) -> int | None:
-    """The next number of layers to keep: 0, then `first_guess` (the keep curve's estimate) or 1, doubling
-    until one passes, then bisecting down to the fewest."""
-    passing = sorted(k for k, passed in tried.items() if passed)
-    failing = sorted(k for k, passed in tried.items() if not passed)
-    if not passing:
-        last = max(tried) if tried else -1
-        if last >= layers:
-            return None
-        if last < 0:
-            return 0
-        if first_guess is not None and first_guess > last:
-            return min(layers, first_guess)
-        return min(layers, max(1, last * 2))
-    best = passing[0]
-    below = max((k for k in failing if k < best), default=-1)
-    if best - below <= 1:
-        return None
-    return (best + below + 1) // 2
 
 
 def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_ratio: float | None = None,
@@ -118,7 +95,8 @@ def auto_exclude(recipe_path: Path, output_root: Path, say: Say, *, max_size_rat
         trials[0] = {**as_is, "kept_layers": []}
         say(f"trial 1: keep no layer: {as_is['status']} (the run of {as_is['variant']}, reused)")
     while len(trials) < max_trials:
-        k = _next_k({k: row["status"] == "pass" for k, row in trials.items()}, len(units), measured.get("keep_estimate"))
+        k = next_keep_count({k: row["status"] == "pass" for k, row in trials.items()}, len(units),
+                            measured.get("keep_estimate"))
         if k is None:
             break
         label = f"keep{k}"

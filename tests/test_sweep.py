@@ -150,11 +150,11 @@ def test_the_report_names_the_sensitive_layers_and_what_auto_exclude_kept(tmp_pa
 
 
 def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
-    from pipeline.auto_exclude import _next_k
+    from pipeline.stages.sensitivity import next_keep_count
 
     def walk(first_passing: int, layers: int = 210, guess: int | None = None) -> list[int]:
         tried: dict[int, bool] = {}
-        while (k := _next_k(tried, layers, guess)) is not None:
+        while (k := next_keep_count(tried, layers, guess)) is not None:
             tried[k] = k >= first_passing
         return list(tried)
 

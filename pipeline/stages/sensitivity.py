@@ -152,19 +152,34 @@ def keep_curve(model, token_batches: list[list[int]], units: list[list[str]], fl
                      "top1_agreement": round(top1, 4), "meets": meets}
         return points[k]
 
-    k, below = 0, -1
-    while not point(k)["meets"]:
-        if k >= len(units):
-            return sorted(points.values(), key=lambda row: row["keep"]), None
-        below, k = k, min(len(units), max(1, 2 * k))
-    while k - below > 1:  # bisect: the fewest that meets lies in (below, k]
-        middle = (k + below + 1) // 2
-        if point(middle)["meets"]:
-            k = middle
-        else:
-            below = middle
+    tried: dict[int, bool] = {}
+    while (k := next_keep_count(tried, len(units))) is not None:
+        tried[k] = point(k)["meets"]
     float_layers.clear()
-    return sorted(points.values(), key=lambda row: row["keep"]), k
+    estimate = min((k for k, meets in tried.items() if meets), default=None)
+    return sorted(points.values(), key=lambda row: row["keep"]), estimate
+
+
+def next_keep_count(tried: dict[int, bool], layers: int, first_guess: int | None = None) -> int | None:
+    """The next number of units to keep, given those tried (K -> passed): 0, then `first_guess` or 1,
+    doubling until one passes, then bisecting down to the fewest; None when that is found or every
+    unit was kept. The keep curve's search and auto-exclude's real trials (from the curve's estimate)."""
+    passing = sorted(k for k, passed in tried.items() if passed)
+    failing = sorted(k for k, passed in tried.items() if not passed)
+    if not passing:
+        last = max(tried) if tried else -1
+        if last >= layers:
+            return None
+        if last < 0:
+            return 0
+        if first_guess is not None and first_guess > last:
+            return min(layers, first_guess)
+        return min(layers, max(1, last * 2))
+    best = passing[0]
+    below = max((k for k in failing if k < best), default=-1)
+    if best - below <= 1:
+        return None
+    return (best + below + 1) // 2
 
 
 def read(out_dir: Path) -> dict:
