@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.rundir import hash_tree, sha256_file
 from pipeline.runner import STAGES
+from tests.ci_recipes import ci_sized
 from tests.conftest import DEFAULT_RECIPE
 from tests.test_end_to_end import run_dir_of, run_recipe
 
@@ -31,7 +32,9 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_fails_with_a_clear_message_and_keeps_earlier_stages(small_disk, tmp_path):
-    completed = run_recipe(DEFAULT_RECIPE, small_disk)
+    recipe = tmp_path / "smollm2-135m-int8.yaml"  # CI-sized: the export is what fails, not the calibration's size
+    recipe.write_text(ci_sized(DEFAULT_RECIPE.read_text()))
+    completed = run_recipe(recipe, small_disk)
     assert completed.returncode == 2, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert "not enough disk space for the export" in completed.stderr
     assert completed.stderr.count("error:") == 1 and "Traceback" not in completed.stderr
@@ -47,11 +50,15 @@ DRILL_NAME = "smollm2-135m-int8-drill"
 
 
 def _drill_recipe(tmp_path: Path) -> Path:
-    """The default recipe's model, calibration and quantization with a cheap evaluation: 30 questions,
-    20 paragraphs, 16 for divergence (the sizes of the other slow tests: the base figures are cached), one prompt; lenient gates (30 questions give a noisy figure; the drill is about resume)."""
+    """The default recipe's model and quantization with 16 calibration samples (a calibration to kill, not 64
+    samples' worth) and a cheap evaluation: 30 questions, 20 paragraphs, 16 for divergence (the sizes of the
+    other slow tests: the base figures are cached), one prompt for the default run's 16 tokens (the same
+    completions: their base perplexity is cached); lenient gates (30 questions give a noisy figure; the
+    drill is about resume)."""
     text = DEFAULT_RECIPE.read_text()
     for old, new in (
         ("name: smollm2-135m-int8\n", f"name: {DRILL_NAME}\n"),
+        ("  samples: 64", "  samples: 16"),
         ("limit: 200", "limit: 30"),
         ("max_limit: 1000", "max_limit: 30"),  # one look: the drill is about resume, not the rounds
         ("perplexity_limit: 100", "perplexity_limit: 20"),

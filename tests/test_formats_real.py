@@ -137,7 +137,10 @@ evaluation:
   divergence_text: wikipedia-heldout
   divergence_limit: 16
   enforce_eager: true
+  prompts: ["The capital of France is"]
+  max_new_tokens: 8
 gates:  # lenient: 30 questions give a noisy figure; the test is about serving the format, not the thresholds
+  garbage_max_completion_perplexity: null  # no base engine start to score new completions
   min_recovery: 0.5
   max_perplexity_ratio: 1.5
   max_mean_kl: 0.2

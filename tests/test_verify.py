@@ -94,6 +94,35 @@ def test_quantized_excluded_layer_fails(tmp_path, base_dir):
         verify.verify(_recipe(), base_dir, export, LAYERS, tmp_path)
 
 
+def _moe_export(experts_dtype=np.float32) -> dict:
+    """The int8 export plus what transformers 5 saves for a Mixtral-style MoE block: experts as fused 3-D
+    parameters (no nn.Linear per expert, so Quark never quantizes them), the router a Linear, an embedding."""
+    return {
+        **_int8_export(),
+        "model.embed_tokens.weight": np.zeros((16, 32), np.float32),
+        "model.layers.0.mlp.experts.gate_up_proj": np.zeros((4, 128, 32), experts_dtype),
+        "model.layers.0.mlp.experts.down_proj": np.zeros((4, 32, 64), experts_dtype),
+    }
+
+
+def test_experts_left_in_the_model_dtype_fail_naming_them(tmp_path, base_dir):
+    """Measured on a tiny Mixtral (issue #25): Quark skipped the fused experts, the export kept them in BF16,
+    and verify passed on the attention layers alone. Every weight the scheme covers must be quantized."""
+    export = _write_model(tmp_path / "export", _moe_export(), QUARK_INT8_PER_CHANNEL)
+    with pytest.raises(VerifyFailed, match=r"model.layers.0.mlp.experts.down_proj: F32 \[4x32x64\] left in the model dtype"):
+        verify.verify(_recipe(), base_dir, export, LAYERS, tmp_path)
+    problems = json.loads((tmp_path / "verify.json").read_text())["problems"]
+    assert sorted(problem.split(":")[0] for problem in problems) == [
+        "model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]  # not the embedding
+
+
+def test_experts_the_recipe_excludes_may_stay_in_the_model_dtype(tmp_path, base_dir):
+    export = _write_model(tmp_path / "export", _moe_export(), QUARK_INT8_PER_CHANNEL)
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "builtin:smollm2-135m-instruct"},
+                                    "quantization": {"scheme": "int8_per_channel", "exclude": ["lm_head", "re:.*experts"]}})
+    assert verify.verify(recipe, base_dir, export, LAYERS, tmp_path)["passed"]
+
+
 def test_missing_quantization_config_fails(tmp_path, base_dir):
     export = _write_model(tmp_path / "export", _int8_export(), None)
     with pytest.raises(VerifyFailed, match="no quantization_config"):

@@ -137,6 +137,31 @@ def check_tensors(
     return problems, checked, expectations
 
 
+# Float tensors of two or more dimensions that are not a linear layer's weight by design: embeddings.
+NOT_LINEAR_WEIGHTS = ("embed_tokens.", "wte.", "word_embeddings.", "embed_positions.")
+SCALE_SUFFIXES = ("_scale", "_scale_2", "zero_point", "_scale_inv")
+
+
+def check_uncovered_weights(exported: dict[str, dict], linear_layers: list[str], exclude: tuple[str, ...]) -> list[str]:
+    """Weights that no quantized layer holds and no exclude names, left in a float dtype: the recipe's scheme
+    covers every layer it does not exclude, so such a weight was skipped, not kept on purpose. This is how
+    a model whose experts are fused 3-D parameters (transformers 5's Mixtral, Qwen3-MoE: `experts.gate_up_proj`
+    [experts, 2*ffn, hidden], no nn.Linear per expert, so Quark never sees them) fails verify instead of
+    passing with BF16 experts. Embeddings are not linear layers and are skipped."""
+    known = set(linear_layers)
+    problems = []
+    for name, header in exported.items():
+        module = name.rsplit(".", 1)[0]
+        if (header["dtype"] not in FLOAT_DTYPES or len(header["shape"]) < 2 or module in known
+                or name.endswith(SCALE_SUFFIXES) or any(part in f"{name}." for part in NOT_LINEAR_WEIGHTS)
+                or layers.select([name, module], exclude)):
+            continue
+        shape = "x".join(str(size) for size in header["shape"])
+        problems.append(f"{name}: {header['dtype']} [{shape}] left in the model dtype: no quantized layer holds it and "
+                        "no exclude names it (MoE experts stored as fused parameters are not nn.Linear layers)")
+    return problems
+
+
 def check_values(model_dir: Path, expectations: dict[str, LayerTensors]) -> list[str]:
     """Sub-8-bit integers stored one per byte: the values must fit the claimed bit width
     (an "int4" config over int8 weights passes every header check)."""
@@ -172,6 +197,7 @@ def verify(
         scheme, exported, base, linear_layers, recipe.quantization.exclude, layer_overrides, adapter, quantization,
     )
     problems += tensor_problems
+    problems += check_uncovered_weights(exported, linear_layers, recipe.quantization.exclude)
     problems += check_values(model_dir, expectations)
     problems += check_kv_cache(recipe.quantization.kv_cache, config, exported, linear_layers)
     if checked == 0:
