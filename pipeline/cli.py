@@ -29,6 +29,12 @@ MLFLOW_OPTION = click.option(
     "--mlflow", "to_mlflow", is_flag=True,
     help="Also log the gated run to MLflow (as `report_to: [mlflow]` in the recipe does).",
 )
+SET_OPTION = click.option(
+    "--set", "settings", multiple=True, metavar="FIELD=VALUE",
+    help="Set a recipe field without editing the file (repeatable): a dotted path, the value read as YAML, "
+         "e.g. --set evaluation.limit=20 --set publish.target=hf://org/name. Validated like the file; a run's "
+         "recipe.yaml and hash carry it.",
+)
 JUNIT_OPTION = click.option(
     "--junit-xml", "junit_path", type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the gate as JUnit XML: one test case per rule (failure: figure vs threshold; "
@@ -50,7 +56,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(recipes: tuple[Path, ...]) -> None:
+@SET_OPTION
+def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
     """Check RECIPES (schema and files) without loading any model; exit 2 on the first bad one."""
     from pipeline.recipe import load_recipe
 
@@ -59,7 +66,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
 
     for path in recipes:
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, settings)
             model_dir = checks.local_model_dir(recipe)
             for field_path, problem in checks.model_problems(recipe, model_dir) if model_dir else ():
                 raise RecipeError(str(path), field_path, problem)
@@ -88,10 +95,12 @@ def validate(recipes: tuple[Path, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print events as JSON, one object per line (stage start/end/reuse, progress, a final result); "
                    "human text goes to stderr.")
+@SET_OPTION
 @JUNIT_OPTION
 @MLFLOW_OPTION
 def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
-        new_run: bool, quiet: bool, as_json: bool, junit_path: Path | None, to_mlflow: bool) -> None:
+        new_run: bool, quiet: bool, as_json: bool, settings: tuple[str, ...], junit_path: Path | None,
+        to_mlflow: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
@@ -124,10 +133,10 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path
             raise InputError("--new-run and --resume exclude each other")
         if resume_dir is not None:
             result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline,
-                                   emit=emit)
+                                   emit=emit, settings=settings)
         else:
             result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline,
-                                new_run=new_run, emit=emit)
+                                new_run=new_run, emit=emit, settings=settings)
     except PipelineError as exc:
         if bars is not None:
             bars.close()
@@ -198,7 +207,8 @@ def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None
 @click.option("--model-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="config.json to plan from (default: the recipe's local or cached model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
+@SET_OPTION
+def plan(recipe: Path, model_config: Path | None, as_json: bool, settings: tuple[str, ...]) -> None:
     """Show what RECIPE would do, from the model's config alone: stages, which layers get
     which scheme, export size and peak memory estimates, and the engine that can serve it."""
     from pipeline import plan as planning
@@ -206,7 +216,7 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool) -> None:
     from pipeline.recipe import load_recipe
 
     try:
-        parsed = load_recipe(recipe)
+        parsed = load_recipe(recipe, settings)
         config_path = planning.find_model_config(parsed, model_config)
         if config_path is None:
             raise InputError(f"{recipe}: model.source: no local config.json for {parsed.model.source}; pass --model-config")
@@ -333,9 +343,10 @@ def compare(run_dirs: tuple[Path, ...]) -> None:
               help="For each scheme whose rtn variant fails the gate, find the fewest layers to keep (see `auto-exclude`).")
 @click.option("--max-size-ratio", type=float, help="With --auto-exclude: the size budget (export / base size).")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json's content instead of the summary lines.")
+@SET_OPTION
 def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, executor: str | None,
           output_dir: Path, with_sensitivity: bool, with_auto_exclude: bool, max_size_ratio: float | None,
-          as_json: bool) -> None:
+          as_json: bool, settings: tuple[str, ...]) -> None:
     """Run RECIPE once per scheme x algorithm (each variant its own resumable run, nothing published);
     write sweep.json, sweep.md and sweep.png (size vs recovery and KL, the Pareto front), and name the
     smallest variant that passes every gate. Exit 0 when one passes, 3 when none does."""
@@ -343,7 +354,7 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
 
     try:
         plan = sweeping.plan_sweep(recipe, output_dir, schemes=scheme_names, algorithms=algorithm_names,
-                                   executor=executor)
+                                   executor=executor, settings=settings)
     except PipelineError as exc:
         _fail(exc)
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
@@ -477,10 +488,12 @@ def schemes() -> None:
 @click.option("--baseline", "baselines", multiple=True, metavar="bnb-int8|bnb-nf4|FOLDER",
               help="An evaluation-only column beside the export (repeatable; added to the recipe's `baselines`): "
                    "bitsandbytes int8 / NF4 of the base model, or an existing checkpoint folder.")
+@SET_OPTION
 @JUNIT_OPTION
 @MLFLOW_OPTION
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_dir: Path, refresh_baseline: bool,
-          as_json: bool, baselines: tuple[str, ...], junit_path: Path | None, to_mlflow: bool) -> None:
+          as_json: bool, baselines: tuple[str, ...], settings: tuple[str, ...], junit_path: Path | None,
+          to_mlflow: bool) -> None:
     """Gate an export made elsewhere: verify -> serve -> evaluate -> gate, same rules and exit codes as `run`."""
     from pipeline import runner
     from pipeline.events import no_events
@@ -491,7 +504,7 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_d
     try:
         result = runner.check(export_dir, base_source, recipe_path, output_root=output_dir, say=say,
                               refresh_baseline=refresh_baseline, emit=_print_event if as_json else no_events,
-                              baselines=baselines)
+                              baselines=baselines, settings=settings)
     except PipelineError as exc:
         _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
         if as_json:

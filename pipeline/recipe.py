@@ -10,10 +10,12 @@ as lm-eval and llm-compressor do.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -740,8 +742,35 @@ def field_path(loc: tuple) -> str:
     return ".".join(kept)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; any problem is one RecipeError line naming file and field."""
+def apply_settings(data: dict, settings: Sequence[str], source: str) -> dict:
+    """`--set FIELD=VALUE` over a recipe's data, in order: FIELD a dotted path into the recipe
+    (`evaluation.limit`, `publish.target`), VALUE parsed as YAML (`20`, `null`, `[arc_easy, piqa]`).
+    Returns a copy; the result is validated like the file (a bad value names its field)."""
+    data = copy.deepcopy(data)
+    for setting in settings:
+        field, equals, text = setting.partition("=")
+        field = field.strip()
+        if not equals or not field or any(not part for part in field.split(".")):
+            raise RecipeError(source, "--set", f"'{setting}': expected FIELD=VALUE with a dotted FIELD (evaluation.limit=20)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise RecipeError(source, field, f"--set value '{text}' is not YAML") from None
+        *parents, key = field.split(".")
+        target = data
+        for depth, part in enumerate(parents):
+            if target.get(part) is None:
+                target[part] = {}
+            elif not isinstance(target[part], dict):
+                raise RecipeError(source, ".".join(parents[:depth + 1]), f"--set {field}: not a section")
+            target = target[part]
+        target[key] = value
+    return data
+
+
+def load_recipe(path: str | Path, settings: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe, with `--set FIELD=VALUE` settings applied first; any problem is one
+    RecipeError line naming file and field."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), "", "file not found")
@@ -761,6 +790,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(str(path), "", "empty recipe")
     if not isinstance(data, dict):
         raise RecipeError(str(path), "", f"expected a mapping at the top level, got {type(data).__name__}")
+    data = apply_settings(data, settings, str(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -23,7 +23,7 @@ from pipeline import checks, compat, devices, layers, models, schemes
 from pipeline.events import Emit, no_events, safe
 from pipeline.errors import GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
-from pipeline.recipe import Recipe, field_path, load_recipe
+from pipeline.recipe import Recipe, apply_settings, field_path, load_recipe
 from pipeline.resume import (
     ENGINE_STAGES, QUARK_STAGES, STAGE_FOLDERS, STAGES, reusable_stages, stage_config_sha256,
 )
@@ -369,24 +369,25 @@ def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refre
 
 
 def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False,
-        new_run: bool = False, emit: Emit = no_events) -> RunResult:
+        new_run: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = ()) -> RunResult:
     """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure.
 
     An unfinished run of the same recipe under OUTPUT_DIR/<name>/ (killed, crashed) is
-    resumed rather than started over, unless `new_run`."""
-    recipe = load_recipe(recipe_path)
+    resumed rather than started over, unless `new_run`. `settings`: `--set FIELD=VALUE` over the recipe
+    (part of its content: the run's recipe.yaml and hash carry them)."""
+    recipe = load_recipe(recipe_path, settings)
     if not new_run and (earlier := unfinished_run(output_root / recipe.name, recipe.content_hash())) is not None:
         say(f"resuming unfinished run {earlier} ({describe(earlier)}); --new-run starts over")
-        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline, emit=emit)
+        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline, emit=emit, settings=settings)
     current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit)
     return _execute(current, current.execute)
 
 
 def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None = None,
-           refresh_baseline: bool = False, emit: Emit = no_events) -> RunResult:
+           refresh_baseline: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = ()) -> RunResult:
     """Finish an earlier run of RECIPE in RUN_DIR: keep the stages whose inputs did not change and
     whose outputs verify against its manifest; rerun the rest (from `from_stage` at the latest)."""
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, settings)
     manifest_path = run_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise InputError(f"{run_dir}: no {MANIFEST_FILE}: not a run directory")
@@ -450,7 +451,8 @@ def check_run_name(export_dir: Path) -> str:
 
 
 def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, output_root: Path, say: Say,
-          refresh_baseline: bool = False, emit: Emit = no_events, baselines: tuple[str, ...] = ()) -> RunResult:
+          refresh_baseline: bool = False, emit: Emit = no_events, baselines: tuple[str, ...] = (),
+          settings: tuple[str, ...] = ()) -> RunResult:
     """verify -> serve -> evaluate -> gate on an existing export, with the recipe's (or default) rules."""
     from pipeline import formats
 
@@ -465,13 +467,14 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
     except formats.FormatError as exc:
         raise InputError(f"{config_path}: {exc}") from None
     if recipe_path is not None:
-        base_recipe = load_recipe(recipe_path)
+        base_recipe = load_recipe(recipe_path, settings)
         data = base_recipe.model_dump(mode="json")
     else:
         data = {"quantization": {
             "scheme": schemes.recipe_value(claimed.scheme), "kv_cache": claimed.kv_cache, "exclude": list(claimed.exclude),
         }}
         recipe_path = config_path
+        data = apply_settings(data, settings, str(recipe_path))
     # A check run lives in a folder of its own, whatever recipe supplies the rules: never among the real
     # runs of that recipe, where "the newest run of this recipe" (automatic resume, scripts) would pick it.
     data["name"] = check_run_name(export_dir)

@@ -68,10 +68,11 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def plan_sweep(recipe_path: Path, output_root: Path, *, schemes: str | None = None, algorithms: str | None = None,
-               executor: str | None = None) -> SweepPlan:
-    """The variants to run: --schemes/--algorithms/--executor over the recipe's `sweep:` section. Every
-    name and every variant recipe is checked here, before anything runs (one-line errors, exit 2)."""
-    recipe = load_recipe(recipe_path)
+               executor: str | None = None, settings: tuple[str, ...] = ()) -> SweepPlan:
+    """The variants to run: --schemes/--algorithms/--executor over the recipe's `sweep:` section (with the
+    `--set` settings applied: every variant's recipe carries them). Every name and every variant recipe is
+    checked here, before anything runs (one-line errors, exit 2)."""
+    recipe = load_recipe(recipe_path, settings)
     section = recipe.sweep
     chosen: dict[str, list[str]] = {}
     for option, given, from_recipe in (("--schemes", _names(schemes), section and list(section.schemes)),
