@@ -17,7 +17,7 @@ from tests.conftest import DEFAULT_RECIPE
 # The shared sizes. Perplexity and divergence paragraphs are the same in every slow test (the base's
 # figures are computed once); questions vary by test, and the per-question store shares base answers.
 CALIBRATION_SAMPLES = 8
-QUESTIONS = 30
+QUESTIONS = 20
 PERPLEXITY_PARAGRAPHS = 20
 DIVERGENCE_PARAGRAPHS = 16
 # Serving figures (a warm-up, 3 timed calls, one call per prompt, a 16-copy batch) on one short prompt:

@@ -338,31 +338,27 @@ def test_changed_gate_threshold_reruns_only_gate_and_publish(pristine_run_dir, t
     assert next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")["threshold"] == 0.4
 
 
-def test_truncated_export_is_detected_and_rebuilt_byte_identical(pristine_run_dir, ci_recipe, tmp_path):
+def test_a_truncated_export_is_rebuilt_byte_identical_and_served_by_one_engine_start(pristine_run_dir, ci_recipe, tmp_path):
+    """Two resumes in one (each reruns serve and evaluate, a resume's costly part): the export truncated as a
+    crash mid-write leaves it, resumed with `--from-stage serve --json`. The truncation is detected whatever
+    --from-stage keeps, and the export rebuilt byte-identical (Quark's export is deterministic); serve and
+    evaluate share one load of it; every base figure is cached by now (the default run made them, the
+    completions repeat), so the base model is never loaded."""
     run_dir = _copy_run(pristine_run_dir, tmp_path)
     weights = run_dir / "model" / "model.safetensors"
     original = sha256_file(weights)
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
-    resumed = run_cli("run", str(ci_recipe), "--resume", str(run_dir), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    states = _stage_states(run_dir)
-    assert states["calibrate"] and not states["quantize"] and not states["export"] and not states["evaluate"]
-    assert sha256_file(weights) == original  # Quark's export is deterministic: same bytes as the uninterrupted run
-
-
-def test_rerun_from_serve_starts_the_export_engine_once_and_the_base_not_at_all(pristine_run_dir, ci_recipe, tmp_path):
-    """serve and evaluate share one load of the export; every base figure is cached by now (the default run
-    made them, the completions repeat), so the base model is never loaded."""
-    run_dir = _copy_run(pristine_run_dir, tmp_path)
     resumed = run_cli("run", str(ci_recipe), "--resume", str(run_dir), "--from-stage", "serve", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = _stage_states(run_dir)
+    assert states["calibrate"] and not states["quantize"] and not states["export"] and not states["evaluate"], states
+    assert [stage for stage, reused in states.items() if not reused][-4:] == ["serve", "evaluate", "gate", "publish"]
+    assert sha256_file(weights) == original
     events = [json.loads(line) for line in resumed.stdout.splitlines()]
     starts = [event for event in events if event["event"] == "engine_start"]
     assert [(event["role"], event["engine"], event["stage"]) for event in starts] == [("quantized", "vllm", "serve")]
     assert starts[0]["load_s"] > 0 and starts[0]["import_s"] > 0
-    states = _stage_states(run_dir)
-    assert [stage for stage, reused in states.items() if not reused] == ["serve", "evaluate", "gate", "publish"]
     evaluation = json.loads((run_dir / "evaluate" / "evaluate.json").read_text())
     assert evaluation["engine_starts"] == [{key: starts[0][key] for key in ("role", "engine", "import_s", "load_s")}]
     assert evaluation["baseline"]["computed_tasks"] == [] and evaluation["baseline"]["completion_perplexities_cached"]

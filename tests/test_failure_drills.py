@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.rundir import hash_tree, sha256_file
 from pipeline.runner import STAGES
-from tests.ci_recipes import ci_sized
+from tests.ci_recipes import DIVERGENCE_PARAGRAPHS, PERPLEXITY_PARAGRAPHS, QUESTIONS, ci_sized
 from tests.conftest import DEFAULT_RECIPE
 from tests.test_end_to_end import run_dir_of, run_recipe
 
@@ -51,19 +51,18 @@ DRILL_NAME = "smollm2-135m-int8-drill"
 
 def _drill_recipe(tmp_path: Path) -> Path:
     """The default recipe's model and quantization with 16 calibration samples (a calibration to kill, not 64
-    samples' worth) and a cheap evaluation: 30 questions, 20 paragraphs, 16 for divergence (the sizes of the
-    other slow tests: the base figures are cached), one prompt for the default run's 16 tokens (the same
-    completions: their base perplexity is cached); lenient gates (30 questions give a noisy figure; the
-    drill is about resume)."""
+    samples' worth) and a cheap evaluation at the CI sizes of tests/ci_recipes.py (the base figures are
+    cached), one prompt for the default run's 16 tokens (the same completions: their base perplexity is
+    cached); lenient gates (20 questions give a noisy figure; the drill is about resume)."""
     text = DEFAULT_RECIPE.read_text()
     for old, new in (
         ("name: smollm2-135m-int8\n", f"name: {DRILL_NAME}\n"),
         ("  samples: 64", "  samples: 16"),
-        ("limit: 200", "limit: 30"),
-        ("max_limit: 1000", "max_limit: 30"),  # one look: the drill is about resume, not the rounds
-        ("perplexity_limit: 100", "perplexity_limit: 20"),
+        ("limit: 200", f"limit: {QUESTIONS}"),
+        ("max_limit: 1000", f"max_limit: {QUESTIONS}"),  # one look: the drill is about resume, not the rounds
+        ("perplexity_limit: 100", f"perplexity_limit: {PERPLEXITY_PARAGRAPHS}"),
         ("enforce_eager: true", 'enforce_eager: true\n  prompts: ["The capital of France is"]\n  max_new_tokens: 16'),
-        ("divergence_limit: 32", "divergence_limit: 16"),
+        ("divergence_limit: 32", f"divergence_limit: {DIVERGENCE_PARAGRAPHS}"),
         ("min_recovery: 0.90", "min_recovery: 0.5"),
         ("max_perplexity_ratio: 1.10", "max_perplexity_ratio: 1.5"),
         ("max_mean_kl: 0.05", "max_mean_kl: 0.2"),

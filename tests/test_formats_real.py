@@ -130,8 +130,8 @@ quantization: {scheme: int8_per_channel, exclude: [lm_head]}
 evaluation:
   engine: vllm
   tasks: [arc_easy]
-  limit: 30
-  max_limit: 30
+  limit: 20
+  max_limit: 20
   perplexity_text: wikipedia-heldout
   perplexity_limit: 20
   divergence_text: wikipedia-heldout
@@ -139,7 +139,7 @@ evaluation:
   enforce_eager: true
   prompts: ["The capital of France is"]
   max_new_tokens: 8
-gates:  # lenient: 30 questions give a noisy figure; the test is about serving the format, not the thresholds
+gates:  # lenient: 20 questions give a noisy figure; the test is about serving the format, not the thresholds
   garbage_max_completion_perplexity: null  # no base engine start to score new completions
   min_recovery: 0.5
   max_perplexity_ratio: 1.5

@@ -23,22 +23,22 @@ pytestmark = pytest.mark.slow
 UP = "model.layers.0.mlp.up_proj"  # [1536, 576]
 
 
-def _cheap_copy(recipe_name: str, tmp_path: Path, *, fallback: bool = False) -> Path:
-    """These tests check the export, the engine and its label, not the gate's power: 30 questions (20
-    through transformers, Quark's emulation, the slowest engine here) and a few paragraphs do."""
-    text = ci_sized((REPO / "recipes" / recipe_name).read_text(), limit=20 if fallback else 30)
+def _cheap_copy(recipe_name: str, tmp_path: Path) -> Path:
+    """These tests check the export, the engine and its label, not the gate's power: the CI sizes of
+    tests/ci_recipes.py do."""
+    text = ci_sized((REPO / "recipes" / recipe_name).read_text())
     path = tmp_path / recipe_name
     path.write_text(text)
     return path
 
 
-def _run(recipe_name: str, tmp_path: Path, *, fallback: bool = False):
-    return _run_copy(_cheap_copy(recipe_name, tmp_path, fallback=fallback), tmp_path)
+def _run(recipe_name: str, tmp_path: Path):
+    return _run_copy(_cheap_copy(recipe_name, tmp_path), tmp_path)
 
 
 def _run_copy(recipe_path: Path, tmp_path: Path):
     completed = run_recipe(recipe_path, tmp_path)
-    # 30 questions in one look: the accuracy rules may stay inconclusive (exit 4); these tests are about the scheme.
+    # 20 questions in one look: the accuracy rules may stay inconclusive (exit 4); these tests are about the scheme.
     assert completed.returncode in (0, 3, 4), completed.stdout[-3000:] + completed.stderr[-3000:]
     run_dir = run_dir_of(completed)
     report = json.loads((run_dir / "report.json").read_text())
@@ -220,7 +220,7 @@ def _a_hand_mislabelled_mxfp4_export_fails_verify(nvfp4_run: Path, tmp_path: Pat
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = json.loads((REPO / "tests" / "fixtures" / "quark-block-configs" / "mxfp4.json").read_text())
     (model_dir / "config.json").write_text(json.dumps(config))
-    recipe = load_recipe(_cheap_copy("smollm2-135m-mxfp4.yaml", tmp_path, fallback=True))
+    recipe = load_recipe(_cheap_copy("smollm2-135m-mxfp4.yaml", tmp_path))
     base = Path(json.loads((nvfp4_run / "manifest.json").read_text())["base_model"]["path"])
     linear = json.loads((nvfp4_run / "quantize" / "quantize.json").read_text())["linear_layer_names"]
     (out := tmp_path / "verify-mislabelled").mkdir()

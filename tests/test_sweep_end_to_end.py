@@ -1,10 +1,10 @@
 """A real sweep on the tiny model: four variants (int8 per channel and int4 weight-only, each with RTN
 and with GPTQ), each quantized, exported, verified, served in vLLM and gated; once one after another
-(`local`); the RTN pair swept as tasks of a local Ray instance (`ray`) and on `local`: the same table. A re-run
-reuses every variant. Auto-exclude makes per-tensor INT8 pass by keeping its most sensitive layers.
+(`local`); int8_per_channel-rtn swept as a task of a local Ray instance (`ray`) and on `local`: the same table.
+A re-run reuses every variant. Auto-exclude makes per-tensor INT8 pass by keeping its most sensitive layers.
 
-Slow: six sweep runs and three auto-exclude trials at a small evaluation (20 questions; the perplexity and divergence sizes of the
-other slow tests, so the base model's figures come from the cache they fill).
+Slow: five sweep runs and two auto-exclude trials at a small evaluation (tests/ci_recipes.py: 20 questions; the
+perplexity and divergence sizes of the other slow tests, so the base model's figures come from the cache they fill).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def sweep_recipe(tmp_path_factory) -> Path:
     return path
 
 
-def _sweep(recipe: Path, output: Path, executor: str, algorithms: str = "rtn,gptq") -> tuple[subprocess.CompletedProcess, dict]:
+def _sweep(recipe: Path, output: Path, executor: str, algorithms: str = "rtn,gptq",
+           schemes: str = "int8_per_channel,int4_wo_64") -> tuple[subprocess.CompletedProcess, dict]:
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(recipe), "--schemes", "int8_per_channel,int4_wo_64",
+        [sys.executable, "-m", "pipeline.cli", "sweep", str(recipe), "--schemes", schemes,
          "--algorithms", algorithms, "--executor", executor, "--output-dir", str(output)],
         capture_output=True, text=True, cwd=REPO, timeout=3600,
     )
@@ -131,17 +132,17 @@ def test_a_rerun_reuses_every_finished_variant(local_sweep, sweep_recipe):
 
 
 def test_a_ray_sweep_gives_the_same_table(local_sweep, sweep_recipe, tmp_path):
-    """The RTN pair swept as Ray tasks and with `local`: the same table. The local sweep of the pair reuses
-    the runs the local executor made for the four-variant sweep (its table is rewritten for two rows;
-    the tests above read the four-variant one first); the Ray sweep runs both variants anew. The GPTQ
-    pair would add ~5 min of CI for the same executor code."""
+    """int8_per_channel-rtn swept as a Ray task and with `local`: the same table. The local sweep of it reuses
+    the run the local executor made for the four-variant sweep (its table is rewritten for one row; the
+    tests above read the four-variant one first); the Ray sweep runs it anew. One variant: each more is a
+    whole run (~2 min here) through the same executor code."""
     output, _, _ = local_sweep
-    completed, on_ray = _sweep(sweep_recipe, tmp_path, "ray", algorithms="rtn")
-    assert on_ray["executor"] == "ray" and "submitted int4_wo_64-rtn to Ray" in completed.stdout, completed.stderr[-3000:]
+    completed, on_ray = _sweep(sweep_recipe, tmp_path, "ray", algorithms="rtn", schemes="int8_per_channel")
+    assert on_ray["executor"] == "ray" and "submitted int8_per_channel-rtn to Ray" in completed.stdout, completed.stderr[-3000:]
     assert not any(row["reused"] for row in on_ray["rows"])
-    again, local = _sweep(sweep_recipe, output, "local", algorithms="rtn")
-    assert [row["reused"] for row in local["rows"]] == [True, True] and "engine start" not in again.stdout
-    assert [row["variant"] for row in local["rows"]] == ["int8_per_channel-rtn", "int4_wo_64-rtn"]
+    again, local = _sweep(sweep_recipe, output, "local", algorithms="rtn", schemes="int8_per_channel")
+    assert [row["reused"] for row in local["rows"]] == [True] and "engine start" not in again.stdout
+    assert [row["variant"] for row in local["rows"]] == ["int8_per_channel-rtn"]
     assert _comparable(on_ray) == _comparable(local)
     assert on_ray["smallest_passing"] == local["smallest_passing"] and on_ray["pareto_front"] == local["pareto_front"]
 
@@ -149,9 +150,9 @@ def test_a_ray_sweep_gives_the_same_table(local_sweep, sweep_recipe, tmp_path):
 def test_auto_exclude_makes_per_tensor_int8_pass_by_keeping_its_most_sensitive_layers(sweep_recipe, tmp_path):
     """The proof: per-tensor INT8 fails the default thresholds (KL, top-1) on the tiny model; auto-exclude
     keeps its most sensitive layers in the model's dtype until the gate passes, and says which and what
-    it cost. Three trials: the scheme as is (fails), the keep curve's estimate (passes here: the curve,
-    Quark's fake quantization in bf16, is stricter than vLLM's kernels), then one bisection step (or,
-    had the estimate fallen short, twice the estimate)."""
+    it cost. Two trials: the scheme as is (fails), the keep curve's estimate (passes here: the curve,
+    Quark's fake quantization in bf16, is stricter than vLLM's kernels). The bisection after a pass and the
+    doubling after a fall-short are the same code at other K (tests/test_sweep.py checks that search)."""
     from safetensors import safe_open
 
     recipe = tmp_path / "per-tensor.yaml"
@@ -160,7 +161,7 @@ def test_auto_exclude_makes_per_tensor_int8_pass_by_keeping_its_most_sensitive_l
         text = text.replace(f"  {looser}", f"  {default}")
     recipe.write_text(text.replace("name: smollm2-135m-int8\n", "name: per-tensor\n"))
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "3",
+        [sys.executable, "-m", "pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "2",
          "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=3600,
     )
     result = json.loads((tmp_path / "out" / "per-tensor-auto-exclude" / "auto-exclude.json").read_text())
@@ -180,7 +181,7 @@ def test_auto_exclude_makes_per_tensor_int8_pass_by_keeping_its_most_sensitive_l
     assert curve[estimate]["mean_kl"] < curve[0]["mean_kl"] / 5
 
     trials = result["trials"]
-    assert len(trials) == 3 and trials[0]["variant"] == "keep0", completed.stdout[-3000:] + completed.stderr[-2000:]
+    assert len(trials) == 2 and trials[0]["variant"] == "keep0", completed.stdout[-3000:] + completed.stderr[-2000:]
     # Trial 0 is the scheme as is: the field's known failure, and this CI's only run of it. Per-tensor INT8
     # runs in vLLM and its output degrades; ARC accuracy alone cannot tell (a recovery of 1.02 was measured),
     # the token-level rules can.
