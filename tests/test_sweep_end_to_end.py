@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO
 from pipeline.safetensors_header import read_folder
-from tests.ci_recipes import CI_GATES, ci_sized
+from tests.ci_recipes import CALIBRATION_TOKENS, CI_GATES, ci_sized
 from tests.conftest import DEFAULT_RECIPE
 
 pytestmark = pytest.mark.slow
@@ -162,6 +162,9 @@ def test_auto_exclude_makes_per_tensor_int8_pass_by_keeping_its_most_sensitive_l
     text = sweep_recipe.read_text().replace("scheme: int8_per_channel", "scheme: int8_per_tensor")
     for default, looser in CI_GATES.items():  # back to the default thresholds
         text = text.replace(f"  {looser}", f"  {default}")
+    # The shipped calibration length: the static per-tensor scales, and so the trials' verdicts, depend on it.
+    text = text.replace(f"  max_seq_len: {CALIBRATION_TOKENS}\n", "  max_seq_len: 512\n")
+    assert "  max_seq_len: 512\n" in text
     recipe.write_text(text.replace("name: smollm2-135m-int8\n", "name: per-tensor\n"))
     completed = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "2",
