@@ -80,9 +80,9 @@ def ci_sized(recipe_text: str, *, samples: int = CALIBRATION_SAMPLES, max_seq_le
     return one_look(text)
 
 
-def ci_default_recipe_text(*, limit: int = CI_QUESTIONS) -> str:
+def ci_default_recipe_text() -> str:
     """The default recipe at CI size with the CI gates; the garbage rule whole (the default run checks it)."""
-    text = ci_sized(DEFAULT_RECIPE.read_text(), limit=limit, max_new_tokens=16, score_completions=True)
+    text = ci_sized(DEFAULT_RECIPE.read_text(), limit=CI_QUESTIONS, max_new_tokens=16, score_completions=True)
     for default, looser in CI_GATES.items():
         assert f"  {default}" in text, default
         text = text.replace(f"  {default}", f"  {looser}")

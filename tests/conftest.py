@@ -78,31 +78,29 @@ def ct_checkpoints(tiny_model_dir):
 
 
 # --- CI time, per module (issue #24): two runs' JSON files can be compared with bench/ci_time.py.
-_MODULE_SECONDS: dict[str, float] = {}
 _TEST_SECONDS: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    """Add each phase's duration (setup, call, teardown) to its module's total; written as we go, so a
-    run that is stopped still leaves its figures."""
-    module = report.nodeid.split("::", 1)[0]
-    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+    """Add each phase's duration (setup, call, teardown) to its test's total; written as we go, so a run
+    that is stopped still leaves its figures."""
     _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
     if report.when == "teardown":
         _write_ci_times()
 
 
 def _write_ci_times() -> None:
-    import json
+    from pipeline.rundir import atomic_write_json
 
-    target = os.environ.get("QP_CI_TIMES", str(REPO / ".pytest_cache" / "ci_times.json"))
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "total_s": round(sum(_MODULE_SECONDS.values()), 1),
-        "modules": {name: round(s, 1) for name, s in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1])},
-        "tests": {name: round(s, 1) for name, s in sorted(_TEST_SECONDS.items(), key=lambda kv: -kv[1])},
-    }
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(data, indent=1))
-    temp.replace(path)
+    modules: dict[str, float] = {}
+    for nodeid, seconds in _TEST_SECONDS.items():
+        module = nodeid.split("::", 1)[0]
+        modules[module] = modules.get(module, 0.0) + seconds
+    atomic_write_json(Path(os.environ.get("QP_CI_TIMES", str(REPO / ".pytest_cache" / "ci_times.json"))), {
+        "total_s": round(sum(_TEST_SECONDS.values()), 1), "modules": _slowest_first(modules),
+        "tests": _slowest_first(_TEST_SECONDS),
+    }, sort_keys=False)
+
+
+def _slowest_first(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 1) for name, value in sorted(seconds.items(), key=lambda item: -item[1])}

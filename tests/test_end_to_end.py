@@ -8,7 +8,6 @@ model's figures are cached after the first run, as in users' runs.
 from __future__ import annotations
 
 import json
-import re
 import os
 import subprocess
 import sys
