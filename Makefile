@@ -25,8 +25,10 @@ demo: install
 	$(BIN)/quantize-pipeline prepare-model
 	$(BIN)/quantize-pipeline run recipes/smollm2-135m-int8.yaml
 
+# Two test workers, each pinned to its share of the cores (tests/conftest.py); a module stays on one worker.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/pytest -m "not slow"

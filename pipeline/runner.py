@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 from pydantic import ValidationError
 
 from pipeline import checks, compat, devices, layers, models, schemes
@@ -133,13 +134,20 @@ def resolve_base_model(recipe: Recipe, log_path: Path, say: Say, on_event: Emit 
     if spec.kind == "hub":
         return models.download_hub_model(spec.source, spec.revision)
     model_dir = models.converted_model_dir(spec)
-    if not models.is_prepared(model_dir):
-        gguf_path = models.gguf_file(spec)
-        say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
-        call_isolated(
-            "pipeline.models:convert_gguf", {"gguf_path": str(gguf_path), "output_dir": str(model_dir), "dtype": spec.dtype},
-            log_path=log_path, stage="prepare", on_event=on_event,
-        )
+    if models.is_prepared(model_dir):
+        return model_dir
+    # Runs that start together on one machine (CI's test workers, a sweep) convert once: the others wait
+    # here, then find it prepared, instead of swapping the folder under a reader.
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(model_dir.parent / f".{model_dir.name}.lock")):
+        if not models.is_prepared(model_dir):
+            gguf_path = models.gguf_file(spec)
+            say(f"converting {gguf_path.name} to HF safetensors (once per machine) -> {model_dir}")
+            call_isolated(
+                "pipeline.models:convert_gguf",
+                {"gguf_path": str(gguf_path), "output_dir": str(model_dir), "dtype": spec.dtype},
+                log_path=log_path, stage="prepare", on_event=on_event,
+            )
     return model_dir
 
 

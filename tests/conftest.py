@@ -5,6 +5,23 @@ from pathlib import Path
 
 import pytest
 
+
+def _pin_this_xdist_worker() -> None:
+    """Under pytest-xdist (`-n 2` in CI), worker i computes on its own share of the cores, and so does every
+    process it starts (affinity and the thread counts are inherited): two workers that each ran torch's and
+    vLLM's OpenMP threads on every core would spin against each other. Must run before torch is imported."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker is None or count < 2 or len(cores) < count:
+        return
+    share = cores[int(worker.removeprefix("gw")) % count::count]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, share))
+
+
+_pin_this_xdist_worker()
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
 
@@ -84,6 +101,8 @@ _TEST_SECONDS: dict[str, float] = {}
 def pytest_runtest_logreport(report):
     """Add each phase's duration (setup, call, teardown) to its test's total; written as we go, so a run
     that is stopped still leaves its figures."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return  # under xdist the controller receives every worker's reports and writes the file alone
     _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
     if report.when == "teardown":
         _write_ci_times()
@@ -104,3 +123,15 @@ def _write_ci_times() -> None:
 
 def _slowest_first(seconds: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 1) for name, value in sorted(seconds.items(), key=lambda item: -item[1])}
+
+
+# --- Two workers (`make test`: pytest -n 2 --dist loadfile): each module runs whole on one worker, so the
+# longest modules go first (by the CI times recorded in bench/data) and the run does not end on one of them.
+RECORDED_CI_TIMES = REPO / "bench" / "data" / "ci_times_avx2_after.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    seconds = json.loads(RECORDED_CI_TIMES.read_text())["modules"] if RECORDED_CI_TIMES.is_file() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::", 1)[0], 0.0))  # stable: file order otherwise

@@ -12,6 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from filelock import FileLock
+
 from pipeline.rundir import staged_folder
 
 PRESETS = ("W8A8", "W4A16_G64")
@@ -90,5 +92,8 @@ def cached(base_model_dir: Path, cache_root: Path, preset: str, ignore: tuple[st
     key = json.dumps([str(base_model_dir), preset, list(ignore), compressed_tensors.__version__])
     folder = cache_root / "checkpoints" / f"ct-{preset}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not (folder / "config.json").is_file():
-        build(base_model_dir, preset, folder, ignore)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder.parent / f".{folder.name}.lock")):  # test workers that need it together build it once
+            if not (folder / "config.json").is_file():
+                build(base_model_dir, preset, folder, ignore)
     return folder
