@@ -59,6 +59,10 @@ class RecipeError(PipelineError):
         return cls(data["path"], data["field"], data["reason"], stage=stage)
 
 
+class EngineRefused(RecipeError):
+    """The engine the recipe asks for cannot serve its scheme on this machine (a RecipeError: exit 2)."""
+
+
 class InputError(PipelineError):
     """A bad command-line input or a missing file outside the recipe."""
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from pipeline import checks, compat, devices, layers, models, schemes
 from pipeline.events import Emit, no_events, safe
-from pipeline.errors import GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
+from pipeline.errors import EngineRefused, GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, apply_settings, field_path, load_recipe
 from pipeline.resume import (
@@ -99,7 +99,7 @@ def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
         return EngineChoice("vllm", f"{vllm_build}: {verdict.reason}")
     if requested == "vllm":
         field = "quantization.kv_cache" if verdict.reason.startswith("kv_cache ") else "quantization.scheme"
-        raise RecipeError(
+        raise EngineRefused(
             str(recipe_path), field,
             f"{scheme} cannot be served by {vllm_build}: {verdict.reason} ({verdict.source}); "
             "set evaluation.engine: auto to evaluate it with transformers instead; see `quantize-pipeline schemes`",
@@ -231,12 +231,25 @@ class Run:
 
     def check(self, export_dir: Path) -> RunResult:
         """verify .. gate on an export made elsewhere (no publish)."""
+        return self._verify_to_publish(*self._take_export(export_dir), publish_stage=False)
+
+    def verify_only(self, export_dir: Path) -> dict:
+        """The verify stage alone on an export made elsewhere (`check` before it refuses the engine)."""
+        return self._verify(*self._take_export(export_dir))
+
+    def _take_export(self, export_dir: Path) -> tuple[list[str], dict[str, schemes.SchemeSpec]]:
+        """An export made elsewhere as this run's: recorded, with the base's layers and the recipe's overrides."""
         self.export_dir = export_dir.resolve()
         self._prepare()
         self.manifest.set("checked_export", {"path": str(self.export_dir), "sha256": tree_digest(self.export_dir)})
         linear_layers = checks.weight_layer_names(self.base_model_dir)
         excluded = layers.select(linear_layers, self.recipe.quantization.exclude)
-        return self._verify_to_publish(linear_layers, layer_overrides(self.recipe, linear_layers, excluded), publish_stage=False)
+        return linear_layers, layer_overrides(self.recipe, linear_layers, excluded)
+
+    def _verify(self, linear_layers: list[str], overrides: dict[str, schemes.SchemeSpec]) -> dict:
+        return self._in_process("verify", lambda out: verify.verify(
+            self.recipe, self.base_model_dir, self.folder("export"), linear_layers, out, overrides,
+        ))
 
     def _prepare(self) -> None:
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
@@ -248,9 +261,7 @@ class Run:
     def _verify_to_publish(self, linear_layers: list[str], overrides: dict[str, schemes.SchemeSpec], *,
                            publish_stage: bool = True) -> RunResult:
         recipe = self.recipe
-        export = self._in_process("verify", lambda out: verify.verify(
-            recipe, self.base_model_dir, self.folder("export"), linear_layers, out, overrides,
-        ))
+        export = self._verify(linear_layers, overrides)
         serve, evaluation = self._serve_and_evaluate()
         facts = RunFacts(
             run_dir=str(self.run_dir), base_model=self.manifest.base_model,
@@ -497,6 +508,28 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
     except ValidationError as exc:
         error = exc.errors()[0]
         raise RecipeError(str(recipe_path), field_path(error["loc"]), error["msg"]) from None
-    current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit,
-                     export_format=quantization_config.get("quant_method"))
+    try:
+        current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit,
+                         export_format=quantization_config.get("quant_method"))
+    except EngineRefused as refusal:
+        # Verify first: it costs seconds and is the answer to a mislabelled checkpoint (exit 3 naming the tensor
+        # that gives it away), whatever engine could serve the scheme its config claims on this machine.
+        _verify_before_refusing(recipe, recipe_path, export_dir, output_root, say, emit, refusal)
     return _execute(current, lambda: current.check(export_dir))
+
+
+def _verify_before_refusing(recipe: Recipe, recipe_path: Path, export_dir: Path, output_root: Path, say: Say,
+                            emit: Emit, refusal: EngineRefused) -> None:
+    """`check` of an export no engine here can serve: verify it in a run folder of its own, then refuse."""
+    run_dir, run_id = new_run_dir(output_root, recipe)
+    say(f"run directory: {run_dir}")
+    say(f"engine: none ({refusal.reason}); verifying the export first")
+    current = Run(recipe, recipe_path, run_dir, run_id, say, EngineChoice("none", f"refused: {refusal.reason}"), emit=emit)
+    current.manifest.set("engine", {"name": "none", "label": f"refused: {refusal.reason}", "device": "none"})
+    current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": False})
+
+    def verify_then_refuse() -> RunResult:
+        current.verify_only(export_dir)
+        raise refusal
+
+    _execute(current, verify_then_refuse)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,8 +112,7 @@ def _check(export: Path, *extra: str, timeout: int = 1800) -> subprocess.Complet
 
 def test_check_infers_the_scheme_and_fails_a_mislabelled_checkpoint(ct_checkpoints, tmp_path):
     """No --recipe: the scheme and ignore list come from the compressed-tensors config; verify
-    fails a checkpoint whose ignore list names a quantized layer before anything is served (exit 3).
-    (An int4-over-int8 label is refused even earlier here, exit 2: vLLM has no W4A8-int8 CPU path.)"""
+    fails a checkpoint whose ignore list names a quantized layer before anything is served (exit 3)."""
     def ignore_down_proj(config):
         config["ignore"].append("re:.*layers\\.3\\.mlp\\.down_proj$")
 
@@ -121,6 +121,24 @@ def test_check_infers_the_scheme_and_fails_a_mislabelled_checkpoint(ct_checkpoin
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "export does not match scheme int8_per_channel: model.layers.3.mlp.down_proj: excluded by the recipe but quantized" in done.stderr
     assert not list((tmp_path / "out").glob("*/*/serve/generations.json"))
+
+
+def test_check_verifies_before_it_refuses_the_claimed_scheme_s_engine(ct_checkpoints, tmp_path):
+    """An INT8 export relabelled FP8 (per channel, dynamic per token: ptpc_fp8, which vLLM's CPU build does
+    not serve on every CPU): verify runs first and names the tensor that gives it away (exit 3), instead of
+    the engine's refusal of a scheme the checkpoint does not hold (exit 2)."""
+    def fp8(config):
+        group = config["config_groups"]["group_0"]
+        group["weights"]["type"] = group["input_activations"]["type"] = "float"
+
+    mislabelled = _relabelled(ct_checkpoints["W8A8"], tmp_path / "fp8-label", fp8)
+    done = _check(mislabelled, "--output-dir", str(tmp_path / "out"), timeout=600)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "export does not match scheme ptpc_fp8" in done.stderr
+    assert re.search(r"model\.layers\.\d+\.\w+\.\w+_proj: weight stored as I8, expected F8_E4M3", done.stderr), done.stderr[-2000:]
+    manifest = json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
+    assert manifest["status"] == "failed" and manifest["error"]["stage"] == "verify" and manifest["error"]["exit_code"] == 3
+    assert "serve" not in manifest["stages"]
 
 
 CHEAP_CHECK_RECIPE = """\
