@@ -77,15 +77,18 @@ def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--output-dir", type=click.Path(path_type=Path), default=Path("exports"), show_default=True,
     help="Root of run directories: OUTPUT_DIR/<recipe name>/<run id>/.",
 )
 @click.option("--refresh-baseline", is_flag=True, help="Re-evaluate the base model instead of using its cached figures.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Finish this earlier run of RECIPE: keep stages whose recipe inputs are unchanged and whose "
-                   "outputs match the manifest; rerun the rest.")
+              help="Finish this earlier run of RECIPE (without RECIPE: the run folder's own recipe.yaml): keep "
+                   "stages whose recipe inputs are unchanged and whose outputs match the manifest; rerun the rest.")
+@click.option("--until", type=click.Choice(["calibrate", "export", "verify", "evaluate", "gate"]),  # resume.UNTIL_STAGES
+              help="Stop cleanly after this stage (exit 0): the run folder is complete up to there and "
+                   "`run --resume RUN_DIR` finishes it, here or on another machine (copy the folder).")
 @click.option("--from-stage", type=click.Choice(["calibrate", "quantize", "freeze", "export", "verify", "serve",
                                                  "evaluate", "gate", "publish"]),
               help="With --resume: rerun from this stage on, whatever is kept before it.")
@@ -98,9 +101,9 @@ def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
 @SET_OPTION
 @JUNIT_OPTION
 @MLFLOW_OPTION
-def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, from_stage: str | None,
-        new_run: bool, quiet: bool, as_json: bool, settings: tuple[str, ...], junit_path: Path | None,
-        to_mlflow: bool) -> None:
+def run(recipe: Path | None, output_dir: Path, refresh_baseline: bool, resume_dir: Path | None, until: str | None,
+        from_stage: str | None, new_run: bool, quiet: bool, as_json: bool, settings: tuple[str, ...],
+        junit_path: Path | None, to_mlflow: bool) -> None:
     """Run every stage of RECIPE: calibrate, quantize, freeze, export, verify, serve,
     evaluate, gate and (on a passing gate) publish.
 
@@ -131,12 +134,14 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path
             raise InputError("--from-stage needs --resume RUN_DIR")
         if new_run and resume_dir:
             raise InputError("--new-run and --resume exclude each other")
+        if recipe is None and resume_dir is None:
+            raise InputError("run: give RECIPE, or --resume RUN_DIR")
         if resume_dir is not None:
             result = runner.resume(resume_dir, recipe, say=say, from_stage=from_stage, refresh_baseline=refresh_baseline,
-                                   emit=emit, settings=settings)
+                                   emit=emit, settings=settings, until=until)
         else:
             result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline,
-                                new_run=new_run, emit=emit, settings=settings)
+                                new_run=new_run, emit=emit, settings=settings, until=until)
     except PipelineError as exc:
         if bars is not None:
             bars.close()
@@ -146,6 +151,15 @@ def run(recipe: Path, output_dir: Path, refresh_baseline: bool, resume_dir: Path
         _fail(exc)
     if bars is not None:
         bars.close()
+    if result.stopped_after is not None:
+        if as_json:
+            _print_event(_result_event(result.run_dir, 0, published=None, verdict=result.verdict,
+                                       stopped_after=result.stopped_after))
+            return
+        click.echo(f"stopped after {result.stopped_after} (--until)")
+        click.echo(f"run directory: {result.run_dir}")
+        click.echo(f"finish it (here, or with the folder copied elsewhere): quantize-pipeline run --resume {result.run_dir}")
+        return
     _report_elsewhere(result.run_dir, junit_path, to_mlflow)
     if as_json:
         _print_event(_result_event(result.run_dir, 0, published=result.published_to, verdict=result.verdict))
@@ -187,7 +201,7 @@ def _print_event(event: dict) -> None:
 
 
 def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None, verdict: str | None = None,
-                  error: str | None = None) -> dict:
+                  error: str | None = None, stopped_after: str | None = None) -> dict:
     """The last event of `run --json`: the verdict and, per rule, figure, interval, threshold, state and
     samples used (from report.json when the run reached its gate)."""
     import json
@@ -199,7 +213,8 @@ def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None
     rule_keys = ("rule", "state", "figure", "interval", "threshold", "samples", "unit", "more_samples_to_decide")
     rules = [{key: rule.get(key) for key in rule_keys} for rule in report.get("rules", [])]
     return {"event": "result", "verdict": verdict, "run_dir": str(run_dir) if run_dir else None, "exit_code": exit_code,
-            "published": published, "error": error, "rules": rules}
+            "published": published, "error": error, "rules": rules,
+            **({"stopped_after": stopped_after} if stopped_after else {})}
 
 
 @main.command()
@@ -428,6 +443,50 @@ def auto_exclude_command(recipe: Path, output_dir: Path, max_size_ratio: float |
     if cost is not None:
         click.echo(f"size cost: {cost / 2**20:.1f} MiB over the scheme with no layer kept")
     click.echo(f"recipe: {result['recipe_file']}")
+
+
+@main.command("recipes")
+def recipes_command() -> None:
+    """List the recipes shipped in the package (a copy of one is a starting point: `init --from NAME`)."""
+    from pipeline.shipped import shipped_recipes
+
+    try:
+        for shipped in shipped_recipes():
+            recipe = shipped.recipe
+            click.echo(f"{shipped.name}: {recipe.scheme.name} on {recipe.model.source} ({shipped.path})")
+    except PipelineError as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--scheme", help="The scheme (see `quantize-pipeline schemes`); with MODEL.")
+@click.option("--from", "shipped_name", metavar="NAME", help="Copy the shipped recipe NAME (see `recipes`) instead.")
+@click.option("--output", "-o", "destination", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Where to write the recipe.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def init(model: str | None, scheme: str | None, shipped_name: str | None, destination: Path, force: bool) -> None:
+    """Write a starter recipe: MODEL (Hub id, folder, .gguf or builtin:NAME) with --scheme, every other
+    field at its default; or a copy of a shipped recipe (--from). Validated as it is written."""
+    from pipeline.errors import InputError
+    from pipeline.recipe import load_recipe
+    from pipeline.rundir import atomic_write_text
+    from pipeline.shipped import shipped_recipe_path, write_starter
+
+    try:
+        if (shipped_name is None) == (model is None) or (model is not None and scheme is None):
+            raise InputError("init: give MODEL with --scheme, or --from NAME")
+        if shipped_name is not None:
+            if destination.exists() and not force:
+                raise InputError(f"{destination}: exists (--force overwrites it)")
+            atomic_write_text(destination, shipped_recipe_path(shipped_name).read_text())
+            recipe = load_recipe(destination)
+        else:
+            recipe = write_starter(model, scheme, destination, force=force)
+    except PipelineError as exc:
+        _fail(exc)
+    click.echo(f"{destination}: {recipe.name} ({recipe.scheme.name} on {recipe.model.source}); "
+               f"next: quantize-pipeline validate {destination}")
 
 
 @main.command()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 
-SHIPPED_TEXT_DIR = Path(__file__).resolve().parent.parent / "calibration"
+SHIPPED_TEXT_DIR = Path(__file__).resolve().parent / "shipped" / "calibration"  # package data: ships in the wheel
 SHIPPED_FILES = {
     "wikipedia": "wikipedia-calibration.jsonl",
     "wikipedia-heldout": "wikipedia-heldout.jsonl",

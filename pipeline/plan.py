@@ -26,7 +26,7 @@ LIBRARY_OVERHEAD_BYTES = int(0.8 * 2**30)
 STREAMING_SHARD_BYTES = 2**30
 IN_MEMORY_FACTOR = 2.0  # in-memory quantize peak / checkpoint size (measured, see quantize_peaks)  # stages/stream_quantize.py writes shards of at most this size
 # Shipped config.json files for Hub models (offline planning): recipes/model-configs/index.json.
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "model-configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "shipped" / "recipes" / "model-configs"  # package data
 
 
 @dataclass

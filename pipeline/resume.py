@@ -30,6 +30,8 @@ STAGE_INPUTS = {
 QUARK_STAGES = ("quantize", "freeze", "export")
 # The export's engine is loaded once for both: one child makes both stages' outputs.
 ENGINE_STAGES = ("serve", "evaluate")
+# `run --until STAGE`: where a run may stop cleanly; a stage a child makes with others stops after the last of them.
+UNTIL_STAGES = ("calibrate", "export", "verify", "evaluate", "gate")
 
 
 def stage_config_sha256(recipe: Recipe, stage: str, engine_name: str) -> str:
@@ -59,3 +61,13 @@ def reusable_stages(previous: dict, recipe: Recipe, engine_name: str, run_dir: P
             keep = {stage: record for stage, record in keep.items() if STAGES.index(stage) < STAGES.index(group[0])}
     hashes.save()
     return keep
+
+
+def unmatched_outputs(previous: dict, run_dir: Path) -> list[str]:
+    """The files of the earlier run's finished stages that are missing or differ from their manifest sha256
+    (a stopped run copied to another machine must arrive whole)."""
+    hashes = HashCache(run_dir)
+    unmatched = [name for record in previous.get("stages", {}).values() if record.get("status") == "done"
+                 for name, digest in record.get("outputs", {}).items() if not hashes.matches(name, digest)]
+    hashes.save()
+    return unmatched

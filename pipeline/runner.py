@@ -26,7 +26,7 @@ from pipeline.errors import EngineRefused, GateFailed, GateInconclusive, InputEr
 from pipeline.manifest import MANIFEST_FILE, Manifest
 from pipeline.recipe import Recipe, apply_settings, field_path, load_recipe
 from pipeline.resume import (
-    ENGINE_STAGES, QUARK_STAGES, STAGE_FOLDERS, STAGES, reusable_stages, stage_config_sha256,
+    ENGINE_STAGES, QUARK_STAGES, STAGE_FOLDERS, STAGES, reusable_stages, stage_config_sha256, unmatched_outputs,
 )
 from pipeline.run_facts import EngineLabel, ExportSize, RunFacts
 from pipeline.rundir import (
@@ -51,6 +51,7 @@ class RunResult:
     report: dict | None = None
     published_to: str | None = None
     stage_records: dict = field(default_factory=dict)
+    stopped_after: str | None = None  # `run --until STAGE`: the run stopped cleanly after this stage
 
     @property
     def verdict(self) -> str:
@@ -58,6 +59,14 @@ class RunResult:
 
 
 Say = Callable[[str], None]
+
+
+class StoppedAfter(Exception):
+    """Control flow, not an error: `--until STAGE` was reached; the run folder is complete up to there."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 def _self_peak_rss_mb() -> float:
@@ -168,6 +177,7 @@ class Run:
         self.base_model_dir: Path | None = None
         self.export_dir = run_dir / STAGE_FOLDERS["export"]  # `check` points it at an existing export
         self.reusable: dict[str, dict] = {}  # stage -> record kept from an earlier run (--resume)
+        self.until: str | None = None  # `--until STAGE`: stop cleanly once this stage is recorded
 
     def folder(self, stage: str) -> Path:
         return self.export_dir if stage == "export" else self.run_dir / STAGE_FOLDERS[stage]
@@ -184,6 +194,7 @@ class Run:
         self.emit({"event": "stage_reused", "stage": stage})
         self.result.stage_records[stage] = record
         self.say(f"↷ {stage:<9} kept from the earlier run (inputs unchanged, outputs verified)")
+        self._stop_if_until(stage)
         return record["summary"]
 
     def _record(self, stage: str, summary: dict, wall_s: float, peak_rss_mb: float) -> None:
@@ -203,6 +214,11 @@ class Run:
         self.result.stage_records[stage] = record
         self.emit({"event": "stage_end", "stage": stage, "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"]})
         self.say(f"✓ {stage:<9} {wall_s:7.1f} s  peak RSS {peak_rss_mb:7.0f} MiB")
+        self._stop_if_until(stage)
+
+    def _stop_if_until(self, stage: str) -> None:
+        if stage == self.until:
+            raise StoppedAfter(stage)
 
     def _stage(self, stage: str, work: Callable[[Path], tuple[dict, float | None]]) -> dict:
         """Run one stage into its staged folder, or keep it from the earlier run; record it.
@@ -350,6 +366,11 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
             result = work()
     except RunLocked as exc:
         raise InputError(str(exc)) from None
+    except StoppedAfter as stop:
+        current.manifest.finish("stopped")
+        current.emit({"event": "run_stopped", "after": stop.stage, "run_dir": str(current.run_dir)})
+        current.result.stopped_after = stop.stage
+        return current.result
     except PipelineError as exc:
         current.manifest.record_error(exc.stage, exc.one_line(), exc.exit_code)
         current.emit({"event": "stage_failed", "stage": exc.stage, "exit_code": exc.exit_code, "message": exc.one_line()})
@@ -388,7 +409,8 @@ def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refre
 
 
 def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: bool = False,
-        new_run: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = ()) -> RunResult:
+        new_run: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = (),
+        until: str | None = None) -> RunResult:
     """Run every stage of a recipe. Raises PipelineError (with an exit code) on failure.
 
     An unfinished run of the same recipe under OUTPUT_DIR/<name>/ (killed, crashed) is
@@ -397,20 +419,29 @@ def run(recipe_path: Path, *, output_root: Path, say: Say, refresh_baseline: boo
     recipe = load_recipe(recipe_path, settings)
     if not new_run and (earlier := unfinished_run(output_root / recipe.name, recipe.content_hash())) is not None:
         say(f"resuming unfinished run {earlier} ({describe(earlier)}); --new-run starts over")
-        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline, emit=emit, settings=settings)
+        return resume(earlier, recipe_path, say=say, refresh_baseline=refresh_baseline, emit=emit, settings=settings,
+                      until=until)
     current = _start(recipe, recipe_path, output_root, say, refresh_baseline, emit)
+    current.until = until
     return _execute(current, current.execute)
 
 
-def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None = None,
-           refresh_baseline: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = ()) -> RunResult:
+def resume(run_dir: Path, recipe_path: Path | None, *, say: Say, from_stage: str | None = None,
+           refresh_baseline: bool = False, emit: Emit = no_events, settings: tuple[str, ...] = (),
+           until: str | None = None) -> RunResult:
     """Finish an earlier run of RECIPE in RUN_DIR: keep the stages whose inputs did not change and
-    whose outputs verify against its manifest; rerun the rest (from `from_stage` at the latest)."""
-    recipe = load_recipe(recipe_path, settings)
+    whose outputs verify against its manifest; rerun the rest (from `from_stage` at the latest).
+    No RECIPE: the run folder's own recipe.yaml (a run stopped by `--until`, copied to another machine).
+    A stopped run is finished only if every finished stage's outputs match the manifest."""
     manifest_path = run_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise InputError(f"{run_dir}: no {MANIFEST_FILE}: not a run directory")
+    recipe = load_recipe(recipe_path if recipe_path is not None else run_dir / "recipe.yaml", settings)
+    recipe_path = recipe_path if recipe_path is not None else run_dir / "recipe.yaml"
     previous = read_json(manifest_path)
+    if previous.get("status") == "stopped" and (unmatched := unmatched_outputs(previous, run_dir)):
+        raise InputError(f"{manifest_path}: {unmatched[0]} does not match its sha256 in the manifest "
+                         f"({len(unmatched)} file(s) missing or changed since the run stopped): not resumed")
     if previous.get("recipe") != recipe.name:
         raise InputError(f"{run_dir}: a run of recipe '{previous.get('recipe')}', not '{recipe.name}'")
     choice = check_engine(recipe, recipe_path)
@@ -418,6 +449,7 @@ def resume(run_dir: Path, recipe_path: Path, *, say: Say, from_stage: str | None
     say(f"engine: {choice.label}")
     current = Run(recipe, recipe_path, run_dir, previous.get("run_id", run_dir.name), say, choice,
                   refresh_baseline=refresh_baseline, emit=emit)
+    current.until = until
 
     def work() -> RunResult:
         # Under the lock: a run still being written keeps its manifest.
