@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -53,7 +62,6 @@ def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
 
 
 def test_recipe_names_mlflow_and_nothing_unknown():
-    import pytest
     from pydantic import ValidationError
 
     from pipeline.recipe import Recipe
@@ -62,3 +70,58 @@ def test_recipe_names_mlflow_and_nothing_unknown():
     assert Recipe.model_validate({**base, "report_to": ["mlflow"]}).report_to == ("mlflow",)
     with pytest.raises(ValidationError, match="report_to"):
         Recipe.model_validate({**base, "report_to": ["wandb"]})
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """A real MLflow tracking server (`mlflow server`, SQLite backend, artifacts served by it) on a loopback
+    port, as teams run one; make install puts full mlflow in .venv/mlflow-server."""
+    mlflow = Path(sys.prefix) / "mlflow-server" / "bin" / "mlflow"
+    assert mlflow.is_file(), f"{mlflow}: missing: `make install` builds the tests' MLflow server"
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_gated_run_reads_back_from_a_tracking_server(tracking_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    run_dir, report, recipe_data = _run_dir(tmp_path)
+    logged = log_run(run_dir, report, recipe_data)
+    assert logged["tracking_uri"] == tracking_server and not (run_dir / LOCAL_STORE).exists()
+
+    client = MlflowClient(tracking_server)  # a second client, as a teammate's would be
+    run = client.get_run(logged["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == report["verdict"] == "pass"
+    assert client.get_experiment(logged["experiment_id"]).name == "t"
+    assert run.data.params["quantization.scheme"] == "int8_per_channel" and run.data.params["evaluation.limit"] == "200"
+    recovery = next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")
+    assert run.data.metrics["gate.min_recovery.arc_easy.figure"] == recovery["figure"]
+    artifacts = {item.path for item in client.list_artifacts(logged["run_id"])}
+    assert {"report.json", "report.md", "accuracy.png", "manifest.json", "recipe.yaml"} <= artifacts
+    fetched = client.download_artifacts(logged["run_id"], "report.json", str(tmp_path / "fetched"))
+    assert Path(fetched).read_bytes() == (run_dir / "report.json").read_bytes()
