@@ -491,7 +491,8 @@ class EvaluationSpec(Strict):
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM's workers: mp (one node), ray (several nodes), null: vLLM's choice"
     )
-    data_parallel_size: int = Field(1, ge=1, le=64, description="lm-eval's vLLM backend: replicas sharing the questions")
+    data_parallel_size: int = Field(1, ge=1, le=64, description="lm-eval's vLLM backend: replicas sharing the "
+                                    "questions; only 1 is accepted (see the validator)")
     tasks: tuple[str, ...] = Field(
         ("arc_easy",),
         description="shipped offline tasks (" + ", ".join(SHIPPED_TASKS) + ") or lm_eval:TASK from lm-eval's registry (needs network)",
@@ -516,6 +517,19 @@ class EvaluationSpec(Strict):
     )
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
     max_new_tokens: int = Field(32, ge=1, le=4096)
+
+    @field_validator("data_parallel_size")
+    @classmethod
+    def _one_replica(cls, size: int) -> int:
+        if size > 1:
+            # lm-eval's vLLM replicas live only while it answers questions; serve's generations, the token
+            # divergence and the completions' perplexity need an LLM of their own: a second full copy of the
+            # model on the same GPUs, competing for their memory.
+            raise ValueError(
+                f"{size}: only 1 is supported: lm-eval's data-parallel replicas keep no model for generation and "
+                "divergence, so a second full copy would share their GPUs; use tensor_parallel_size or "
+                "pipeline_parallel_size to spread one model over more GPUs")
+        return size
 
     @field_validator("tasks")
     @classmethod

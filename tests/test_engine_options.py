@@ -20,8 +20,7 @@ def _recipe(**evaluation) -> Recipe:
     return Recipe.model_validate(data)
 
 
-MULTI_GPU = dict(tensor_parallel_size=4, pipeline_parallel_size=2, distributed_executor_backend="ray",
-                 data_parallel_size=3)
+MULTI_GPU = dict(tensor_parallel_size=4, pipeline_parallel_size=2, distributed_executor_backend="ray")
 
 
 def test_multi_gpu_settings_reach_vllm_llm_kwargs_unchanged():
@@ -49,12 +48,25 @@ def test_multi_gpu_settings_reach_lm_eval_vllm_model_args_unchanged():
     options = engine.engine_options(_recipe(**MULTI_GPU), quantized=True)
     args = engine.lm_eval_vllm_args("/models/x", options)
     assert args["pretrained"] == "/models/x" and "model" not in args
-    assert args["data_parallel_size"] == 3 and args["tensor_parallel_size"] == 4
+    assert args["data_parallel_size"] == 1 and args["tensor_parallel_size"] == 4
     # lm-eval passes what it does not name itself to vllm.LLM unchanged (VLLM.__init__'s **kwargs).
     assert args["pipeline_parallel_size"] == 2 and args["distributed_executor_backend"] == "ray"
     named, passes_the_rest = _lm_eval_vllm_init_arguments()
     assert {"data_parallel_size", "tensor_parallel_size", "pretrained", "batch_size"} <= named and passes_the_rest
     assert not {"pipeline_parallel_size", "distributed_executor_backend", "max_logprobs"} & named
+
+
+def test_more_than_one_data_parallel_replica_is_refused_with_the_reason(write_recipe):
+    """lm-eval's replicas keep no model for serve's generations and the divergence: a second full copy of the
+    model would compete for the same GPUs' memory, so the recipe refuses the setting (one line, the field)."""
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import load_recipe
+
+    text = DEFAULT_RECIPE.read_text().replace("evaluation:\n", "evaluation:\n  data_parallel_size: 2\n", 1)
+    with pytest.raises(RecipeError, match=r"evaluation\.data_parallel_size: .*2: only 1 is supported: lm-eval's "
+                                          r"data-parallel replicas keep no model"):
+        load_recipe(write_recipe(text))
+    assert engine.engine_options(_recipe(data_parallel_size=1), quantized=True).data_parallel_size == 1
 
 
 def test_defaults_are_one_device_and_vllm_chooses_its_executor():

@@ -47,12 +47,7 @@ class VllmEngine:
         self.import_s = time.perf_counter() - started
         started = time.perf_counter()
         # lm-eval's VLLM builds the vllm.LLM (as `.model`) from these arguments: one load serves both.
-        self._lm = lm_class(**settings.lm_eval_vllm_args(model_dir, options))
-        if options.data_parallel_size > 1:
-            # lm-eval starts its replicas per request batch and keeps no LLM: generations need their own.
-            from vllm import LLM
-
-            self._lm.model = LLM(**settings.llm_kwargs(model_dir, options))
+        self._lm = lm_class(**settings.lm_eval_vllm_args(model_dir, options))  # one replica: the recipe refuses more
         self.llm = self._lm.model
         self.load_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
