@@ -86,7 +86,7 @@ def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Finish this earlier run of RECIPE (without RECIPE: the run folder's own recipe.yaml): keep "
                    "stages whose recipe inputs are unchanged and whose outputs match the manifest; rerun the rest.")
-@click.option("--until", type=click.Choice(["calibrate", "export", "verify", "evaluate", "gate"]),  # resume.UNTIL_STAGES
+@click.option("--until", type=click.Choice(["calibrate", "export", "verify", "evaluate"]),  # resume.UNTIL_STAGES
               help="Stop cleanly after this stage (exit 0): the run folder is complete up to there and "
                    "`run --resume RUN_DIR` finishes it, here or on another machine (copy the folder).")
 @click.option("--from-stage", type=click.Choice(["calibrate", "quantize", "freeze", "export", "verify", "serve",

@@ -31,7 +31,7 @@ QUARK_STAGES = ("quantize", "freeze", "export")
 # The export's engine is loaded once for both: one child makes both stages' outputs.
 ENGINE_STAGES = ("serve", "evaluate")
 # `run --until STAGE`: where a run may stop cleanly; a stage a child makes with others stops after the last of them.
-UNTIL_STAGES = ("calibrate", "export", "verify", "evaluate", "gate")
+UNTIL_STAGES = ("calibrate", "export", "verify", "evaluate")  # not gate: its verdict is the exit code
 
 
 def stage_config_sha256(recipe: Recipe, stage: str, engine_name: str) -> str:

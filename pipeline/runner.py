@@ -12,6 +12,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from typing import NoReturn
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -436,8 +437,8 @@ def resume(run_dir: Path, recipe_path: Path | None, *, say: Say, from_stage: str
     manifest_path = run_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise InputError(f"{run_dir}: no {MANIFEST_FILE}: not a run directory")
-    recipe = load_recipe(recipe_path if recipe_path is not None else run_dir / "recipe.yaml", settings)
     recipe_path = recipe_path if recipe_path is not None else run_dir / "recipe.yaml"
+    recipe = load_recipe(recipe_path, settings)
     previous = read_json(manifest_path)
     if previous.get("status") == "stopped" and (unmatched := unmatched_outputs(previous, run_dir)):
         raise InputError(f"{manifest_path}: {unmatched[0]} does not match its sha256 in the manifest "
@@ -551,7 +552,7 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
 
 
 def _verify_before_refusing(recipe: Recipe, recipe_path: Path, export_dir: Path, output_root: Path, say: Say,
-                            emit: Emit, refusal: EngineRefused) -> None:
+                            emit: Emit, refusal: EngineRefused) -> NoReturn:
     """`check` of an export no engine here can serve: verify it in a run folder of its own, then refuse."""
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
@@ -565,3 +566,4 @@ def _verify_before_refusing(recipe: Recipe, recipe_path: Path, export_dir: Path,
         raise refusal
 
     _execute(current, verify_then_refuse)
+    raise AssertionError("unreachable: verify_then_refuse always raises")
