@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,7 @@ def ct_checkpoints(tiny_model_dir):
 
 # --- CI time, per module (issue #24): two runs' JSON files can be compared with bench/ci_time.py.
 _TEST_SECONDS: dict[str, float] = {}
+_SESSION_STARTED = time.monotonic()  # the run's wall time: with two workers, less than the tests' sum
 
 
 def pytest_runtest_logreport(report):
@@ -116,7 +118,8 @@ def _write_ci_times() -> None:
         module = nodeid.split("::", 1)[0]
         modules[module] = modules.get(module, 0.0) + seconds
     atomic_write_json(Path(os.environ.get("QP_CI_TIMES", str(REPO / ".pytest_cache" / "ci_times.json"))), {
-        "total_s": round(sum(_TEST_SECONDS.values()), 1), "modules": _slowest_first(modules),
+        "total_s": round(sum(_TEST_SECONDS.values()), 1), "wall_s": round(time.monotonic() - _SESSION_STARTED, 1),
+        "modules": _slowest_first(modules),
         "tests": _slowest_first(_TEST_SECONDS),
     }, sort_keys=False)
 

@@ -87,7 +87,7 @@ def test_the_wheel_runs_the_shipped_default_outside_the_checkout_quantizing_here
     stopped = _outside(installed, here, "run", "recipe.yaml", "--until", "verify", timeout=1800)
     assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert "stopped after verify (--until)" in stopped.stdout and "gate:" not in stopped.stdout
-    run_dir = Path(stopped.stdout.split("run directory: ")[-1].splitlines()[0])
+    run_dir = here / stopped.stdout.split("run directory: ")[-1].splitlines()[0]  # relative to its cwd
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "stopped" and tuple(manifest["stages"]) == STAGES[:5]
     # The calibration text came from the wheel (there is no other copy on this interpreter's path).
