@@ -469,18 +469,13 @@ def init(model: str | None, scheme: str | None, shipped_name: str | None, destin
     """Write a starter recipe: MODEL (Hub id, folder, .gguf or builtin:NAME) with --scheme, every other
     field at its default; or a copy of a shipped recipe (--from). Validated as it is written."""
     from pipeline.errors import InputError
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import atomic_write_text
-    from pipeline.shipped import shipped_recipe_path, write_starter
+    from pipeline.shipped import copy_shipped, write_starter
 
     try:
         if (shipped_name is None) == (model is None) or (model is not None and scheme is None):
             raise InputError("init: give MODEL with --scheme, or --from NAME")
         if shipped_name is not None:
-            if destination.exists() and not force:
-                raise InputError(f"{destination}: exists (--force overwrites it)")
-            atomic_write_text(destination, shipped_recipe_path(shipped_name).read_text())
-            recipe = load_recipe(destination)
+            recipe = copy_shipped(shipped_name, destination, force=force)
         else:
             recipe = write_starter(model, scheme, destination, force=force)
     except PipelineError as exc:

@@ -398,8 +398,9 @@ def for_export_format(choice: EngineChoice, export_format: str | None) -> Engine
 
 
 def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool,
-           emit: Emit = no_events, export_format: str | None = None) -> Run:
-    choice = for_export_format(check_engine(recipe, recipe_path), export_format)
+           emit: Emit = no_events, export_format: str | None = None, choice: EngineChoice | None = None) -> Run:
+    """A new run folder and its Run; the engine checked here unless `choice` is given."""
+    choice = choice or for_export_format(check_engine(recipe, recipe_path), export_format)
     run_dir, run_id = new_run_dir(output_root, recipe)
     say(f"run directory: {run_dir}")
     say(f"engine: {choice.label}; device: {choice.device}")
@@ -554,12 +555,8 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, *, outpu
 def _verify_before_refusing(recipe: Recipe, recipe_path: Path, export_dir: Path, output_root: Path, say: Say,
                             emit: Emit, refusal: EngineRefused) -> NoReturn:
     """`check` of an export no engine here can serve: verify it in a run folder of its own, then refuse."""
-    run_dir, run_id = new_run_dir(output_root, recipe)
-    say(f"run directory: {run_dir}")
-    say(f"engine: none ({refusal.reason}); verifying the export first")
-    current = Run(recipe, recipe_path, run_dir, run_id, say, EngineChoice("none", f"refused: {refusal.reason}"), emit=emit)
-    current.manifest.set("engine", {"name": "none", "label": f"refused: {refusal.reason}", "device": "none"})
-    current.emit({"event": "run_start", "run_dir": str(run_dir), "resumed": False})
+    current = _start(recipe, recipe_path, output_root, say, False, emit,
+                     choice=EngineChoice("none", f"refused, verifying the export first: {refusal.reason}", "none"))
 
     def verify_then_refuse() -> RunResult:
         current.verify_only(export_dir)

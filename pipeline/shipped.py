@@ -59,12 +59,20 @@ def starter_text(model_source: str, scheme: str) -> str:
 
 def write_starter(model_source: str, scheme: str, destination: Path, *, force: bool = False) -> Recipe:
     """Write the starter recipe to DESTINATION (whole or not at all) and return it as read back."""
+    return _write_recipe(starter_text(model_source, scheme), destination, force)
+
+
+def copy_shipped(name: str, destination: Path, *, force: bool = False) -> Recipe:
+    """Copy the shipped recipe NAME to DESTINATION and return it as read back."""
+    return _write_recipe(shipped_recipe_path(name).read_text(), destination, force)
+
+
+def _write_recipe(text: str, destination: Path, force: bool) -> Recipe:
     if destination.exists() and not force:
         raise InputError(f"{destination}: exists (--force overwrites it)")
-    text = starter_text(model_source, scheme)
     atomic_write_text(destination, text)
     try:
         return load_recipe(destination)
-    except RecipeError:  # written from a validated model: reading it back must not fail; leave no bad file
+    except RecipeError:  # a recipe that does not read back is not left behind
         destination.unlink()
         raise
