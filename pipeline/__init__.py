@@ -5,3 +5,7 @@ imported only inside the stages that need them (in child processes).
 """
 
 __version__ = "0.1.0"
+
+from pipeline import quark_import as _quark_import
+
+_quark_import.install()  # a finder for one Quark module; imports nothing heavy (pipeline/quark_import.py says why)
