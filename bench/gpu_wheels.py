@@ -87,6 +87,26 @@ def download(name: str, dest: Path) -> Path:
                                             if normalized(path.name.split("-")[0]) == normalized(name))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer(folder: Path) -> Path:
+    """The default model's tokenizer files (3.5 MiB): the GPU machines lack the default model (its GGUF is 98 MB,
+    over a call's 64 MiB), so the GPU check writes a synthetic 135M-shaped checkpoint there and uses these."""
+    import shutil
+
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import resolve_base_model
+
+    model_dir = resolve_base_model(load_recipe(REPO / "recipes" / "smollm2-135m-int8.yaml"), folder.parent / "model.log",
+                                   say=click.echo)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, folder / name)
+    return folder
+
+
 @click.command()
 @click.option("--dest", type=click.Path(path_type=Path), default=REPO / ".whl", show_default=True)
 def main(dest: Path) -> None:
@@ -101,7 +121,9 @@ def main(dest: Path) -> None:
         queue += requirements(wheel)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest),
                     str(REPO)], check=True)
-    total = 0
+    tokenizer = copy_tokenizer(dest / "tokenizer")
+    total = sum(path.stat().st_size for path in tokenizer.iterdir())
+    click.echo(f"{total / 2**20:7.2f} MiB  tokenizer/ (the default model's, for gpu_check.py --model synthetic:135m)")
     for wheel in sorted(dest.glob("*.whl")):
         total += wheel.stat().st_size
         click.echo(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
