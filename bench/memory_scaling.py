@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))  # pipeline itself comes from the venv (make install)
 
-from synthetic_llama import SHAPES, write_checkpoint  # noqa: E402
+from synthetic_llama import SHAPES, make_config, write_checkpoint  # noqa: E402
 
 GIB = 2**30
 
@@ -167,14 +167,12 @@ def reestimate(rows: list[dict], samples: int, seq_len: int) -> None:
     """plan's estimates recomputed for measured rows (from the shapes' configs alone, no weights)."""
     import tempfile
 
-    from transformers import LlamaConfig
-
     from pipeline import plan
 
     with tempfile.TemporaryDirectory() as folder:
         for row in rows:
             config_dir = Path(folder) / row["shape"]
-            LlamaConfig(**SHAPES[row["shape"]], max_position_embeddings=4096, torch_dtype="bfloat16").save_pretrained(config_dir)
+            make_config(row["shape"]).save_pretrained(config_dir)
             recipe = _recipe(config_dir, row["scheme"], row["mode"], samples, seq_len)
             row["plan_estimate_bytes"] = plan.make_plan(recipe, config_dir / "config.json", device="cpu").quantize_peaks[
                 row["mode"]]["host"]

@@ -120,9 +120,11 @@ SUPPORT: dict[str, dict[str, Support]] = {
 # Schemes whose support differs for MoE expert layers: (engine -> Support) for those layers.
 MOE_EXPERT_SUPPORT: dict[str, dict[str, Support]] = {
     "int4_fp8": {
-        "vllm-cuda": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
-        "vllm-rocm": Support(True, "QuarkW4A8Fp8MoEMethod on the experts", PER_VLLM_DOCS),
-        "vllm-cpu": Support(False, "no CPU kernel for QuarkW4A8Fp8MoEMethod", PER_VLLM_DOCS),
+        # vLLM 0.32 quark_moe.py: QuarkW4A8Fp8MoEMethod asserts rocm_aiter_ops.is_fused_moe_enabled() (AITER, ROCm).
+        "vllm-cuda": Support(False, "QuarkW4A8Fp8MoEMethod needs ROCm's AITER fused MoE (asserted in vLLM 0.32's "
+                             "quark_moe.py); no CUDA kernel", PER_VLLM_SOURCE),
+        "vllm-rocm": Support(True, "QuarkW4A8Fp8MoEMethod on the experts (AITER fused MoE)", PER_VLLM_SOURCE),
+        "vllm-cpu": Support(False, "no CPU kernel for QuarkW4A8Fp8MoEMethod (ROCm AITER only)", PER_VLLM_SOURCE),
         TRANSFORMERS: Support(True, EMULATION, PER_QUARK_DOCS),
     },
 }

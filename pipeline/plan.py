@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import checks, compat, layers
+from pipeline import checks, compat, layers, moe
+from pipeline.errors import RecipeError
 from pipeline.formats.base import cdiv
 from pipeline.recipe import Recipe, streaming_refusal
 from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
@@ -75,7 +76,7 @@ def engine_support(recipe: Recipe, layer_schemes: dict[str, str | None], engine:
 
 
 def assign_schemes(recipe: Recipe, linear_names: list[str]) -> dict[str, str | None]:
-    excluded = set(layers.select(linear_names, recipe.quantization.exclude))
+    excluded = set(layers.select(linear_names, recipe.quantization.kept))
     assigned: dict[str, str | None] = {}
     for name in linear_names:
         if name in excluded:
@@ -114,6 +115,7 @@ class MetaModel:
     largest_block_params: int  # the biggest decoder layer: what streaming holds at once
     embedding_params: int  # embeddings (and an untied lm_head): streamed at the start and the end
     hidden_size: int
+    experts: int = 0  # experts per MoE layer (0: dense); MoE models quantize in memory (pipeline/moe.py)
 
 
 def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
@@ -130,8 +132,10 @@ def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
         for parameter_name, parameter in module.named_parameters(recurse=False):
             if parameter.ndim == 2 and parameter_name == "weight":  # Linear layers and MoE routers
                 linear[name] = tuple(parameter.shape)
-            elif parameter.ndim == 3:  # fused MoE experts [experts, out, in] (transformers 5)
-                linear[f"{name}.{parameter_name}"] = (parameter.shape[0] * parameter.shape[1], parameter.shape[2])
+            elif parameter.ndim == 3:  # fused MoE experts [experts, out, in] (transformers 5): one layer each
+                linear.update(_expert_layers(name, parameter_name, tuple(parameter.shape)))
+    # The checkpoint's names, which recipes' patterns and verify speak (Mixtral: block_sparse_moe.experts.E.w1).
+    linear = {moe.checkpoint_name(config.model_type, name): shape for name, shape in linear.items()}
     blocks: Counter = Counter()
     for name, parameter in model.named_parameters():  # tied weights (lm_head = embed_tokens) are listed once
         match = DECODER_LAYER.search(name)
@@ -145,7 +149,21 @@ def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
         linear=linear, total_params=sum(parameter.numel() for parameter in model.parameters()),
         largest_block_params=max(blocks.values(), default=0), embedding_params=embedding,
         hidden_size=config.get_text_config().hidden_size,
+        experts=max((getattr(config.get_text_config(), key, None) or 0 for key in moe.MOE_EXPERT_COUNT_KEYS), default=0),
     )
+
+
+def _expert_layers(name: str, parameter_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """A fused experts parameter as the per-expert linears Quark unfuses it into (quark_experts.QuarkExperts):
+    gate_up_proj [E, 2*ffn, hidden] -> E.gate_proj and E.up_proj [ffn, hidden]; down_proj [E, hidden, ffn] ->
+    E.down_proj. Another fused parameter stays one layer of all its experts' rows."""
+    experts, out_features, in_features = shape
+    if parameter_name == "gate_up_proj":
+        return {f"{name}.{expert}.{part}": (out_features // 2, in_features)
+                for expert in range(experts) for part in ("gate_proj", "up_proj")}
+    if parameter_name == "down_proj":
+        return {f"{name}.{expert}.down_proj": (out_features, in_features) for expert in range(experts)}
+    return {f"{name}.{parameter_name}": (experts * out_features, in_features)}
 
 
 def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, dict[str, int]]:
@@ -181,12 +199,16 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
 
 
 def choose_mode(recipe: Recipe, peaks: dict[str, dict[str, int]], budget: int, device: str,
-                device_budget: int | None) -> tuple[str, str]:
+                device_budget: int | None, experts: int = 0) -> tuple[str, str]:
     """(mode, why): the recipe's mode, or for auto streaming unless in-memory is known to fit.
 
     device_budget: the accelerators' memory in all (None: not known, e.g. planning without the GPUs)."""
     gib = 2**30
     requested = recipe.quantization.mode
+    if experts and requested == "streaming":
+        raise RecipeError("recipe", "quantization.mode", moe.MOE_STREAMING_REFUSAL)
+    if experts:
+        return "in_memory", f"MoE model ({experts} experts a layer): streaming does not quantize MoE experts yet"
     if requested != "auto":
         return requested, "as the recipe asks"
     host, on_device = peaks["in_memory"]["host"], peaks["in_memory"]["device"]
@@ -249,7 +271,7 @@ def make_plan(recipe: Recipe, config_path: Path, *, device: str | None = None, h
     budget = host_budget if host_budget is not None else devices.host_memory_budget_bytes(recipe)
     if device_budget is None and device != "cpu":
         device_budget = accelerator_budget(recipe, devices.accelerators())
-    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget)
+    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget, model.experts)
     return Plan(
         stages=stages,
         layer_schemes=layer_schemes,

@@ -29,6 +29,7 @@ from pydantic import (
 from pipeline import schemes
 from pipeline.compute_dtype import auto_dtype
 from pipeline.errors import RecipeError
+from pipeline.moe import ROUTER_PATTERN
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 SHIPPED_CORPORA = ("wikipedia",)
@@ -415,6 +416,10 @@ class QuantizationSpec(Strict):
     layers: dict[str, SchemeValue] = Field(
         default_factory=dict, description="per-pattern scheme overrides: {pattern: scheme name or explicit form}"
     )
+    keep_routers: bool = Field(
+        True, description="MoE models: keep the router gates (mlp.gate, block_sparse_moe.gate, shared_expert_gate) "
+        "in the model dtype, as Quark's templates and llm-compressor's examples do; false: they follow the scheme",
+    )
     algorithm: AlgorithmSpec | None = Field(
         None, description="Quark algorithm: a name (gptq, awq, smoothquant, rotation: the template's defaults "
         "for the model type) or {name: NAME, options: {...}} with options from Quark's config class",
@@ -466,6 +471,11 @@ class QuantizationSpec(Strict):
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ValueError(f"unknown algorithm '{name}' ({hint}known: {', '.join(ALGORITHMS)})")
         return {"name": algorithm} if isinstance(algorithm, str) else algorithm
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """The layers left in the model dtype: `exclude`, and the MoE routers unless keep_routers is false."""
+        return (*self.exclude, ROUTER_PATTERN) if self.keep_routers else self.exclude
 
     @property
     def algorithm_name(self) -> str | None:

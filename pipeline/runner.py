@@ -260,7 +260,7 @@ class Run:
         self._prepare()
         self.manifest.set("checked_export", {"path": str(self.export_dir), "sha256": tree_digest(self.export_dir)})
         linear_layers = checks.weight_layer_names(self.base_model_dir)
-        excluded = layers.select(linear_layers, self.recipe.quantization.exclude)
+        excluded = layers.select(linear_layers, self.recipe.quantization.kept)
         return linear_layers, layer_overrides(self.recipe, linear_layers, excluded)
 
     def _verify(self, linear_layers: list[str], overrides: dict[str, schemes.SchemeSpec]) -> dict:

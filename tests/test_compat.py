@@ -28,7 +28,10 @@ def test_known_cpu_facts():
 def test_int4_fp8_only_on_moe_experts():
     assert not compat.support("int4_fp8", "vllm-cuda").supported
     assert "QuarkW4A8Fp8MoEMethod" in compat.support("int4_fp8", "vllm-cuda").reason
-    assert compat.support("int4_fp8", "vllm-cuda", moe_experts_only=True).supported
+    # vLLM 0.32's source: QuarkW4A8Fp8MoEMethod asserts ROCm's AITER fused MoE; CUDA has no kernel for it.
+    assert compat.support("int4_fp8", "vllm-rocm", moe_experts_only=True).supported
+    experts_on_cuda = compat.support("int4_fp8", "vllm-cuda", moe_experts_only=True)
+    assert not experts_on_cuda.supported and "AITER" in experts_on_cuda.reason
 
 
 def test_unknown_pair_is_refused():

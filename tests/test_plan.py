@@ -37,11 +37,16 @@ def test_mixtral_router_gates_stay_unquantized():
     assert len(routers) == 32 and all(plan.layer_schemes[name] is None for name in routers)
 
 
-def test_mixtral_int4_fp8_only_on_experts_is_served_on_gpu():
+def test_mixtral_int4_fp8_only_on_experts_is_served_on_rocm():
     plan = _plan("mixtral-int4-fp8.yaml", "mixtral-8x7b-instruct")
     int4 = [name for name, scheme in plan.layer_schemes.items() if scheme == "int4_fp8"]
-    assert int4 and all(".experts." in name for name in int4)
-    assert plan.engines["vllm-cuda"].supported
+    # One layer per expert projection, under the checkpoint's names: 32 layers x 8 experts x w1/w2/w3.
+    assert len(int4) == 32 * 8 * 3 and all(".block_sparse_moe.experts." in name for name in int4)
+    assert "model.layers.0.block_sparse_moe.experts.7.w3" in int4
+    routers = [name for name in plan.layer_schemes if name.endswith("block_sparse_moe.gate")]
+    assert len(routers) == 32 and all(plan.layer_schemes[name] is None for name in routers)  # kept
+    assert plan.engines["vllm-rocm"].supported and not plan.engines["vllm-cuda"].supported
+    assert plan.mode == "in_memory" and "MoE model (8 experts a layer)" in plan.mode_reason
 
 
 def test_dense_int4_fp8_is_refused_with_the_reason():

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.engine import EngineOptions
 from pipeline.engines.base import Generation
+from pipeline.moe import MOE_EXPERT_COUNT_KEYS
 from pipeline.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
@@ -34,7 +35,7 @@ class TransformersEngine:
         self._lm = None
 
     def _load_model(self, auto_class, model_dir: str, dtype):
-        if has_scale_quantized_tensors(model_dir):
+        if needs_quark_importer(model_dir):
             from quark.torch import import_model_from_safetensors
 
             return import_model_from_safetensors(None, model_dir, device=self.options.device).to(dtype)
@@ -103,14 +104,20 @@ class TransformersEngine:
         return torch.cuda.max_memory_allocated(self.options.device) / 2**20
 
 
-def has_scale_quantized_tensors(model_dir: str) -> bool:
-    """A Quark export whose scales are themselves quantized (NVFP4: `weight_scale_2`, `input_scale_2`).
-    transformers' Quark loader maps only one scale per tensor (quantizer_quark.CHECKPOINT_KEYS), so such a
-    model loads with NaN outputs (measured); Quark's own importer maps both levels."""
+def needs_quark_importer(model_dir: str) -> bool:
+    """A Quark export transformers' own Quark loader cannot run, loaded by Quark's importer instead:
+    - scales that are themselves quantized (NVFP4: `weight_scale_2`, `input_scale_2`): transformers maps only one
+      scale per tensor (quantizer_quark.CHECKPOINT_KEYS), so such a model loads with NaN outputs (measured);
+    - MoE models: transformers fuses the per-expert tensors back into 3-D parameters, packed INT4 codes too, and its
+      grouped matmul refuses integers (measured on the synthetic Qwen3-MoE, int4_fp8 experts); Quark's importer
+      unfuses the experts into one quantized linear each, as the quantize stage did (pipeline/moe.py)."""
     config_path = Path(model_dir) / "config.json"
-    quantization = (json.loads(config_path.read_text()) if config_path.is_file() else {}).get("quantization_config")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "quark":
         return False
+    if any(config.get(key) for key in MOE_EXPERT_COUNT_KEYS):
+        return True
     layer_configs = [quantization.get("global_quant_config") or {}, *(quantization.get("layer_quant_config") or {}).values()]
     return any(quark_stages((config or {}).get(tensor))[1] is not None
                for config in layer_configs for tensor in ("weight", "input_tensors"))

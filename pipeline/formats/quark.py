@@ -7,6 +7,7 @@ The config names dtypes and qschemes in Quark's vocabulary (`global_quant_config
 
 from __future__ import annotations
 
+from pipeline import layers
 from pipeline.formats.base import Claim, FormatError, LayerTensors, cdiv, standard_scale_shapes
 from pipeline.schemes import (
     QUARK_DTYPE, STORED_BLOCK_SCALE_DTYPE, STORED_WEIGHT_DTYPE, WEIGHT_BITS, SchemeSpec, block_scale_of, get_scheme,
@@ -56,10 +57,16 @@ def check_config(scheme: SchemeSpec, quantization: dict) -> list[str]:
     problems = []
     if quantization.get("quant_method") != "quark":
         problems.append(f"quant_method is {quantization.get('quant_method')!r}, expected 'quark'")
-    global_config = quantization.get("global_quant_config") or {}
-    problems += _tensor_problems("weight", global_config.get("weight"), scheme.weight_dtype, scheme.weight_granularity,
-                                 scheme, scheme.weight_symmetric)
-    activation = global_config.get("input_tensors")
+    return problems + layer_config_problems(scheme, quantization.get("global_quant_config") or {})
+
+
+def layer_config_problems(scheme: SchemeSpec, layer_config: dict) -> list[str]:
+    """Problems in one of the config's layer entries (global_quant_config, a layer_quant_config value)."""
+    problems = _tensor_problems("weight", layer_config.get("weight"), scheme.weight_dtype, scheme.weight_granularity,
+                                scheme, scheme.weight_symmetric)
+    if scheme.progressive and not (isinstance(layer_config.get("weight"), list) and len(layer_config["weight"]) == 2):
+        problems.append("weight is not quantized in two steps (FP8, then INT4), as int4_fp8 is")
+    activation = layer_config.get("input_tensors")
     if scheme.weight_only:
         if activation:
             problems.append("activations are quantized, but the scheme is weight-only")
@@ -71,6 +78,21 @@ def check_config(scheme: SchemeSpec, quantization: dict) -> list[str]:
         if bool((quark_stages(activation)[0] or {}).get("is_dynamic")) == scheme.activation_static:
             wanted = "static" if scheme.activation_static else "dynamic"
             problems.append(f"activation quantization is not {wanted}")
+    return problems
+
+
+def check_layer_configs(overrides: dict[str, SchemeSpec], quantization: dict) -> list[str]:
+    """Each layer the recipe's `layers:` gives its own scheme must have a layer_quant_config entry (its name, or a
+    glob Quark kept as written) that says that scheme: INT4 tensors under an entry that says FP8 are mislabelled."""
+    entries = quantization.get("layer_quant_config") or {}
+    problems = []
+    for layer, scheme in overrides.items():
+        key = layer if layer in entries else next((key for key in entries if layers.matches(layer, key)), None)
+        if key is None:
+            problems.append(f"{layer}: the recipe gives it {scheme.name}, but layer_quant_config has no entry for it")
+            continue
+        problems += [f"layer_quant_config[{key!r}]: {problem} (for {scheme.name})"
+                     for problem in layer_config_problems(scheme, entries[key] or {})]
     return problems
 
 
@@ -113,6 +135,8 @@ class QuarkAdapter:
     def layer_tensors(self, scheme: SchemeSpec, quantization_config: dict, out_features: int, in_features: int) -> LayerTensors:
         if scheme.weight_granularity == "per_block":
             return block_layer_tensors(scheme, out_features, in_features)
+        if scheme.progressive:
+            return progressive_layer_tensors(scheme, out_features, in_features)
         shapes, wanted = standard_scale_shapes(scheme, out_features, in_features)
         return LayerTensors(
             weight="weight", weight_dtype=STORED_WEIGHT_DTYPE[scheme.weight_dtype], weight_shape=None,
@@ -122,6 +146,18 @@ class QuarkAdapter:
 
     def kv_cache_problems(self, kv_cache, quantization_config, exported, linear_layers) -> list[str]:
         return check_kv_cache(kv_cache, quantization_config, exported, linear_layers)
+
+
+def progressive_layer_tensors(scheme: SchemeSpec, out_features: int, in_features: int) -> LayerTensors:
+    """int4_fp8 (W4A8) as Quark exports it and vLLM's QuarkW4A8Fp8MoEMethod loads it: INT4 codes packed eight to an
+    int32, `weight_scale` the first step's one FP8 tensor scale, `weight_scale_2` the INT4 step's scale per
+    output row (measured on the synthetic Mixtral and Qwen3-MoE: [] and [rows], float32)."""
+    return LayerTensors(
+        weight="weight", weight_dtype=STORED_WEIGHT_DTYPE[scheme.weight_dtype],
+        weight_shape=(out_features, cdiv(in_features * WEIGHT_BITS[scheme.weight_dtype], 32)),
+        scale="weight_scale", scale_shapes=((), (1,)), scale_wanted="one FP8 step scale (weight_scale_2: one per row)",
+        required=("weight_scale_2",),
+    )
 
 
 def block_layer_tensors(scheme: SchemeSpec, out_features: int, in_features: int) -> LayerTensors:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import moe
 from pipeline.recipe import Recipe
 
 # Tokenizer and generation files copied from the base model when the exporter leaves them out.
@@ -21,7 +22,8 @@ def export(recipe: Recipe, model, base_model_dir: Path, out_dir: Path) -> dict:
     from quark.torch import export_safetensors
 
     export_safetensors(model, str(out_dir), custom_mode="quark")
-    return finish_export(recipe, base_model_dir, out_dir)
+    renamed = moe.rename_export(out_dir, model.config.model_type)  # the checkpoint's names (pipeline/moe.py)
+    return finish_export(recipe, base_model_dir, out_dir) | ({"renamed_to_checkpoint_names": renamed} if renamed else {})
 
 
 def finish_export(recipe: Recipe, base_model_dir: Path, out_dir: Path) -> dict:

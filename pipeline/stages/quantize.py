@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import layers
+from pipeline import layers, moe
 from pipeline.recipe import ALGORITHMS, Recipe
 from pipeline.schemes import SchemeSpec
 from pipeline.stages.calibrate import load_token_batches
@@ -188,21 +188,35 @@ class ResolvedConfig:
     linear_names: list[str]
     excluded: list[str]
     overrides: dict[str, SchemeSpec]
+    model_type: str = ""
+
+    def checkpoint_name(self, name: str) -> str:
+        """A module's name in the checkpoint and the export (pipeline/moe.py): what quantize.json records."""
+        return moe.checkpoint_name(self.model_type, name)
 
 
 def resolve_config(recipe: Recipe, model) -> ResolvedConfig:
     """From the model's module names alone (works on a meta-device skeleton too)."""
     linear_names = linear_layer_names(model)
-    excluded = layers.select(linear_names, recipe.quantization.exclude)
-    overrides = layer_overrides(recipe, linear_names, excluded)
-    config = build_quark_config(recipe, model.config.model_type, excluded, overrides)
-    return ResolvedConfig(config, linear_names, excluded, overrides)
+    # Patterns speak the checkpoint's names (validate, plan and verify read those); an unfused MoE model's
+    # modules may be named otherwise (pipeline/moe.py): matched by their checkpoint name, configured by their own.
+    model_type = model.config.model_type
+    by_checkpoint_name = {moe.checkpoint_name(model_type, name): name for name in linear_names}
+    checkpoint_names = list(by_checkpoint_name)
+    excluded_names = layers.select(checkpoint_names, recipe.quantization.kept)
+    excluded = [by_checkpoint_name[name] for name in excluded_names]
+    overrides = {by_checkpoint_name[name]: scheme
+                 for name, scheme in layer_overrides(recipe, checkpoint_names, excluded_names).items()}
+    config = build_quark_config(recipe, model_type, excluded, overrides)
+    return ResolvedConfig(config, linear_names, excluded, overrides, model_type)
 
 
 def write_summary(recipe: Recipe, resolved: ResolvedConfig, calibration_batches: int, out_dir: Path,
                   extra: dict | None = None) -> dict:
     """quantize.json (what was quantized how) and quark_config.txt; returns the summary."""
-    linear_names, excluded, overrides = resolved.linear_names, resolved.excluded, resolved.overrides
+    rename = resolved.checkpoint_name
+    linear_names, excluded = [rename(name) for name in resolved.linear_names], [rename(name) for name in resolved.excluded]
+    overrides = {rename(name): scheme for name, scheme in resolved.overrides.items()}
     summary = {
         "scheme": recipe.scheme.name,
         "quark_scheme": quark_scheme_name(recipe.scheme),
@@ -285,8 +299,9 @@ def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out
         **device_placement(parsed, device),
     )
     model.eval()
+    unfused = moe.unfuse_experts(model)  # fused MoE experts -> one linear each, so that Quark quantizes them
     model, quantizer, summary = quantize(parsed, model, token_batches, Path(out_dirs["quantize"]),
-                                         extra={"mode": mode, "mode_reason": reason})
+                                         extra={"mode": mode, "mode_reason": reason, "unfused_expert_modules": unfused})
     records["quantize"] = {"summary": summary, "wall_s": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()}
 
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline import formats, layers
 from pipeline.errors import VerifyFailed
 from pipeline.formats import FormatAdapter, LayerTensors
+from pipeline.formats.quark import check_layer_configs
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import folder_size, read_folder
 from pipeline.schemes import SchemeSpec
@@ -194,10 +195,12 @@ def verify(
     quantization = _quantization_config(config) or {}
     adapter = formats.ADAPTERS.get(quantization.get("quant_method"), formats.ADAPTERS["quark"])
     tensor_problems, checked, expectations = check_tensors(
-        scheme, exported, base, linear_layers, recipe.quantization.exclude, layer_overrides, adapter, quantization,
+        scheme, exported, base, linear_layers, recipe.quantization.kept, layer_overrides, adapter, quantization,
     )
     problems += tensor_problems
-    problems += check_uncovered_weights(exported, linear_layers, recipe.quantization.exclude)
+    if adapter.quant_method == "quark" and layer_overrides:
+        problems += check_layer_configs(layer_overrides, quantization)
+    problems += check_uncovered_weights(exported, linear_layers, recipe.quantization.kept)
     problems += check_values(model_dir, expectations)
     problems += check_kv_cache(recipe.quantization.kv_cache, config, exported, linear_layers)
     if checked == 0:
@@ -209,7 +212,7 @@ def verify(
         "scheme": scheme.name,
         "kv_cache": recipe.quantization.kv_cache,
         "quantized_layers_checked": checked,
-        "excluded_layers": layers.select(linear_layers, recipe.quantization.exclude),
+        "excluded_layers": layers.select(linear_layers, recipe.quantization.kept),
         "export_size_bytes": folder_size(model_dir),
         "base_size_bytes": folder_size(base_model_dir),
         "size_ratio": round(size_ratio, 4),
