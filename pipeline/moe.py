@@ -37,11 +37,44 @@ CHECKPOINT_RENAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+# The reverse, for Quark's importer (its model's `_checkpoint_conversion_mapping`: regex -> replacement, the
+# first that matches a name applies), so that the transformers engine loads a renamed export.
+IMPORT_RENAMES: dict[str, dict[str, str]] = {
+    "mixtral": {
+        r"\.block_sparse_moe\.experts\.(\d+)\.w1\.": r".mlp.experts.\1.gate_proj.",
+        r"\.block_sparse_moe\.experts\.(\d+)\.w3\.": r".mlp.experts.\1.up_proj.",
+        r"\.block_sparse_moe\.experts\.(\d+)\.w2\.": r".mlp.experts.\1.down_proj.",
+        r"\.block_sparse_moe\.gate\.": r".mlp.gate.",
+    },
+}
+
 
 def checkpoint_name(model_type: str, name: str) -> str:
     for pattern, replacement in CHECKPOINT_RENAMES.get(model_type, []):
         name = re.sub(pattern, replacement, name)
     return name
+
+
+def live_name(model_type: str, name: str) -> str:
+    """The transformers-5 module name of a checkpoint name (IMPORT_RENAMES, the first that matches)."""
+    for pattern, replacement in IMPORT_RENAMES.get(model_type, {}).items():
+        renamed = re.sub(pattern, replacement, name + ".")
+        if renamed != name + ".":
+            return renamed[:-1]
+    return name
+
+
+def live_quantization_config(model_type: str, quantization: dict) -> dict:
+    """An export's quantization_config with its layer names (exclude, layer_quant_config keys) as Quark's importer
+    finds the modules: the reverse of rename_export's config step."""
+    quantization = dict(quantization)
+    for key in ("exclude", "ignore"):
+        if isinstance(quantization.get(key), list):
+            quantization[key] = [live_name(model_type, name) for name in quantization[key]]
+    if isinstance(quantization.get("layer_quant_config"), dict):
+        quantization["layer_quant_config"] = {live_name(model_type, name): value
+                                              for name, value in quantization["layer_quant_config"].items()}
+    return quantization
 
 
 def unfuse_experts(model) -> int:

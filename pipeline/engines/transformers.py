@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from pipeline.engine import EngineOptions
 from pipeline.engines.base import Generation
-from pipeline.moe import MOE_EXPERT_COUNT_KEYS
+from pipeline.moe import IMPORT_RENAMES, MOE_EXPERT_COUNT_KEYS, live_quantization_config
 from pipeline.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
@@ -37,8 +38,24 @@ class TransformersEngine:
     def _load_model(self, auto_class, model_dir: str, dtype):
         if needs_quark_importer(model_dir):
             from quark.torch import import_model_from_safetensors
+            from quark.torch.utils.llm.model_preparation import create_model_skeleton
 
-            return import_model_from_safetensors(None, model_dir, device=self.options.device).to(dtype)
+            skeleton = create_model_skeleton(model_dir=model_dir)
+            model_type = skeleton.config.model_type
+            if model_type not in IMPORT_RENAMES:
+                return import_model_from_safetensors(skeleton, model_dir).to(self.options.device).to(dtype)
+            # An export named as the checkpoint (pipeline/moe.py): Quark's importer maps the tensor names back
+            # through the model's conversion mapping, and reads a config whose layer names are the modules'.
+            skeleton._checkpoint_conversion_mapping = IMPORT_RENAMES[model_type]
+            with tempfile.TemporaryDirectory(prefix="qp-import-") as view:
+                for path in Path(model_dir).iterdir():
+                    (Path(view) / path.name).symlink_to(path.resolve())
+                config = json.loads((Path(model_dir) / "config.json").read_text())
+                config["quantization_config"] = live_quantization_config(model_type, config["quantization_config"])
+                (Path(view) / "config.json").unlink()
+                (Path(view) / "config.json").write_text(json.dumps(config))
+                model = import_model_from_safetensors(skeleton, view)
+            return model.to(self.options.device).to(dtype)
         return auto_class.from_pretrained(model_dir, dtype=dtype).to(self.options.device)
 
 
