@@ -246,6 +246,12 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool, settings: tuple
     click.echo("stages: " + " -> ".join(result.stages))
     for scheme, count in sorted(result.counts.items()):
         click.echo(f"  {count:5d} layers: {scheme}")
+    if result.moe is not None:
+        moe = result.moe
+        schemes_of_experts = ", ".join(f"{count} {scheme}" for scheme, count in sorted(moe["expert_schemes"].items()))
+        click.echo(f"MoE: {moe['experts_per_layer']} experts a layer; expert layers: {schemes_of_experts}; "
+                   f"routers: {moe['routers_kept']} of {moe['routers']} kept in the model dtype "
+                   f"(quantization.keep_routers: {str(moe['keep_routers']).lower()})")
     click.echo(f"export size: {result.export_size_bytes / gib:.1f} GiB "
                f"({result.export_size_bytes / result.base_size_bytes:.2f} of {result.base_size_bytes / gib:.1f} GiB base)")
     click.echo(f"quantize on {result.device}, mode {result.mode} ({result.mode_reason})")
@@ -516,6 +522,9 @@ def schemes() -> None:
                       *cells(lambda engine, name=name: compat.support(name, engine)))
     for (quant_method, name), entries in compat.FORMAT_SUPPORT.items():
         table.add_row(f"{quant_method} {compat.FORMAT_NAMES[quant_method][name]}", get_scheme(name).description,
+                      *cells(lambda engine, entries=entries: entries[engine]))
+    for name, entries in compat.MOE_EXPERT_SUPPORT.items():
+        table.add_row(f"{name} (MoE experts)", get_scheme(name).description + "; on an MoE model's experts",
                       *cells(lambda engine, entries=entries: entries[engine]))
     for kv_cache in compat.KV_CACHE_SUPPORT:
         table.add_row(f"kv_cache: {kv_cache}", "Quark kv_cache_group: fp8 scales on k_proj/v_proj outputs; "

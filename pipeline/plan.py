@@ -44,6 +44,8 @@ class Plan:
     mode_reason: str = ""
     quantize_peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # mode -> {"host", "device"} bytes
     host_budget_bytes: int = 0
+    # MoE models: {"experts_per_layer", "expert_schemes": {scheme: layers}, "routers": n, "routers_kept": n}
+    moe: dict | None = None
 
     @property
     def counts(self) -> Counter:
@@ -285,7 +287,21 @@ def make_plan(recipe: Recipe, config_path: Path, *, device: str | None = None, h
         mode_reason=mode_reason,
         quantize_peaks=peaks,
         host_budget_bytes=budget,
+        moe=_moe_summary(recipe, model, layer_schemes) if model.experts else None,
     )
+
+
+def _moe_summary(recipe: Recipe, model: MetaModel, layer_schemes: dict[str, str | None]) -> dict:
+    """What an MoE plan says of the experts and the routers (kept unless quantization.keep_routers is false)."""
+    experts = [name for name in layer_schemes if ".experts." in name]
+    routers = layers.select(list(layer_schemes), [moe.ROUTER_PATTERN])
+    return {
+        "experts_per_layer": model.experts,
+        "expert_schemes": dict(Counter(layer_schemes[name] or "kept in model dtype" for name in experts)),
+        "routers": len(routers),
+        "routers_kept": sum(layer_schemes[name] is None for name in routers),
+        "keep_routers": recipe.quantization.keep_routers,
+    }
 
 
 def find_model_config(recipe: Recipe, explicit: Path | None) -> Path | None:
@@ -332,6 +348,7 @@ def summary(plan: Plan) -> dict:
         "host_memory_budget_bytes": plan.host_budget_bytes,
         "engines": {name: vars(entry) for name, entry in plan.engines.items()},
         "installed_engine": plan.installed_engine,
+        "moe": plan.moe,
     }
 
 

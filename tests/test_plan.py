@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -138,3 +139,32 @@ def test_shards_vllm_fuses_must_share_one_scheme(tmp_path, fused_model):
     whole_groups = _layers_recipe(tmp_path, fused_model, exclude=", 're:.*(gate|up)_proj'",
                                   overrides=", layers: {'re:.*[qkv]_proj': int4_wo_64}")
     assert checks.model_problems(whole_groups, fused_model) == []
+
+
+@pytest.mark.slow  # builds two of the largest open MoE models on the meta device (~25 s)
+@pytest.mark.parametrize(("config", "experts", "layers", "routers"), [
+    ("qwen3-235b-a22b", 128, 94, 94),
+    ("deepseek-v3", 256, 61, 58),  # its first 3 layers are dense
+])
+def test_plan_of_the_largest_moe_configs_offline_prints_experts_routers_and_streaming_peak(config, experts, layers,
+                                                                                           routers):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "plan", "recipes/mixtral-int4-fp8.yaml", "--json",
+         "--model-config", str(CONFIGS / config / "config.json")],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    moe = result["moe"]
+    assert moe["experts_per_layer"] == experts
+    assert moe["expert_schemes"] == {"int4_fp8": routers * experts * 3}  # one layer per expert projection
+    assert moe["routers"] == moe["routers_kept"] == routers and moe["keep_routers"]
+    assert result["quantize_mode"] == "in_memory" and "MoE model" in result["quantize_mode_reason"]
+    assert 0 < result["quantize_peaks_bytes"]["streaming"]["host"] < result["quantize_peaks_bytes"]["in_memory"]["host"]
+    printed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "plan", "recipes/mixtral-int4-fp8.yaml",
+         "--model-config", str(CONFIGS / config / "config.json")], capture_output=True, text=True, cwd=REPO, timeout=300,
+    ).stdout
+    assert f"MoE: {experts} experts a layer; expert layers: {routers * experts * 3} int4_fp8; routers: {routers} of " \
+           f"{routers} kept in the model dtype" in printed
+    assert "streaming peak memory (estimate)" in printed
