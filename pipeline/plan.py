@@ -61,13 +61,17 @@ def engine_support(recipe: Recipe, layer_schemes: dict[str, str | None], engine:
     verdict = compat.Support(True, "", compat.MEASURED)
     for scheme in sorted(set(filter(None, layer_schemes.values()))):
         names = [name for name, assigned in layer_schemes.items() if assigned == scheme]
-        experts_only = all(is_expert_layer(name) for name in names)
-        entry = compat.support(scheme, engine, moe_experts_only=experts_only)
-        if not entry.supported:
-            return compat.Support(False, f"{scheme}: {entry.reason}", entry.source)
-        if entry.source != compat.MEASURED:
-            verdict = compat.Support(True, "", entry.source)
-        verdict = compat.Support(True, "; ".join(filter(None, [verdict.reason, f"{scheme}: {entry.reason}"])), verdict.source)
+        experts = sum(is_expert_layer(name) for name in names)
+        # MoE expert layers have kernels of their own (compat.MOE_EXPERT_SUPPORT): both kinds must be served.
+        entries = ([compat.support(scheme, engine)] if experts < len(names) else []) + (
+            [compat.support(scheme, engine, moe_experts_only=True)] if experts else [])
+        for entry in entries:
+            if not entry.supported:
+                return compat.Support(False, f"{scheme}: {entry.reason}", entry.source)
+            if entry.source != compat.MEASURED:
+                verdict = compat.Support(True, "", entry.source)
+            verdict = compat.Support(True, "; ".join(filter(None, [verdict.reason, f"{scheme}: {entry.reason}"])),
+                                     verdict.source)
     kv_cache = recipe.quantization.kv_cache
     if kv_cache is not None:
         entry = compat.kv_cache_support(kv_cache, engine)

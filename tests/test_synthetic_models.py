@@ -67,8 +67,10 @@ def test_llama_entries_keep_their_config():
     assert SHAPES["135m"] == LLAMA_135M
     config = make_config("135m")
     assert type(config) is LlamaConfig
-    assert config.to_dict() == LlamaConfig(**LLAMA_135M, max_position_embeddings=4096,
-                                           torch_dtype="bfloat16").to_dict()
+    assert config.to_dict() == LlamaConfig(**LLAMA_135M, max_position_embeddings=4096, torch_dtype="bfloat16",
+                                           architectures=["LlamaForCausalLM"]).to_dict()
+    # Every shape names its causal-LM class, as the Hub's configs do (vLLM picks its model class from it).
+    assert make_config("mixtral-tiny").architectures == ["MixtralForCausalLM"]
 
 
 def test_tokenizer_files_are_copied(tmp_path):
