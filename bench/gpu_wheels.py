@@ -4,7 +4,8 @@ Those machines have no network; packages travel as wheels in the working tree (6
 already holds torch, transformers, accelerate, safetensors, numpy, pandas, pyarrow, scikit-learn and more
 (the device library's KINDS.md, read 2026-11-17: `ALREADY_THERE` below); this downloads what this project
 needs beyond that, each at the version installed here (the tested stack), following every wheel's own
-requirements, and builds this project's wheel. It prints each wheel's size and fails above the limit.
+requirements, builds this project's wheel, and copies the default model's tokenizer files (tokenizer/, for
+bench/gpu_check.py --model synthetic:135m). It prints each size and fails above the limit.
 
     python bench/gpu_wheels.py [--dest .whl]
 """
@@ -127,7 +128,8 @@ def main(dest: Path) -> None:
     for wheel in sorted(dest.glob("*.whl")):
         total += wheel.stat().st_size
         click.echo(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
-    click.echo(f"{total / 2**20:7.2f} MiB in {len(list(dest.glob('*.whl')))} wheels (limit {LIMIT_BYTES / 2**20:.0f} MiB a call)")
+    click.echo(f"{total / 2**20:7.2f} MiB in {len(list(dest.glob('*.whl')))} wheels and the tokenizer "
+               f"(limit {LIMIT_BYTES / 2**20:.0f} MiB a call)")
     if total > LIMIT_BYTES:
         raise SystemExit(f"error: {dest}: {total / 2**20:.1f} MiB of wheels, over the {LIMIT_BYTES / 2**20:.0f} MiB a call carries")
 
