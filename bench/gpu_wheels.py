@@ -88,13 +88,10 @@ def download(name: str, dest: Path) -> Path:
                                             if normalized(path.name.split("-")[0]) == normalized(name))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
 def copy_tokenizer(folder: Path) -> Path:
     """The default model's tokenizer files (3.5 MiB): the GPU machines lack the default model (its GGUF is 98 MB,
     over a call's 64 MiB), so the GPU check writes a synthetic 135M-shaped checkpoint there and uses these."""
-    import shutil
+    from synthetic_llama import copy_tokenizer as copy_tokenizer_files
 
     from pipeline.recipe import load_recipe
     from pipeline.runner import resolve_base_model
@@ -102,9 +99,7 @@ def copy_tokenizer(folder: Path) -> Path:
     model_dir = resolve_base_model(load_recipe(REPO / "recipes" / "smollm2-135m-int8.yaml"), folder.parent / "model.log",
                                    say=click.echo)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(model_dir) / name).is_file():
-            shutil.copyfile(Path(model_dir) / name, folder / name)
+    copy_tokenizer_files(Path(model_dir), folder)
     return folder
 
 
