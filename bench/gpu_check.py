@@ -39,12 +39,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), os.environ.
 GIB = 2**30
 PLAN_TOLERANCE = 0.25
 # Small sizes: the check compares devices, it does not decide a verdict. 8 calibration rows of 128 tokens (the
-# streaming-equality tests'); the gate's workloads of CI's slow tests (tests/ci_recipes.py: 20 questions, 20 and
-# 16 paragraphs, one prompt of 8 new tokens, first round only), so that in CI the base model's figures come
-# from the cache those tests fill; no base perplexity of the completions (one more engine start).
+# streaming-equality tests'). Evaluation on GPUs: the gate's workloads of CI's slow tests (tests/ci_recipes.py: 20
+# questions, 20 and 16 paragraphs, one prompt of 8 new tokens, first round only). At the CPU sizes (the run CI
+# makes): the transformers fallback tests' workloads (10 questions, 6 and 4 paragraphs, 4 new tokens, eager), so
+# that in CI the base model's transformers figures come from the cache those tests fill. No base perplexity of the
+# completions (one more engine start).
 CALIBRATION = {"samples": 8, "max_seq_len": 128}
-EVALUATION = {"limit": 20, "max_limit": 20, "perplexity_limit": 20, "divergence_limit": 16,
-              "prompts": ["The capital of France is"], "max_new_tokens": 8}
+EVALUATION = {
+    "cuda": {"limit": 20, "max_limit": 20, "perplexity_limit": 20, "divergence_limit": 16,
+             "prompts": ["The capital of France is"], "max_new_tokens": 8},
+    "cpu": {"limit": 10, "max_limit": 10, "perplexity_limit": 6, "divergence_limit": 4,
+            "prompts": ["The capital of France is"], "max_new_tokens": 4, "enforce_eager": True},
+}
 GATES = {"garbage_max_completion_perplexity": None}
 SYNTHETIC_SHAPE = {"cuda": "8b", "cpu": "135m-4layers"}
 
@@ -60,11 +66,13 @@ def check(step: str, condition: bool, message: str) -> None:
         raise StepFailed(step, message)
 
 
-def recipe_dict(name: str, model_source: str, mode: str, device: str, dtype: str = "auto") -> dict:
+def recipe_dict(name: str, model_source: str, mode: str, device: str, dtype: str = "auto",
+                sizes: str = "cuda") -> dict:
+    """sizes: the evaluation workload, "cuda" or "cpu" (the check's device: its CPU reference runs at its sizes)."""
     return {"name": name, "model": {"source": model_source, "dtype": dtype}, "calibration": dict(CALIBRATION),
             "quantization": {"scheme": "fp8", "exclude": ["lm_head"], "mode": mode},
             "resources": {"device": device},
-            "evaluation": {"engine": "transformers", **EVALUATION}, "gates": dict(GATES)}
+            "evaluation": {"engine": "transformers", **EVALUATION[sizes]}, "gates": dict(GATES)}
 
 
 def quantize_job(recipe: dict, model_dir: str, calibrate_dir: str, out_root: str, device: str,
@@ -257,7 +265,7 @@ class Check:
         recipe_path = self.work / f"check-{label}.yaml"
         import yaml
 
-        recipe = recipe_dict("gpu-check", self.model, "streaming", device, self.dtype)
+        recipe = recipe_dict("gpu-check", self.model, "streaming", device, self.dtype, sizes=self.device)
         recipe_path.write_text(yaml.safe_dump(recipe))
         out = self.work / f"check-{label}"
         shutil.rmtree(out, ignore_errors=True)

@@ -51,8 +51,9 @@ def test_lm_eval_builds_each_task_offline(name, built_tasks):
 
 @pytest.mark.slow
 def test_new_tasks_score_the_base_model_per_question(tmp_path):
-    """One vLLM start, 20-50 questions of each new task: per-question 0/1 outcomes, and the tiny model
-    beats chance where it clearly should (PIQA 2 choices, HellaSwag 4)."""
+    """One vLLM start, 10-30 questions of each new task: per-question 0/1 outcomes, and the tiny model
+    beats chance where it clearly should (PIQA 2 choices, HellaSwag 4). The only CI run of these four tasks'
+    lm-eval configs through an engine (the gated runs ask ARC-Easy); sized for that, not for the accuracies."""
     from pipeline import engine
     from pipeline.recipe import Recipe
     from pipeline.runner import resolve_base_model
@@ -62,7 +63,7 @@ def test_new_tasks_score_the_base_model_per_question(tmp_path):
                                     "quantization": {"scheme": "int8_per_channel"},
                                     "evaluation": {"enforce_eager": True}})
     model_dir = resolve_base_model(recipe, tmp_path / "prepare.log", lambda line: None)
-    tasks = {"piqa": 50, "hellaswag": 50, "winogrande": 20, "boolq": 20}  # accuracy asserted on the first two only
+    tasks = {"piqa": 30, "hellaswag": 30, "winogrande": 10, "boolq": 10}  # accuracy asserted on the first two only
     result, _ = call_isolated(
         "pipeline.stages.evaluate:round_job",
         {"model_dir": str(model_dir), "tasks": tasks, "role": "base",
