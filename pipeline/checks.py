@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import compat, layers, moe
+from pipeline import compat, layers
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import read_folder
 
@@ -48,8 +48,6 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
                     "quantization.scheme", f"{scheme}: group size {group} does not divide the model's {key} {size} "
                     f"(use a group size that divides it, e.g. int4_wo_64 or int4_wo_32)",
                 ))
-    if recipe.quantization.mode == "streaming" and any(config.get(key) for key in moe.MOE_EXPERT_COUNT_KEYS):
-        problems.append(("quantization.mode", moe.MOE_STREAMING_REFUSAL))
     names = weight_layer_names(model_dir)
     tied = config.get("tie_word_embeddings") and "lm_head" not in names
     for pattern in recipe.quantization.exclude:

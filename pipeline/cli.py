@@ -214,6 +214,7 @@ def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None
     rules = [{key: rule.get(key) for key in rule_keys} for rule in report.get("rules", [])]
     return {"event": "result", "verdict": verdict, "run_dir": str(run_dir) if run_dir else None, "exit_code": exit_code,
             "published": published, "error": error, "rules": rules,
+            "quantize_warnings": report.get("quantize_warnings", []),
             **({"stopped_after": stopped_after} if stopped_after else {})}
 
 

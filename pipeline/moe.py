@@ -7,7 +7,13 @@ ModelQuantizer does not) replaces each fused module with per-expert `experts.E.{
 
 Quark's exporter then writes the live module names. For Qwen3-MoE those are the Hub checkpoint's names; for
 Mixtral the checkpoint says `block_sparse_moe.experts.E.w1/w3/w2` (vLLM's Mixtral loads that layout), so the
-export is renamed back: recipes, verify and users see the checkpoint's names throughout.
+export is renamed back: recipes, verify and users see the checkpoint's names throughout. Streaming unfuses the
+meta skeleton the same way, reads each layer's per-expert tensors under their live names and writes them under
+the checkpoint's.
+
+Static activation scales: an expert no calibration token reached keeps Quark's initial input scale (1.0), and
+vLLM serves a static FP8 MoE layer with the maximum scale across its experts; such experts get a defined scale
+(fill_uncalibrated_expert_scales), listed in quantize.json and warned about in the report.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ ROUTER_PATTERN = r"re:.*\.(mlp|block_sparse_moe)\.(gate|router|shared_expert_gat
 # config.json keys that give an MoE model's expert count (Mixtral, Qwen-MoE / gpt-oss, DeepSeek).
 MOE_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
-MOE_STREAMING_REFUSAL = ("streaming does not quantize MoE experts yet (they are unfused for Quark in memory only: "
-                         "pipeline/moe.py); use in_memory or auto")
+
+def is_moe_config(config: dict) -> bool:
+    """Whether a config.json's content describes a Mixture-of-Experts model (any expert count set)."""
+    return any(config.get(key) for key in MOE_EXPERT_COUNT_KEYS)
 
 # transformers-5 module names (experts unfused) -> the Hub checkpoint's, per model type; absent: the same.
 CHECKPOINT_RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -70,6 +78,11 @@ def live_quantization_config(model_type: str, quantization: dict) -> dict:
     return _renamed_layers(quantization, lambda name: live_name(model_type, name))
 
 
+def checkpoint_quantization_config(model_type: str, quantization: dict) -> dict:
+    """A quantization_config written with live module names, renamed to the checkpoint's (streaming's export)."""
+    return _renamed_layers(quantization, lambda name: checkpoint_name(model_type, name))
+
+
 def _renamed_layers(quantization: dict, rename) -> dict:
     """A quantization_config whose layer names (exclude/ignore lists, layer_quant_config keys) went through rename."""
     quantization = dict(quantization)
@@ -91,6 +104,54 @@ def unfuse_experts(model) -> int:
     if fused:
         preprocess_for_quantization(model)
     return fused
+
+
+# An expert's static input quantizer, by its live module name: (the layer's experts, expert index, projection).
+_EXPERT_INPUT_QUANTIZER = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<projection>[^.]+)\._input_quantizer$")
+
+UNCALIBRATED_EXPERT_SCALE = (
+    "the largest input scale of the same projection among the layer's experts that received tokens: vLLM's "
+    "static FP8 MoE methods serve a layer with one input scale, the maximum across its experts, so this is the "
+    "scale the expert is served with (left alone, Quark keeps its initial 1.0, which vLLM's maximum would then "
+    "impose on every expert of the layer)"
+)
+
+
+def fill_uncalibrated_expert_scales(model, model_type: str) -> dict:
+    """Experts no calibration token reached (Quark counts each static input quantizer's observed tokens) get a
+    defined input scale (UNCALIBRATED_EXPERT_SCALE) before freeze. Returns [{"layer", "input_scale"}] of them
+    (checkpoint names). `model`: the whole model, or a streaming layer's container named as in it."""
+    import torch
+    from quark.torch.quantization.tensor_quantize import ScaledFakeQuantize
+
+    groups: dict[tuple[str, str], list[tuple[str, object, int]]] = {}
+    for name, module in model.named_modules():
+        match = _EXPERT_INPUT_QUANTIZER.match(name)
+        if match and isinstance(module, ScaledFakeQuantize) and not module.observer.is_dynamic:
+            tokens = int(getattr(module.observer, "_num_observed_tokens", 0))
+            groups.setdefault((match["experts"], match["projection"]), []).append(
+                (name[: -len("._input_quantizer")], module, tokens))
+    filled = []
+    with torch.no_grad():
+        for (_, projection), members in sorted(groups.items()):
+            seen = [module for _, module, tokens in members if tokens > 0]
+            if not seen or len(seen) == len(members):
+                continue  # every expert calibrated, or none was (the layer saw no token at all: nothing to take)
+            donor = max(seen, key=lambda module: float(module.scale.detach().float().max()))
+            for linear, module, tokens in members:
+                if tokens == 0:
+                    module.scale.copy_(donor.scale.detach().to(module.scale.dtype).reshape(module.scale.shape))
+                    if getattr(module, "zero_point", None) is not None and getattr(donor, "zero_point", None) is not None:
+                        module.zero_point.copy_(donor.zero_point.reshape(module.zero_point.shape))
+                    filled.append({"layer": checkpoint_name(model_type, linear),
+                                   "input_scale": float(module.scale.detach().float().max())})
+    return filled
+
+
+def uncalibrated_record(filled: list[dict]) -> dict:
+    """quantize.json's `experts_without_calibration_tokens`: the experts fill_uncalibrated_expert_scales set."""
+    return {"count": len(filled), "input_scale_set_to": UNCALIBRATED_EXPERT_SCALE if filled else None,
+            "experts": filled}
 
 
 def rename_export(out_dir: Path, model_type: str) -> int:

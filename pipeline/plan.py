@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import checks, compat, layers, moe
-from pipeline.errors import RecipeError
 from pipeline.formats.base import cdiv
 from pipeline.recipe import Recipe, streaming_refusal
 from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
@@ -121,7 +120,7 @@ class MetaModel:
     largest_block_params: int  # the biggest decoder layer: what streaming holds at once
     embedding_params: int  # embeddings (and an untied lm_head): streamed at the start and the end
     hidden_size: int
-    experts: int = 0  # experts per MoE layer (0: dense); MoE models quantize in memory (pipeline/moe.py)
+    experts: int = 0  # experts per MoE layer (0: dense); a layer of experts is streaming's unit (largest_block_params)
 
 
 def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
@@ -205,16 +204,12 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
 
 
 def choose_mode(recipe: Recipe, peaks: dict[str, dict[str, int]], budget: int, device: str,
-                device_budget: int | None, experts: int = 0) -> tuple[str, str]:
+                device_budget: int | None) -> tuple[str, str]:
     """(mode, why): the recipe's mode, or for auto streaming unless in-memory is known to fit.
 
     device_budget: the accelerators' memory in all (None: not known, e.g. planning without the GPUs)."""
     gib = 2**30
     requested = recipe.quantization.mode
-    if experts and requested == "streaming":
-        raise RecipeError("recipe", "quantization.mode", moe.MOE_STREAMING_REFUSAL)
-    if experts:
-        return "in_memory", f"MoE model ({experts} experts a layer): streaming does not quantize MoE experts yet"
     if requested != "auto":
         return requested, "as the recipe asks"
     host, on_device = peaks["in_memory"]["host"], peaks["in_memory"]["device"]
@@ -277,7 +272,7 @@ def make_plan(recipe: Recipe, config_path: Path, *, device: str | None = None, h
     budget = host_budget if host_budget is not None else devices.host_memory_budget_bytes(recipe)
     if device_budget is None and device != "cpu":
         device_budget = accelerator_budget(recipe, devices.accelerators())
-    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget, model.experts)
+    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget)
     return Plan(
         stages=stages,
         layer_schemes=layer_schemes,

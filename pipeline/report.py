@@ -48,6 +48,8 @@ def render_markdown(report: dict, plot_link: str = ACCURACY_PLOT) -> str:
         "",
         f"Scheme `{report['scheme']}`. Engine: {report.get('engine', {}).get('label', 'vllm')}.",
         "",
+        *[f"**WARNING (quantize)**: {warning}" for warning in report.get("quantize_warnings", [])],
+        *([""] if report.get("quantize_warnings") else []),
         "## Gate",
         "",
         "A rule measured on a sample passes when its whole interval is on the good side of the threshold,",

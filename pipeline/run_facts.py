@@ -36,6 +36,9 @@ class RunFacts:
     serve: dict  # the serve stage's figures (stages/serve.py ServingFigures as JSON, or a recorded run's)
     engine: EngineLabel
     packages: dict[str, str]
+    # What the quantize stage did that a reader must know before trusting the verdict (e.g. MoE experts no
+    # calibration token reached, and the input scale they got instead); empty for `check` of another's export.
+    quantize_warnings: tuple[str, ...] = ()
 
     def __post_init__(self):
         for key in ("completions", "peak_rss_mb"):  # what the gate reads: required here, not looked up later
@@ -51,10 +54,11 @@ class RunFacts:
         return self.serve["peak_rss_mb"]
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "quantize_warnings": list(self.quantize_warnings)}
 
     @classmethod
     def from_json(cls, data: dict) -> RunFacts:
         """A recorded run's facts (report.json's top level); a missing field raises."""
         return cls(run_dir=data["run_dir"], base_model=data["base_model"], export=ExportSize(**data["export"]),
-                   serve=data["serve"], engine=EngineLabel(**data["engine"]), packages=data["packages"])
+                   serve=data["serve"], engine=EngineLabel(**data["engine"]), packages=data["packages"],
+                   quantize_warnings=tuple(data.get("quantize_warnings", ())))  # absent in schema 2 reports

@@ -35,7 +35,7 @@ from pipeline.rundir import (
 )
 from pipeline.safetensors_header import folder_size
 from pipeline.stages import calibrate, evaluate, gate, publish, verify
-from pipeline.stages.quantize import layer_overrides
+from pipeline.stages.quantize import layer_overrides, quantize_warnings
 from pipeline.unfinished import describe, unfinished_run
 from pipeline.worker import call_isolated
 
@@ -284,7 +284,7 @@ class Run:
             run_dir=str(self.run_dir), base_model=self.manifest.base_model,
             export=ExportSize(**{key: export[key] for key in ("export_size_bytes", "base_size_bytes", "size_ratio")}),
             serve=serve, engine=EngineLabel(self.engine_choice.name, self.engine_choice.label),
-            packages=self.manifest.packages,
+            packages=self.manifest.packages, quantize_warnings=self._quantize_warnings(),
         )
         report = self._in_process("gate", lambda out: gate.gate(recipe, facts, evaluation, out))
         for name in ROOT_REPORT_FILES:
@@ -339,6 +339,11 @@ class Run:
         for stage in ("quantize", "freeze", "export"):
             record = records[stage]
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+
+    def _quantize_warnings(self) -> tuple[str, ...]:
+        """quantize.json's findings a reader of the report must see (none for `check`: no quantize stage)."""
+        summary_path = self.folder("quantize") / "quantize.json"
+        return quantize_warnings(read_json(summary_path)) if summary_path.is_file() else ()
 
     def _serve_and_evaluate(self) -> tuple[dict, dict]:
         """serve and evaluate share the export's engine load (one child): two records, kept or redone together."""

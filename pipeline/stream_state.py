@@ -58,13 +58,15 @@ class LayerState:
             finished -= 1
         return finished
 
-    def save(self, index: int, tensors: dict, hidden: list | None, frozen_quantizers: int = 0) -> None:
+    def save(self, index: int, tensors: dict, hidden: list | None, frozen_quantizers: int = 0,
+             uncalibrated_experts: list | None = None) -> None:
         from safetensors.torch import save
 
         record_path, tensors_path, hidden_path = self._paths(index)
         atomic_write_bytes(tensors_path, save({name: tensor.to("cpu").contiguous()
                                                for name, tensor in tensors.items()}))
-        record = {"tensors_sha256": sha256_file(tensors_path), "frozen_quantizers": frozen_quantizers}
+        record = {"tensors_sha256": sha256_file(tensors_path), "frozen_quantizers": frozen_quantizers,
+                  "uncalibrated_experts": uncalibrated_experts or []}
         if hidden is not None:
             atomic_write_bytes(hidden_path, save({str(batch): state.to("cpu").contiguous()
                                                   for batch, state in enumerate(hidden)}))
@@ -75,6 +77,10 @@ class LayerState:
 
     def frozen_quantizers(self, index: int) -> int:
         return read_json(self._paths(index)[0]).get("frozen_quantizers", 0)
+
+    def uncalibrated_experts(self, index: int) -> list:
+        """The layer's MoE experts no calibration token reached (moe.fill_uncalibrated_expert_scales)."""
+        return read_json(self._paths(index)[0]).get("uncalibrated_experts", [])
 
     def load_tensors(self, index: int) -> dict:
         from safetensors.torch import load_file

@@ -102,7 +102,7 @@ def test_default_recipe_passes_and_publishes(default_run, pristine_run_dir):
 
     # The gate compared base and quantized on the same questions, and judged the generations.
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["verdict"] == "pass" and report["schema_version"] == 2
+    assert report["verdict"] == "pass" and report["schema_version"] == 3 and report["quantize_warnings"] == []
     arc = report["evaluation"]["tasks"]["arc_easy"]
     assert arc["base"]["samples"] == arc["quantized"]["samples"] == CI_QUESTIONS
     assert arc["paired"]["questions"] == CI_QUESTIONS and arc["paired"]["drop_ci_low"] <= arc["paired"]["accuracy_drop"]

@@ -69,7 +69,7 @@ def test_run_json_prints_only_json_with_a_result_event(tmp_path):
     assert done.returncode == 2
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events == [{"event": "result", "verdict": "not reached", "run_dir": None, "exit_code": 2, "published": None,
-                       "error": events[0]["error"], "rules": []}]
+                       "error": events[0]["error"], "rules": [], "quantize_warnings": []}]
     assert "quantization.scheme" in events[0]["error"] and "quantization.scheme" in done.stderr
 
 

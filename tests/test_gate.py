@@ -280,3 +280,21 @@ def test_run_facts_missing_a_field_fail_where_they_are_built():
         RunFacts.from_json({**facts, "serve": {"completions": []}})
     with pytest.raises(TypeError):
         RunFacts.from_json({**facts, "export": {"size_ratio": 0.6}})
+
+
+def test_quantize_warnings_reach_report_json_and_md_and_older_reports_still_load(tmp_path):
+    import dataclasses
+
+    warning = "3 MoE expert layers received no calibration token (...): their static input scale is ..."
+    facts = dataclasses.replace(_facts(), quantize_warnings=(warning,))
+    report = _gate(_recipe(min_recovery=0.90, max_perplexity_ratio=1.10), facts, _evaluation(), tmp_path)
+    assert report["quantize_warnings"] == [warning] and report["verdict"] == "pass"  # flagged, not a gate rule
+    markdown = (tmp_path / "gate" / "report.md").read_text()
+    assert f"**WARNING (quantize)**: {warning}" in markdown
+    assert markdown.index("WARNING (quantize)") < markdown.index("## Gate")
+    assert RunFacts.from_json(report) == facts
+    schema_2 = {key: value for key, value in _facts().to_json().items() if key != "quantize_warnings"}
+    assert RunFacts.from_json(schema_2).quantize_warnings == ()
+    (tmp_path / "plain").mkdir()
+    assert _gate(_recipe(), _facts(), _evaluation(), tmp_path / "plain")["quantize_warnings"] == []
+    assert "WARNING" not in (tmp_path / "plain" / "gate" / "report.md").read_text()

@@ -1,9 +1,11 @@
 """Mixture-of-Experts for real, on synthetic checkpoints in the Hub's layout (bench/synthetic_llama.py: random
 weights, published configs cut to 4 layers, the default model's tokenizer): the shipped mixtral-int4-fp8 recipe at
-CI size through `run` (INT4 experts, FP8 attention, routers kept; the transformers fallback evaluates it here), a
-Qwen3-MoE through verify, and verify failing a mislabelled export and one whose experts stayed BF16.
+CI size through `run` (INT4 experts, FP8 attention, routers kept; the transformers fallback evaluates it here) and
+in streaming mode (equal to in memory), a Qwen3-MoE through verify in int4_fp8 and in fp8 with most experts
+reached by no calibration token (in memory and streaming, equal), and verify failing a mislabelled export and
+one whose experts stayed BF16.
 
-Slow: two quantizations of ~40M-parameter models and one evaluation by Quark's emulation (~3 min here).
+Slow: five quantizations of ~40M-parameter models and one evaluation by Quark's emulation (~4 min here).
 """
 
 from __future__ import annotations
@@ -95,7 +97,11 @@ def test_the_shipped_mixtral_int4_fp8_recipe_runs_with_int4_experts(mixtral_run)
     assert verify["passed"] and verify["quantized_layers_checked"] == LAYERS * (MIXTRAL_EXPERTS * 3 + 4)
     quantize = json.loads((run_dir / "quantize" / "quantize.json").read_text())
     assert quantize["unfused_expert_modules"] == LAYERS and quantize["mode"] == "in_memory"
-    assert "MoE model (8 experts a layer)" in quantize["mode_reason"]
+    assert "in-memory peak" in quantize["mode_reason"]  # auto: the tiny model fits (streaming: the test below)
+    # 8 x 128 calibration tokens reach all 8 experts of each layer (top-2): nothing to flag, and nothing flagged.
+    assert quantize["experts_without_calibration_tokens"]["count"] == 0 and report["quantize_warnings"] == []
+    result = json.loads(completed.stdout.splitlines()[-1])
+    assert result["event"] == "result" and result["quantize_warnings"] == []
 
 
 def _verify(recipe_path: Path, base: Path, export: Path, out: Path) -> dict:
@@ -162,16 +168,84 @@ def test_qwen3_moe_int4_fp8_experts_and_kept_routers_through_verify(models, tmp_
     assert all(exported[f"model.layers.{i}.mlp.gate.weight"]["dtype"] == "BF16" for i in range(LAYERS))
 
 
+def test_static_fp8_experts_no_token_reached_get_the_layers_largest_scale_and_a_warning(models, tmp_path):
+    """fp8 (static input scales) on the Qwen3-MoE calibrated with one row of 16 tokens: 4 of 16 experts a token,
+    so most experts see none. Measured before this fix: Quark left their input scale at its initial 1.0 and
+    verify passed; vLLM serves a layer with the maximum input scale across its experts, so that 1.0 would have
+    quantized every expert of the layer. Now each such expert gets the largest scale of the same projection
+    among the layer's calibrated experts, listed in quantize.json and warned about in the report."""
+    from safetensors import safe_open
+
+    from pipeline.stages.quantize import quantize_warnings
+
+    recipe = _ci_copy("mixtral-int4-fp8.yaml", models["qwen3-moe-tiny"], tmp_path, scheme="fp8", layers={})
+    data = yaml.safe_load(recipe.read_text())
+    data["calibration"] |= {"samples": 1, "max_seq_len": 16}
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    completed = _run("run", str(recipe), "--until", "verify", "--output-dir", str(tmp_path / "exports"), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    run_dir = next((tmp_path / "exports").glob("*/*/manifest.json")).parent
+    assert json.loads((run_dir / "verify" / "verify.json").read_text())["passed"]
+    summary = json.loads((run_dir / "quantize" / "quantize.json").read_text())
+    uncalibrated = summary["experts_without_calibration_tokens"]
+    filled = {expert["layer"]: expert["input_scale"] for expert in uncalibrated["experts"]}
+    assert 0 < uncalibrated["count"] == len(filled) < LAYERS * QWEN_EXPERTS * 3
+    scales = {}
+    for shard in (run_dir / "model").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as tensors:
+            scales |= {name.removesuffix(".input_scale"): tensors.get_tensor(name).float().item()
+                       for name in tensors.keys() if ".mlp.experts." in name and name.endswith(".input_scale")}
+    assert len(scales) == LAYERS * QWEN_EXPERTS * 3 and all(0 < scale < 1 for scale in scales.values())
+    for layer, scale in filled.items():
+        prefix, projection = layer.rsplit(".experts.", 1)[0], layer.rsplit(".", 1)[1]
+        same = [value for name, value in scales.items() if name.startswith(prefix + ".experts.") and name.endswith(projection)]
+        assert scales[layer] == scale == max(same), layer
+    warning, = quantize_warnings(summary)
+    assert f"{uncalibrated['count']} MoE expert layers received no calibration token" in warning
+    assert "maximum across its experts" in warning
+    assert "received no calibration token" in (run_dir / "logs" / "quantize.log").read_text()
+
+    # Streaming (a decoder layer of 16 experts at a time) routes the same tokens, fills the same experts: equal.
+    from pipeline.export_equality import differences
+
+    data["quantization"]["mode"] = "streaming"
+    (streaming := tmp_path / "streaming.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    completed = _run("run", str(streaming), "--until", "verify", "--output-dir", str(tmp_path / "streamed"), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    streamed = next((tmp_path / "streamed").glob("*/*/manifest.json")).parent
+    streamed_summary = json.loads((streamed / "quantize" / "quantize.json").read_text())
+    assert streamed_summary["mode"] == "streaming"
+    assert streamed_summary["experts_without_calibration_tokens"] == uncalibrated
+    assert differences(run_dir / "model", streamed / "model") == []
+
+
 def test_patterns_naming_experts_are_refused_when_they_match_nothing(models, tmp_path):
-    """A typo'd expert pattern, and streaming an MoE model: each refused by validate in one line, naming the field."""
+    """A typo'd expert pattern: refused by validate in one line, naming the field."""
     typo = _ci_copy("mixtral-int4-fp8.yaml", models["mixtral-tiny"], tmp_path, layers={"re:.*\\.expertz\\..*": "int4_fp8"})
     completed = _run("validate", str(typo), cwd=tmp_path)
     assert completed.returncode == 2 and "quantization.layers: pattern 're:.*\\\\.expertz\\\\..*' matches no layer" \
         in completed.stderr, completed.stderr
-    (tmp_path / "stream").mkdir()
-    streaming = _ci_copy("mixtral-int4-fp8.yaml", models["mixtral-tiny"], tmp_path / "stream", mode="streaming")
-    completed = _run("validate", str(streaming), cwd=tmp_path)
-    assert completed.returncode == 2 and "quantization.mode: streaming does not quantize MoE experts yet" in completed.stderr
+
+
+def test_streaming_the_mixtral_one_layer_of_experts_at_a_time_equals_the_in_memory_export(mixtral_run, tmp_path):
+    """The shipped int4_fp8 recipe (INT4 experts, FP8 attention, static activation scales) in streaming mode:
+    each decoder layer's experts unfused on their own, calibrated on the tokens the router sends them, named
+    as the checkpoint; equal tensor by tensor to the in-memory run's export (the dense equality test's
+    tolerances) and verified."""
+    from pipeline.export_equality import differences
+
+    _, in_memory_run, recipe = mixtral_run
+    streaming = tmp_path / "streaming.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    data["quantization"]["mode"] = "streaming"
+    streaming.write_text(yaml.safe_dump(data, sort_keys=False))
+    completed = _run("run", str(streaming), "--until", "verify", "--output-dir", str(tmp_path / "exports"), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    run_dir = next((tmp_path / "exports").glob("*/*/manifest.json")).parent
+    quantize = json.loads((run_dir / "quantize" / "quantize.json").read_text())
+    assert quantize["mode"] == "streaming" and quantize["decoder_layers"] == LAYERS and quantize["calibrated_activations"]
+    assert differences(in_memory_run / "model", run_dir / "model") == []
+    assert json.loads((run_dir / "verify" / "verify.json").read_text())["passed"]
 
 
 def test_vllm_cpu_serves_bf16_experts_but_not_int8_ones_and_auto_falls_back(models, tmp_path):

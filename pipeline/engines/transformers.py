@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.engine import EngineOptions
 from pipeline.engines.base import Generation
-from pipeline.moe import IMPORT_RENAMES, MOE_EXPERT_COUNT_KEYS, live_quantization_config
+from pipeline.moe import IMPORT_RENAMES, is_moe_config, live_quantization_config
 from pipeline.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
@@ -133,7 +133,7 @@ def needs_quark_importer(model_dir: str) -> bool:
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "quark":
         return False
-    if any(config.get(key) for key in MOE_EXPERT_COUNT_KEYS):
+    if is_moe_config(config):
         return True
     layer_configs = [quantization.get("global_quant_config") or {}, *(quantization.get("layer_quant_config") or {}).values()]
     return any(quark_stages((config or {}).get(tensor))[1] is not None

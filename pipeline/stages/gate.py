@@ -24,7 +24,7 @@ from pipeline.run_facts import RunFacts
 from pipeline.plot import write_accuracy_plot
 from pipeline.report import ACCURACY_PLOT, render_markdown
 
-REPORT_SCHEMA_VERSION = 2  # 2: rules carry state (pass/fail/inconclusive), interval and samples; verdict inconclusive
+REPORT_SCHEMA_VERSION = 3  # 2: rules carry state (pass/fail/inconclusive), interval and samples; verdict inconclusive. 3: quantize_warnings
 
 
 def _rule(name: str, figure: float | None, threshold: float, passed: bool, detail: str) -> dict:

@@ -236,6 +236,24 @@ def write_summary(recipe: Recipe, resolved: ResolvedConfig, calibration_batches:
     return summary
 
 
+def say_uncalibrated(filled: list[dict]) -> None:
+    if filled:
+        print(f"{len(filled)} MoE expert layers received no calibration token: input scale set to "
+              f"{moe.UNCALIBRATED_EXPERT_SCALE}", flush=True)
+
+
+def quantize_warnings(summary: dict) -> tuple[str, ...]:
+    """What a quantize.json says that the report must show before its verdict (report.md's WARNING lines)."""
+    uncalibrated = summary.get("experts_without_calibration_tokens") or {}
+    if not uncalibrated.get("count"):
+        return ()
+    names = [expert["layer"] for expert in uncalibrated["experts"]]
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"{uncalibrated['count']} MoE expert layers received no calibration token ({shown}; each in "
+            f"quantize/quantize.json): their static input scale is {uncalibrated['input_scale_set_to']}. More or "
+            "more varied calibration samples reach more experts.",)
+
+
 def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Path, extra: dict | None = None):
     """Quantize `model` in place with Quark; write the resolved config summary. Returns (model, quantizer, summary)."""
     import torch
@@ -248,7 +266,10 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
     batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
     with torch.no_grad():
         model = quantizer.quantize_model(model, batches)
-    summary = write_summary(recipe, resolved, len(batches), out_dir, extra)
+    uncalibrated = moe.fill_uncalibrated_expert_scales(model, resolved.model_type)
+    say_uncalibrated(uncalibrated)
+    summary = write_summary(recipe, resolved, len(batches), out_dir,
+                            {**(extra or {}), "experts_without_calibration_tokens": moe.uncalibrated_record(uncalibrated)})
     return model, quantizer, summary
 
 

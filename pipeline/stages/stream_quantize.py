@@ -21,11 +21,12 @@ import os
 import time
 from pathlib import Path
 
+from pipeline import moe
 from pipeline.plan import STREAMING_SHARD_BYTES
 from pipeline.recipe import Recipe
 from pipeline.stages.export import finish_export
 from pipeline.stream_state import LayerState, state_key
-from pipeline.stages.quantize import _peak_rss_mb, resolve_config, write_summary
+from pipeline.stages.quantize import _peak_rss_mb, resolve_config, say_uncalibrated, write_summary
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -164,13 +165,14 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _materialize(module, prefix: str, reader: CheckpointReader, device: str) -> None:
-    """Load `module`'s weights (named `prefix.*` in the checkpoint) from the shards onto `device`."""
+def _materialize(module, prefix: str, reader: CheckpointReader, device: str, model_type: str = "") -> None:
+    """Load `module`'s weights (named `prefix.*` in the checkpoint) from the shards onto `device`.
+    model_type: an MoE checkpoint's per-expert names go to the unfused modules' names (moe.live_name)."""
     from accelerate.utils import set_module_tensor_to_device
 
     names = reader.names(prefix + ".")
     for name, tensor in reader.read(names).items():
-        set_module_tensor_to_device(module, name[len(prefix) + 1:], device, value=tensor)
+        set_module_tensor_to_device(module, moe.live_name(model_type, name)[len(prefix) + 1:], device, value=tensor)
     missing = [name for name, parameter in module.named_parameters() if parameter.device.type == "meta"]
     if missing:
         raise ValueError(f"{reader.model_dir}: no weights for {prefix}.{missing[0]} in the checkpoint")
@@ -269,13 +271,15 @@ class StreamTotals:
         self.quantize = self.freeze = self.export = 0.0
         self.state_save = 0.0  # writing finished layers and boundary hidden states for a resume
         self.frozen_quantizers = 0
+        self.uncalibrated_experts: list[dict] = []  # MoE experts no calibration token reached (pipeline/moe.py)
 
 
 def _quantize_group(path: str, module, quark_config, inputs: list | None, arguments: list | None,
-                    times: StreamTotals) -> tuple[dict, list | None]:
+                    times: StreamTotals, model_type: str = "") -> tuple[dict, list | None, list[dict]]:
     """Quantize, freeze and convert one module (named `path` in the full model) with Quark.
 
-    Returns (exported tensors by checkpoint name, its float outputs on `inputs` or None)."""
+    Returns (exported tensors by checkpoint name, its float outputs on `inputs` or None, the MoE experts in it
+    that no calibration token reached)."""
     import copy
 
     import torch
@@ -301,6 +305,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
             raise RuntimeError(f"{path}: Quark ran {container.seen} forward passes over {len(data)} calibration batches")
         outputs = [batch["hidden_states"] for batch in data]
         container.batches = []
+    uncalibrated = moe.fill_uncalibrated_expert_scales(container, model_type)  # as in memory, layer by layer
     times.quantize += time.perf_counter() - started
 
     started = time.perf_counter()
@@ -317,12 +322,12 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     # Copies that own their storage, then the layer's own tensors dropped (moved to the meta device): whatever
     # Quark keeps referring to (its quantizer objects) no longer holds a layer's weights. Measured on a 1B shape:
     # without this, RSS grew by ~170 MiB per layer.
-    tensors = {_fix_state_dict_key_on_save(name)[0]: tensor.detach().clone()
+    tensors = {moe.checkpoint_name(model_type, _fix_state_dict_key_on_save(name)[0]): tensor.detach().clone()
                for name, tensor in processed.state_dict().items()}
     for done in (processed, container, module):
         done.to("meta")
     times.export += time.perf_counter() - started
-    return tensors, outputs
+    return tensors, outputs, uncalibrated
 
 
 def stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[int]], out_dirs: dict,
@@ -354,9 +359,12 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are computed, not loaded
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
     model.eval()
+    model_type = config.model_type
+    unfused = moe.unfuse_experts(model)  # MoE: per-expert linears on the skeleton too, as in memory
     resolved = resolve_config(recipe, model)
     quark_config = resolved.quark_config
-    quantization_config = quantization_config_dict(quark_config, model)  # before layers are freed
+    # Before layers are freed; layer names as the checkpoint says them (pipeline/moe.py), as the tensors below.
+    quantization_config = moe.checkpoint_quantization_config(model_type, quantization_config_dict(quark_config, model))
     reader = CheckpointReader(model_dir)
     writer = ShardWriter(Path(out_dirs["model"]), max_shard_bytes)
     layers_path, layer_list = _decoder_layers(model, config.num_hidden_layers)
@@ -392,6 +400,7 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
         for index in range(resumed):
             writer.add(state.load_tensors(index))
             times.frozen_quantizers += state.frozen_quantizers(index)
+            times.uncalibrated_experts += state.uncalibrated_experts(index)
             layer_list[index] = torch.nn.Identity()
         if needs_activations:
             hidden = state.load_hidden(resumed - 1, device)
@@ -399,16 +408,17 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     for index in range(resumed, len(layer_prefixes)):
         prefix, layer = layer_prefixes[index], layer_list[index]
         started = time.perf_counter()
-        _materialize(layer, prefix, reader, device)  # reading the layer's weights counts as quantize time
+        _materialize(layer, prefix, reader, device, model_type)  # reading the layer's weights counts as quantize time
         times.quantize += time.perf_counter() - started
         frozen_before = times.frozen_quantizers
-        tensors, hidden = _quantize_group(prefix, layer, quark_config, hidden, arguments, times)
+        tensors, hidden, uncalibrated = _quantize_group(prefix, layer, quark_config, hidden, arguments, times, model_type)
+        times.uncalibrated_experts += uncalibrated
         started = time.perf_counter()
         writer.add(tensors)
         times.export += time.perf_counter() - started
         if state is not None:
             started = time.perf_counter()
-            state.save(index, tensors, hidden, times.frozen_quantizers - frozen_before)
+            state.save(index, tensors, hidden, times.frozen_quantizers - frozen_before, uncalibrated)
             times.state_save += time.perf_counter() - started
         layer_list[index] = torch.nn.Identity()  # frees the layer: the skeleton no longer holds it
         del layer, tensors
@@ -422,8 +432,8 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
         _materialize(norm, f"{model.base_model_prefix}.norm", reader, device)
         normed = [norm(state) for state in hidden] if hidden is not None else None
         _materialize(model.lm_head, "lm_head", reader, device)
-        tensors, _ = _quantize_group("lm_head", model.lm_head, quark_config, normed,
-                                     [{} for _ in normed] if normed is not None else None, times)
+        tensors, _, _ = _quantize_group("lm_head", model.lm_head, quark_config, normed,
+                                        [{} for _ in normed] if normed is not None else None, times)
         writer.add(tensors)
     started = time.perf_counter()
     # Everything else (embeddings, final norm, an excluded lm_head) is copied through unchanged;
@@ -444,7 +454,10 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     summary = write_summary(recipe, resolved, len(batches), Path(out_dirs["quantize"]),
                             extra={"mode": "streaming", "mode_reason": mode_reason, "device": device,
                                    "decoder_layers": len(layer_prefixes), "calibrated_activations": needs_activations,
-                                   "resumed_after_layer": resumed, "state_save_s": round(times.state_save, 3)})
+                                   "resumed_after_layer": resumed, "state_save_s": round(times.state_save, 3),
+                                   "unfused_expert_modules": unfused,
+                                   "experts_without_calibration_tokens": moe.uncalibrated_record(times.uncalibrated_experts)})
+    say_uncalibrated(times.uncalibrated_experts)
     records["quantize"] = {"summary": summary, "wall_s": times.quantize, "peak_rss_mb": _peak_rss_mb()}
     frozen = {"frozen_quantizers": times.frozen_quantizers}
     (Path(out_dirs["freeze"]) / "freeze.json").write_text(json.dumps(frozen, indent=2) + "\n")
