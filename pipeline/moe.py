@@ -117,7 +117,7 @@ UNCALIBRATED_EXPERT_SCALE = (
 )
 
 
-def fill_uncalibrated_expert_scales(model, model_type: str) -> dict:
+def fill_uncalibrated_expert_scales(model, model_type: str) -> list[dict]:
     """Experts no calibration token reached (Quark counts each static input quantizer's observed tokens) get a
     defined input scale (UNCALIBRATED_EXPERT_SCALE) before freeze. Returns [{"layer", "input_scale"}] of them
     (checkpoint names). `model`: the whole model, or a streaming layer's container named as in it."""

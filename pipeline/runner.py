@@ -317,6 +317,7 @@ class Run:
         if all(stage in self.reusable for stage in QUARK_STAGES):
             for stage in QUARK_STAGES:
                 self._reuse(stage)
+            shutil.rmtree(self.run_dir / STREAM_STATE_FOLDER, ignore_errors=True)  # a kill's leftover, if any
             return
         self._check_disk_space()
         # freeze and export run in the same child: their stage_end events follow quantize's.
@@ -339,6 +340,8 @@ class Run:
         for stage in ("quantize", "freeze", "export"):
             record = records[stage]
             self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+        # Only now, with the export renamed into place and recorded, is a streaming run's layer state not needed.
+        shutil.rmtree(self.run_dir / STREAM_STATE_FOLDER, ignore_errors=True)
 
     def _quantize_warnings(self) -> tuple[str, ...]:
         """quantize.json's findings a reader of the report must see (none for `check`: no quantize stage)."""

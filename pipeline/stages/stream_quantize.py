@@ -336,7 +336,8 @@ def stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[in
     """Quantize a checkpoint folder layer by layer into out_dirs["model"] (same records as quantize_freeze_export).
 
     out_dirs: {"quantize": ..., "freeze": ..., "model": ...} existing folders. No tokenizer is needed.
-    state_dir: where finished layers are kept for a resume after a kill (stream_state.py); None: not kept.
+    state_dir: where finished layers are kept for a resume after a kill (stream_state.py); None: not kept. Left in
+    place at the end: the caller removes it once it has committed the export.
     """
     import torch
 
@@ -466,6 +467,6 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     export_summary["shards"] = files
     records["export"] = {"summary": export_summary, "wall_s": times.export, "peak_rss_mb": _peak_rss_mb()}
     records["quantize"]["total_wall_s"] = time.perf_counter() - started_all
-    if state is not None:
-        state.remove()  # the export is complete: nothing left to resume
+    # The layer state stays: the caller removes it once the export is committed (a kill before the runner renames
+    # the staged export into place then resumes from the last layer, not from layer 0).
     return records
