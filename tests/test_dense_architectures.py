@@ -19,10 +19,7 @@ import pytest
 from pipeline import checks
 from pipeline.recipe import load_recipe
 from pipeline.safetensors_header import read_folder
-from tests.conftest import DEFAULT_RECIPE, REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-from synthetic_llama import write_checkpoint  # noqa: E402
+from tests.conftest import write_synthetic_models
 
 pytestmark = pytest.mark.slow  # the fixture writes two checkpoints with the default model's tokenizer
 
@@ -36,14 +33,8 @@ LINEAR = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.runner import resolve_base_model
-
-    root = tmp_path_factory.mktemp("dense-models")
-    tokenizer = resolve_base_model(load_recipe(DEFAULT_RECIPE), root / "prepare.log", lambda line: None)
-    for shape in LINEAR:
-        write_checkpoint(shape, root / shape, tokenizer_from=Path(tokenizer))
-    return {shape: root / shape for shape in LINEAR}
+def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    return write_synthetic_models(tmp_path_factory.mktemp("dense-models"), LINEAR, tiny_model_dir)
 
 
 def _recipe(tmp_path: Path, model_dir: Path, exclude: str = "") -> Path:

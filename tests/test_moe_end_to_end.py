@@ -21,12 +21,9 @@ import yaml
 
 from pipeline.recipe import Recipe
 from pipeline.safetensors_header import read_folder
-from tests.conftest import DEFAULT_RECIPE, REPO
+from tests.conftest import REPO, write_synthetic_models
 
 pytestmark = pytest.mark.slow
-
-sys.path.insert(0, str(REPO / "bench"))
-from synthetic_llama import write_checkpoint  # noqa: E402
 
 LAYERS, MIXTRAL_EXPERTS, QWEN_EXPERTS = 4, 8, 16
 SMALL_EVALUATION = {"engine": "auto", "tasks": ["arc_easy"], "limit": 10, "max_limit": 10, "perplexity_limit": 8,
@@ -35,14 +32,9 @@ SMALL_EVALUATION = {"engine": "auto", "tasks": ["arc_easy"], "limit": 10, "max_l
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import resolve_base_model
-
-    root = tmp_path_factory.mktemp("moe-models")
-    tokenizer = resolve_base_model(load_recipe(DEFAULT_RECIPE), root / "prepare.log", lambda line: None)
-    return {shape: (write_checkpoint(shape, root / shape, tokenizer_from=Path(tokenizer)), root / shape)[1]
-            for shape in ("mixtral-tiny", "qwen3-moe-tiny")}
+def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    return write_synthetic_models(tmp_path_factory.mktemp("moe-models"), ("mixtral-tiny", "qwen3-moe-tiny"),
+                                  tiny_model_dir)
 
 
 def _ci_copy(shipped: str, model_dir: Path, folder: Path, **quantization) -> Path:
