@@ -115,8 +115,10 @@ def copy_tokenizer(source: Path, out_dir: Path) -> None:
             shutil.copyfile(source / file, out_dir / file)
 
 
-def write_checkpoint(shape: str, out_dir: Path, seed: int = 0, tokenizer_from: Path | None = None) -> dict:
-    """Write config.json, bf16 safetensors shards and the index; return {"bytes", "params", "shards"}.
+def write_checkpoint(shape: str, out_dir: Path, seed: int = 0, tokenizer_from: Path | None = None,
+                     shard_bytes_max: int = SHARD_BYTES) -> dict:
+    """Write config.json, bf16 safetensors shards (at most shard_bytes_max each, unless one tensor is larger)
+    and the index; return {"bytes", "params", "shards"}.
     A finished checkpoint (index present) is kept as it is (the tokenizer files are still copied)."""
     import torch
     from safetensors.torch import save_file
@@ -160,7 +162,7 @@ def write_checkpoint(shape: str, out_dir: Path, seed: int = 0, tokenizer_from: P
         else:
             tensor = _noise(pool, dims, generator)
         size = tensor.numel() * 2
-        if shard_bytes + size > SHARD_BYTES:
+        if shard and shard_bytes + size > shard_bytes_max:
             flush()
         shard[name] = tensor
         shard_bytes += size

@@ -83,8 +83,14 @@ def fused_scheme_problems(recipe: Recipe, names: list[str]) -> list[tuple[str, s
 
 
 def recipe_support(recipe: Recipe, engine: str) -> compat.Support:
-    """Engine support for every scheme the recipe uses and its KV cache; `layers` patterns naming
-    experts count as MoE-only."""
+    """Engine support for every scheme the recipe uses and its KV cache. A local model answers by its
+    layers, as `plan` does (MoE experts have kernels of their own, whichever field gives them their scheme);
+    a Hub id, by the recipe alone: `layers` patterns naming experts count as MoE-only."""
+    model_dir = local_model_dir(recipe)
+    if model_dir is not None:
+        from pipeline.plan import assign_schemes, engine_support  # plan imports this module
+
+        return engine_support(recipe, assign_schemes(recipe, weight_layer_names(model_dir)), engine)
     entry = compat.support(recipe.scheme.name, engine)
     if not entry.supported:
         return entry

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import checks, compat, layers, moe
 from pipeline.formats.base import cdiv
-from pipeline.recipe import Recipe, streaming_refusal
+from pipeline.recipe import Recipe, data_free_refusal, streaming_refusal
 from pipeline.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -24,6 +24,9 @@ DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 # RSS of torch + transformers + Quark imported, before any weight (bench/memory_scaling.py: ~0.8 GiB).
 LIBRARY_OVERHEAD_BYTES = int(0.8 * 2**30)
 STREAMING_SHARD_BYTES = 2**30
+# The data-free path (stages/data_free.py): weights quantized per Quark call, and its output files' size.
+DATA_FREE_GROUP_BYTES = 256 * 2**20
+DATA_FREE_PART_BYTES = 512 * 2**20
 IN_MEMORY_FACTOR = 2.0  # in-memory quantize peak / checkpoint size (measured, see quantize_peaks)  # stages/stream_quantize.py writes shards of at most this size
 # Shipped config.json files for Hub models (offline planning): recipes/model-configs/index.json.
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "shipped" / "recipes" / "model-configs"  # package data
@@ -191,15 +194,21 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.
     one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
     shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds one output shard until it writes it
+    # data_free: three groups of weights (one quantized, two read ahead) and Quark's float copies of one, three
+    # output files (one filling, one queued, one being written), the embedding matrix read and cast.
+    data_free = LIBRARY_OVERHEAD_BYTES + 6 * min(DATA_FREE_GROUP_BYTES, base) + 3 * min(DATA_FREE_PART_BYTES, base) \
+        + 2 * model.embedding_params * dtype_bytes
     if device == "cpu":
         return {
             "in_memory": {"host": in_memory + LIBRARY_OVERHEAD_BYTES, "device": 0},
             "streaming": {"host": LIBRARY_OVERHEAD_BYTES + one_layer + boundary + shard, "device": 0},
+            "data_free": {"host": data_free, "device": 0},
         }
     # On an accelerator the weights and hidden states live there; the host stages one layer read from the shards.
     return {
         "in_memory": {"host": LIBRARY_OVERHEAD_BYTES + one_layer // 2, "device": in_memory},
         "streaming": {"host": LIBRARY_OVERHEAD_BYTES + one_layer // 2 + shard, "device": one_layer + boundary},
+        "data_free": {"host": data_free, "device": 0},  # quantized on the CPU: the weights alone decide the export
     }
 
 
@@ -212,6 +221,9 @@ def choose_mode(recipe: Recipe, peaks: dict[str, dict[str, int]], budget: int, d
     requested = recipe.quantization.mode
     if requested != "auto":
         return requested, "as the recipe asks"
+    if data_free_refusal(recipe.quantization) is None:
+        return "data_free", ("no calibration needed (no static activation scale, algorithm or kv_cache): "
+                             "checkpoint shards quantized one after the other, byte-identical to in_memory")
     host, on_device = peaks["in_memory"]["host"], peaks["in_memory"]["device"]
     why_stream = None
     if host > budget:

@@ -404,6 +404,30 @@ def streaming_refusal(algorithm: Any) -> str | None:
     return None
 
 
+def scheme_data_free_refusal(spec: schemes.SchemeSpec) -> str | None:
+    """Why a scheme needs calibration data (an activation scale fixed before serving), or None."""
+    if spec.activation_dtype is None:
+        return None
+    if spec.activation_static or spec.global_scale:
+        return f"{spec.name} has static activation scales (calibrated)"
+    if spec.activation_granularity not in ("per_token", "per_block"):
+        return f"{spec.name}'s {spec.activation_granularity} activation scale is calibrated"
+    return None
+
+
+def data_free_refusal(quantization: "QuantizationSpec") -> str | None:
+    """Why these quantization settings need calibration data, or None: the data-free path can do them
+    (weights quantized from themselves, activations at run time: stages/data_free.py)."""
+    if quantization.algorithm is not None:
+        return f"algorithm {quantization.algorithm_name} needs calibration data"
+    if quantization.kv_cache is not None:
+        return f"kv_cache {quantization.kv_cache}'s scales are calibrated"
+    for spec in (scheme_spec(quantization.scheme), *quantization.layer_schemes().values()):
+        if (problem := scheme_data_free_refusal(spec)) is not None:
+            return problem
+    return None
+
+
 class QuantizationSpec(Strict):
     scheme: SchemeValue = Field(
         description="a named scheme (" + ", ".join(schemes.SCHEMES) + ") or the explicit form "
@@ -425,9 +449,11 @@ class QuantizationSpec(Strict):
         "for the model type) or {name: NAME, options: {...}} with options from Quark's config class",
     )
     # Declared last: its check reads the algorithm validated before it.
-    mode: Literal["in_memory", "streaming", "auto"] = Field(
+    mode: Literal["in_memory", "streaming", "data_free", "auto"] = Field(
         "auto", description="in_memory: the whole model at once; streaming: one decoder layer at a time "
-        "(peak ~one layer + calibration activations); auto: streaming when the in-memory estimate exceeds the memory budget",
+        "(peak ~one layer + calibration activations); data_free: checkpoint shards quantized one after the other, "
+        "no calibration (schemes without static activation scales, no algorithm, no kv_cache); auto: data_free "
+        "when the recipe allows it, else streaming when the in-memory estimate exceeds the memory budget",
     )
 
     @field_validator("scheme")
@@ -488,6 +514,12 @@ class QuantizationSpec(Strict):
     def layer_schemes(self) -> dict[str, schemes.SchemeSpec]:
         """Pattern -> scheme of the `layers` overrides."""
         return {pattern: scheme_spec(value) for pattern, value in self.layers.items()}
+
+    @model_validator(mode="after")
+    def _data_free_possible(self) -> "QuantizationSpec":
+        if self.mode == "data_free" and (problem := data_free_refusal(self)) is not None:
+            raise ValueError(f"mode data_free: {problem} (use streaming, in_memory or auto)")
+        return self
 
 
 class EvaluationSpec(Strict):

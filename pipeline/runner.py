@@ -337,11 +337,14 @@ class Run:
                 },
                 log_path=self.log("quantize"), stage="quantize", on_event=self.emit,
             )
-        for stage in ("quantize", "freeze", "export"):
-            record = records[stage]
-            self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
-        # Only now, with the export renamed into place and recorded, is a streaming run's layer state not needed.
-        shutil.rmtree(self.run_dir / STREAM_STATE_FOLDER, ignore_errors=True)
+        try:
+            for stage in ("quantize", "freeze", "export"):
+                record = records[stage]
+                self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+        finally:  # recording export may stop the run (--until export): the state goes all the same
+            # Only now, with the export renamed into place and recorded, is the layer (or shard) state not needed.
+            if "export" in self.result.stage_records:
+                shutil.rmtree(self.run_dir / STREAM_STATE_FOLDER, ignore_errors=True)
 
     def _quantize_warnings(self) -> tuple[str, ...]:
         """quantize.json's findings a reader of the report must see (none for `check`: no quantize stage)."""

@@ -79,15 +79,16 @@ def tiny_model_dir() -> Path:
     return models.builtin_model_dir("smollm2-135m-instruct", auto_dtype("auto"))  # what prepare-model made
 
 
-def write_synthetic_models(root: Path, shapes, tokenizer_from: Path) -> dict[str, Path]:
-    """bench/synthetic_llama.py checkpoints of `shapes` under root/SHAPE, with the default model's tokenizer."""
+def write_synthetic_models(root: Path, shapes, tokenizer_from: Path, **options) -> dict[str, Path]:
+    """bench/synthetic_llama.py checkpoints of `shapes` under root/SHAPE, with the default model's tokenizer
+    (options: write_checkpoint's, e.g. shard_bytes_max)."""
     import sys
 
     sys.path.insert(0, str(REPO / "bench"))
     from synthetic_llama import write_checkpoint
 
     for shape in shapes:
-        write_checkpoint(shape, root / shape, tokenizer_from=tokenizer_from)
+        write_checkpoint(shape, root / shape, tokenizer_from=tokenizer_from, **options)
     return {shape: root / shape for shape in shapes}
 
 

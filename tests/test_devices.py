@@ -74,12 +74,25 @@ def test_the_flagship_streams_on_the_cpu_too_held_up_by_its_calibration_hidden_s
     assert hidden_states < streaming < hidden_states + 10 * GIB
 
 
-def test_auto_mode_keeps_in_memory_when_it_fits_and_the_recipe_can_force_either():
+def _with_quantization(recipe: Recipe, **changes) -> Recipe:
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update=changes)})
+
+
+def test_auto_mode_goes_data_free_without_calibration_else_keeps_in_memory_when_it_fits():
+    """ptpc_fp8 (per-token dynamic activations) needs no calibration: data_free at any budget, its peak a few
+    groups of weights, output files and the embedding matrix; static fp8 needs calibrated scales: in memory
+    when it fits, else streaming. A recipe may force any mode."""
     recipe = load_recipe(REPO / "recipes" / "llama8b-ptpc-fp8.yaml")
-    assert _plan(recipe, device="cpu", host_budget=100 * GIB).mode == "in_memory"
-    assert _plan(recipe, device="cpu", host_budget=10 * GIB).mode == "streaming"
-    forced = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"mode": "in_memory"})})
-    assert _plan(forced, device="cpu", host_budget=10 * GIB).mode == "in_memory"
+    for budget in (100 * GIB, 10 * GIB):
+        result = _plan(recipe, device="cpu", host_budget=budget)
+        assert result.mode == "data_free" and "no calibration needed" in result.mode_reason
+        peaks = result.quantize_peaks
+        assert result.quantize_peak_bytes == peaks["data_free"]["host"] < peaks["in_memory"]["host"] / 4
+    static = _with_quantization(recipe, scheme="fp8")
+    assert _plan(static, device="cpu", host_budget=100 * GIB).mode == "in_memory"
+    assert _plan(static, device="cpu", host_budget=10 * GIB).mode == "streaming"
+    for mode in ("in_memory", "streaming"):
+        assert _plan(_with_quantization(recipe, mode=mode), device="cpu", host_budget=10 * GIB).mode == mode
 
 
 def test_auto_on_gpus_streams_unless_in_memory_is_known_to_fit():

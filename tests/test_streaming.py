@@ -46,6 +46,30 @@ def test_unknown_mode_is_refused(write_recipe, minimal_recipe_text):
         load_recipe(write_recipe(minimal_recipe_text + "  mode: sometimes\n"))
 
 
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"scheme": "fp8"}, "fp8 has static activation scales (calibrated)"),
+    ({"scheme": "int4_fp8"}, "int4_fp8's per_tensor activation scale is calibrated"),
+    ({"scheme": "nvfp4"}, "nvfp4 has static activation scales"),
+    ({"algorithm": "gptq"}, "algorithm gptq needs calibration data"),
+    ({"kv_cache": "fp8"}, "kv_cache fp8's scales are calibrated"),
+])
+def test_data_free_refuses_what_needs_calibration_naming_the_field(write_recipe, extra, words):
+    lines = "".join(f"  {key}: {value}\n" for key, value in extra.items())
+    text = "name: tiny\nmodel:\n  source: builtin:smollm2-135m-instruct\nquantization:\n"
+    if "scheme" not in extra:
+        text += "  scheme: int8_per_channel\n"
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(write_recipe(text + lines + "  mode: data_free\n"))
+    assert "quantization" in str(raised.value) and words in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("scheme", ["int8_per_channel", "ptpc_fp8", "int4_wo_64", "mxfp4_weight_only", "mxfp4"])
+def test_auto_is_data_free_for_schemes_without_static_activation_scales(scheme):
+    mode, reason = _mode(8, scheme=scheme)
+    assert mode == "data_free" and "no calibration needed" in reason
+    assert _recipe(scheme=scheme, mode="data_free").quantization.mode == "data_free"
+
+
 def _mode(budget_gib: float, **quantization) -> tuple[str, str]:
     recipe = _recipe(**quantization).model_copy(update={"resources": ResourcesSpec(host_memory_gb=budget_gib)})
     return plan.quantize_mode(recipe, LLAMA_8B, "cpu")

@@ -307,6 +307,11 @@ def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out
     parsed = Recipe.model_validate(recipe)
     mode, reason = quantize_mode(parsed, Path(model_dir) / "config.json", device)
     print(f"quantization mode: {mode} on {device} ({reason})", flush=True)
+    if mode == "data_free":
+        from pipeline.stages.data_free import data_free_quantize
+
+        return data_free_quantize(parsed, Path(model_dir), {k: Path(v) for k, v in out_dirs.items()}, device=device,
+                                  mode_reason=reason, state_dir=Path(state_dir) if state_dir else None)
     token_batches = load_token_batches(Path(calibrate_dir))
     if mode == "streaming":
         from pipeline.stages.stream_quantize import stream_quantize
