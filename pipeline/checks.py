@@ -34,6 +34,14 @@ def weight_layer_names(model_dir: Path) -> list[str]:
     return names
 
 
+def fused_checkpoint_tensor(model_dir: Path) -> str | None:
+    """A tensor of more than two dimensions in the checkpoint's safetensors (experts fused into one parameter, as
+    some repos ship them), or None. The data-free path quantizes each linear's own 2-D weight tensor."""
+    if not any(model_dir.glob("*.safetensors")):
+        return None  # a config alone (planning offline): the Hub's per-expert layout is assumed
+    return next((name for name, info in read_folder(model_dir).items() if len(info["shape"]) > 2), None)
+
+
 def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
     """(field, problem) pairs for a recipe against a local model."""
     problems = []
@@ -56,6 +64,10 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
     for pattern in recipe.quantization.layers:
         if not layers.select(names, [pattern]):
             problems.append(("quantization.layers", f"pattern {pattern!r} matches no layer of the model"))
+    if recipe.quantization.mode == "data_free" and (fused := fused_checkpoint_tensor(model_dir)) is not None:
+        problems.append(("quantization.mode", f"data_free quantizes each linear's own 2-D weight tensor; the "
+                         f"checkpoint's {fused} is fused ({len(read_folder(model_dir)[fused]['shape'])}-D): use "
+                         "streaming, in_memory or auto"))
     if recipe.evaluation.engine != "transformers":  # vLLM serves fused shards with one scheme
         problems.extend(fused_scheme_problems(recipe, names))
     return problems

@@ -213,15 +213,17 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
 
 
 def choose_mode(recipe: Recipe, peaks: dict[str, dict[str, int]], budget: int, device: str,
-                device_budget: int | None) -> tuple[str, str]:
-    """(mode, why): the recipe's mode, or for auto streaming unless in-memory is known to fit.
+                device_budget: int | None, fused_tensor: str | None = None) -> tuple[str, str]:
+    """(mode, why): the recipe's mode; for auto data_free when no calibration is needed and the checkpoint stores
+    each linear's weight on its own (fused_tensor: one that does not), else streaming unless in-memory is known
+    to fit.
 
     device_budget: the accelerators' memory in all (None: not known, e.g. planning without the GPUs)."""
     gib = 2**30
     requested = recipe.quantization.mode
     if requested != "auto":
         return requested, "as the recipe asks"
-    if data_free_refusal(recipe.quantization) is None:
+    if data_free_refusal(recipe.quantization) is None and fused_tensor is None:
         return "data_free", ("no calibration needed (no static activation scale, algorithm or kv_cache): "
                              "checkpoint shards quantized one after the other, byte-identical to in_memory")
     host, on_device = peaks["in_memory"]["host"], peaks["in_memory"]["device"]
@@ -284,7 +286,8 @@ def make_plan(recipe: Recipe, config_path: Path, *, device: str | None = None, h
     budget = host_budget if host_budget is not None else devices.host_memory_budget_bytes(recipe)
     if device_budget is None and device != "cpu":
         device_budget = accelerator_budget(recipe, devices.accelerators())
-    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget)
+    mode, mode_reason = choose_mode(recipe, peaks, budget, device, device_budget,
+                                    checks.fused_checkpoint_tensor(config_path.parent))
     return Plan(
         stages=stages,
         layer_schemes=layer_schemes,

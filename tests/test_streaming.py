@@ -163,3 +163,21 @@ def test_layer_state_resumes_after_the_last_layer_that_verifies(tmp_path):
 def test_streaming_takes_the_kv_cache_scales(write_recipe, minimal_recipe_text):
     recipe = load_recipe(write_recipe(minimal_recipe_text + "  kv_cache: fp8\n  mode: streaming\n"))
     assert recipe.quantization.mode == "streaming" and recipe.quantization.kv_cache == "fp8"
+
+
+def test_auto_is_not_data_free_when_the_checkpoint_fuses_experts(tmp_path):
+    """Some repos ship experts fused in one 3-D tensor: no linear of its own to quantize shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline import checks
+
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 3),
+               "model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
+    fused = checks.fused_checkpoint_tensor(tmp_path)
+    assert fused == "model.layers.0.mlp.experts.gate_up_proj"
+    peaks = {mode: {"host": 2**30, "device": 0} for mode in ("in_memory", "streaming", "data_free")}
+    recipe = _recipe(scheme="int8_per_channel")
+    assert plan.choose_mode(recipe, peaks, 8 * 2**30, "cpu", None)[0] == "data_free"
+    assert plan.choose_mode(recipe, peaks, 8 * 2**30, "cpu", None, fused) == (
+        "in_memory", "in-memory peak 1.0 GiB fits (host budget 8.0 GiB)")
