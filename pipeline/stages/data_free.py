@@ -112,6 +112,7 @@ def _quantize_linears(weights: dict, quark_config, model_type: str, dtype) -> tu
     quark_config = copy.deepcopy(quark_config)  # Quark narrows the exclude list to the modules it is given
     quantizer = ModelQuantizer(_weights_only(quark_config))
     container = quantizer.quantize_model(container, None)
+    # Not freeze(quantize=False), which skips the fake-quantized copy of the weights: tried, its export differed.
     container = ModelQuantizer.freeze(container)
     frozen = sum(1 for item in container.modules() if type(item).__name__ == "FrozenFakeQuantize")
     processor = ModelPostProcessor(container, _exporter_config(quark_config), custom_mode="quark",
