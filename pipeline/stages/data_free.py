@@ -31,6 +31,7 @@ from pipeline.plan import DATA_FREE_GROUP_BYTES, DATA_FREE_PART_BYTES
 from pipeline.recipe import Recipe
 from pipeline.rundir import atomic_write_json, read_json, sha256_file
 from pipeline.stages.export import finish_export
+from pipeline.stages.freeze import count_frozen
 from pipeline.stages.quantize import _peak_rss_mb, resolve_config, write_summary
 from pipeline.stages.stream_quantize import (
     INDEX_FILE, SINGLE_FILE, CheckpointReader, _exporter_config, quantization_config_dict,
@@ -92,8 +93,64 @@ def _weights_only(quark_config):
     return quark_config
 
 
+def fast_weight_config(quark_config, live_name: str):
+    """The layer's weight config where Quark's file-to-file quantizer (`_single_stage_quantize_weight`, ~10x
+    faster than the module path) writes the bytes its in-memory exporter does, else None. Compared tensor by
+    tensor here: equal for per-channel FP8 and the OCP MX block formats; symmetric per-channel INT8 lacks only
+    the all-zero zero point the exporter adds; INT4/UINT4 per group differ (packing order, scale layout, zero
+    points): those take the module path. tests/test_data_free.py holds every family to the in-memory bytes."""
+    from fnmatch import fnmatch
+
+    if quark_config.layer_type_quant_config:
+        return None
+    layer = next((config for pattern, config in quark_config.layer_quant_config.items() if fnmatch(live_name, pattern)),
+                 quark_config.global_quant_config)
+    weight = layer.weight
+    if weight is None or isinstance(weight, list) or layer.bias is not None:
+        return None
+    dtype, qscheme = weight.dtype.value, weight.qscheme.value
+    if (weight.scale_format == "e8m0" and qscheme == "per_group") or (dtype == "fp8_e4m3" and qscheme == "per_channel"):
+        return weight
+    if dtype == "int8" and qscheme == "per_channel" and weight.symmetric:
+        return weight
+    return None
+
+
+def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype) -> dict:
+    """One linear by Quark's file-to-file quantizer, plus what its in-memory exporter adds (INT8's zero point)."""
+    import torch
+    from quark.torch.quantization.file2file_quantization import _single_stage_quantize_weight
+
+    out: dict = {}
+    _single_stage_quantize_weight(weight.to(dtype), f"{live_name}.weight", live_name, spec, out, "")
+    scale = f"{live_name}.weight_scale"
+    if spec.scale_format != "e8m0" and spec.scale_type.value == "float":  # the exporter keeps the model dtype
+        out[scale] = out[scale].to(dtype)
+    if spec.dtype.value == "int8":
+        out[f"{live_name}.weight_zero_point"] = torch.zeros_like(out[f"{live_name}.weight_scale"], dtype=torch.int8)
+    return {moe.checkpoint_name(model_type, name): tensor.contiguous() for name, tensor in out.items()}
+
+
 def _quantize_linears(weights: dict, quark_config, model_type: str, dtype) -> tuple[dict, int]:
     """{live module name: (weight, bias or None)} -> (exported tensors by checkpoint name, frozen quantizers)."""
+    tensors: dict = {}
+    slow = {}
+    for name, (weight, bias) in weights.items():
+        spec = fast_weight_config(quark_config, name) if bias is None else None
+        if spec is None:
+            slow[name] = (weight, bias)
+        else:
+            tensors |= _quantize_fast(name, weight, spec, model_type, dtype)
+    frozen = len(weights) - len(slow)  # one weight quantizer each (the module path freezes the same)
+    if slow:
+        module_tensors, module_frozen = _quantize_modules(slow, quark_config, model_type, dtype)
+        tensors |= module_tensors
+        frozen += module_frozen
+    return tensors, frozen
+
+
+def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tuple[dict, int]:
+    """Quark's module path: ModelQuantizer, freeze, ModelPostProcessor on plain nn.Linear modules."""
     import copy
 
     import torch
@@ -114,7 +171,7 @@ def _quantize_linears(weights: dict, quark_config, model_type: str, dtype) -> tu
     container = quantizer.quantize_model(container, None)
     # Not freeze(quantize=False), which skips the fake-quantized copy of the weights: tried, its export differed.
     container = ModelQuantizer.freeze(container)
-    frozen = sum(1 for item in container.modules() if type(item).__name__ == "FrozenFakeQuantize")
+    frozen = count_frozen(container)
     processor = ModelPostProcessor(container, _exporter_config(quark_config), custom_mode="quark",
                                    output_quant=quark_config.global_quant_config.output_tensors is not None,
                                    quantization_config=quark_config)

@@ -25,6 +25,7 @@ from pipeline import moe
 from pipeline.plan import STREAMING_SHARD_BYTES
 from pipeline.recipe import Recipe
 from pipeline.stages.export import finish_export
+from pipeline.stages.freeze import count_frozen
 from pipeline.stream_state import LayerState, state_key
 from pipeline.stages.quantize import _peak_rss_mb, resolve_config, say_uncalibrated, write_summary
 
@@ -310,7 +311,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
 
     started = time.perf_counter()
     container = ModelQuantizer.freeze(container)
-    times.frozen_quantizers += sum(1 for item in container.modules() if type(item).__name__ == "FrozenFakeQuantize")
+    times.frozen_quantizers += count_frozen(container)
     times.freeze += time.perf_counter() - started
 
     started = time.perf_counter()
