@@ -73,9 +73,10 @@ def _timed_process(command: list[str], log: Path) -> tuple[float, int, int]:
 
 
 def read_write(model_dir: Path, work: Path) -> dict:
-    """Every shard read in 64 MiB chunks, the same bytes written to one new file and fsync'd."""
+    """Every shard read in 64 MiB chunks and the same bytes written, fsync'd, into a file rewritten from its start
+    every 4 GiB (a second copy of a checkpoint larger than the free disk would not fit beside it)."""
     target = work / "read-write.bin"
-    chunk = 64 * 2**20
+    chunk, rewind = 64 * 2**20, 4 * GIB
     total = 0
     started = time.perf_counter()
     with open(target, "wb") as out:
@@ -84,12 +85,16 @@ def read_write(model_dir: Path, work: Path) -> dict:
                 while block := handle.read(chunk):
                     out.write(block)
                     total += len(block)
+                    if out.tell() >= rewind:
+                        out.flush()
+                        os.fsync(out.fileno())
+                        out.seek(0)
         out.flush()
         os.fsync(out.fileno())
     wall = time.perf_counter() - started
     target.unlink()
     return {"row": "read_write", "wall_s": round(wall, 1), "bytes": total, "peak_rss_bytes": None,
-            "what": "read every shard + write the same bytes, fsync"}
+            "what": "read every shard + write the same bytes (a 4 GiB file rewritten), fsync"}
 
 
 def _recipe(model_dir: Path, scheme: str, mode: str, samples: int, seq_len: int):
