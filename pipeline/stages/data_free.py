@@ -185,8 +185,8 @@ def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tu
 class ShardPlan:
     """What one input shard holds: groups of quantized linears (checkpoint names) and the tensors copied through."""
 
-    def __init__(self, file_name: str, groups: list[list[str]], copied: list[str]):
-        self.file_name, self.groups, self.copied = file_name, groups, copied
+    def __init__(self, file_name: str, groups: list[list[str]], copied: list[list[str]]):
+        self.file_name, self.groups, self.copied = file_name, groups, copied  # copied: tensor names in chunks
 
 
 def shard_plans(reader: CheckpointReader, quantized: set[str]) -> list[ShardPlan]:
@@ -203,19 +203,29 @@ def shard_plans(reader: CheckpointReader, quantized: set[str]) -> list[ShardPlan
         linears = [name.removesuffix(".weight") for name in names
                    if name.endswith(".weight") and name.removesuffix(".weight") in quantized]
         owned = {f"{linear}.{part}" for linear in linears for part in ("weight", "bias")}
-        groups, group, size = [], [], 0
-        for linear in linears:
-            info = header[f"{linear}.weight"]
-            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-            if group and size + nbytes > GROUP_BYTES:
-                groups.append(group)
-                group, size = [], 0
-            group.append(linear)
-            size += nbytes
-        if group:
-            groups.append(group)
-        plans.append(ShardPlan(file_name, groups, [name for name in names if name not in owned]))
+        plans.append(ShardPlan(file_name, _chunks(linears, lambda linear: _nbytes(header[f"{linear}.weight"])),
+                               _chunks([name for name in names if name not in owned],
+                                       lambda name: _nbytes(header[name]))))
     return plans
+
+
+def _nbytes(info: dict) -> int:
+    return info["data_offsets"][1] - info["data_offsets"][0]
+
+
+def _chunks(items: list[str], size_of) -> list[list[str]]:
+    """Consecutive items in lists of about GROUP_BYTES (one larger item alone): what is read and held at once."""
+    chunks, chunk, size = [], [], 0
+    for item in items:
+        nbytes = size_of(item)
+        if chunk and size + nbytes > GROUP_BYTES:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += nbytes
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 class ShardState:
@@ -356,7 +366,7 @@ def data_free_quantize(recipe: Recipe, model_dir: Path, out_dirs: dict, device: 
         pending.append(plan)
         jobs.extend(("group", [name for linear in group for name in (f"{linear}.weight", f"{linear}.bias")
                                if name in reader.weight_map]) for group in plan.groups)
-        jobs.append(("copy", plan.copied))
+        jobs.extend(("copy", chunk) for chunk in plan.copied)
     if resumed:
         print(f"resuming: {resumed}/{len(plans)} input shards finished and verified", flush=True)
     tensors_queue: queue.Queue = queue.Queue(maxsize=2)
@@ -380,7 +390,7 @@ def data_free_quantize(recipe: Recipe, model_dir: Path, out_dirs: dict, device: 
                 writer.put(output, work_dir / part, done)
                 output, output_bytes = {}, 0
 
-            for _ in range(len(plan.groups) + 1):
+            for _ in range(len(plan.groups) + len(plan.copied)):
                 started = time.perf_counter()
                 kind, names, tensors = tensors_queue.get()
                 read_wait_s += time.perf_counter() - started
