@@ -2,9 +2,10 @@
 
 For schemes with no static activation scale (weights quantized from themselves, activations at run time),
 nothing but the weights decides the export. So each input shard's linear weights are read, quantized by
-Quark's own code path (ModelQuantizer on plain nn.Linear modules holding them, freeze, ModelPostProcessor:
-what `export_safetensors` runs in memory) and written; every other tensor is copied through in the model
-dtype. The export is tensor-for-tensor byte-identical to the in-memory export (tests/test_data_free.py).
+Quark's own code and written; every other tensor is copied through in the model dtype. Quark's code is its
+file-to-file quantizer where that writes what its exporter does (`fast_weight_config`), else its module path
+(ModelQuantizer on plain nn.Linear modules holding the weights, freeze, ModelPostProcessor: what
+`export_safetensors` runs in memory). The export is byte-identical to the in-memory one (tests/test_data_free.py).
 
 A pipeline of three: a reader thread reads the next group of tensors while the main thread quantizes one
 (torch uses every core) and a writer thread writes the last finished file. Each input shard is a resume
@@ -34,7 +35,7 @@ from pipeline.stages.export import finish_export
 from pipeline.stages.freeze import count_frozen
 from pipeline.stages.quantize import _peak_rss_mb, resolve_config, write_summary
 from pipeline.stages.stream_quantize import (
-    INDEX_FILE, SINGLE_FILE, CheckpointReader, _exporter_config, quantization_config_dict,
+    INDEX_FILE, SINGLE_FILE, CheckpointReader, exported_tensors, quantization_config_dict,
 )
 
 # Weights quantized per Quark call: large enough that Quark's per-call set-up is small beside the work,
@@ -155,8 +156,6 @@ def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tu
 
     import torch
     from quark.torch import ModelQuantizer
-    from quark.torch.export.main_export.model_post_process import ModelPostProcessor
-    from quark.torch.export.utils import _fix_state_dict_key_on_save
 
     modules = {}
     for name, (weight, bias) in weights.items():
@@ -172,13 +171,7 @@ def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tu
     # Not freeze(quantize=False), which skips the fake-quantized copy of the weights: tried, its export differed.
     container = ModelQuantizer.freeze(container)
     frozen = count_frozen(container)
-    processor = ModelPostProcessor(container, _exporter_config(quark_config), custom_mode="quark",
-                                   output_quant=quark_config.global_quant_config.output_tensors is not None,
-                                   quantization_config=quark_config)
-    processor.merge_scale()
-    processed = processor.get_processed_model()
-    tensors = {moe.checkpoint_name(model_type, _fix_state_dict_key_on_save(name)[0]): tensor.detach().contiguous()
-               for name, tensor in processed.state_dict().items()}
+    _, tensors = exported_tensors(container, quark_config, model_type)
     return tensors, frozen
 
 
@@ -420,7 +413,7 @@ def data_free_quantize(recipe: Recipe, model_dir: Path, out_dirs: dict, device: 
             parts.extend(shard_parts)
     finally:
         writer.close()
-        reader_thread.join(timeout=60)
+        reader_thread.join(timeout=5)  # blocked on a full queue only when the quantizer failed: not waited for
 
     started = time.perf_counter()
     model_out = Path(out_dirs["model"])
