@@ -188,7 +188,8 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     base = model.total_params * dtype_bytes
     in_memory = int(base * IN_MEMORY_FACTOR)
     calibration_tokens = recipe.calibration.samples * recipe.calibration.max_seq_len
-    # Each batch's output replaces its input as it is computed: one copy of the boundary (+ one batch).
+    # Each batch's output replaces its input as it is computed: one copy of the boundary (+ one batch). The resume
+    # save writes it from its own memory (rundir.atomic_save_tensors): no second copy to count.
     boundary = calibration_tokens * model.hidden_size * dtype_bytes
     # A decoder layer while Quark quantizes it (its weights, float32 temporaries and the quantized copy: ~4x), or
     # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.

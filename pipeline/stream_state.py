@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.rundir import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pipeline.rundir import atomic_save_tensors, atomic_write_json, read_json, sha256_file
 
 KEY_FILE = "key.json"
 
@@ -60,16 +60,14 @@ class LayerState:
 
     def save(self, index: int, tensors: dict, hidden: list | None, frozen_quantizers: int = 0,
              uncalibrated_experts: list | None = None) -> None:
-        from safetensors.torch import save
-
+        # Written from the tensors' own memory (issue #26: `save` to bytes first held a second copy of a boundary
+        # that can be the largest thing a streaming run holds, e.g. 16 GiB for the 70B recipe's calibration).
         record_path, tensors_path, hidden_path = self._paths(index)
-        atomic_write_bytes(tensors_path, save({name: tensor.to("cpu").contiguous()
-                                               for name, tensor in tensors.items()}))
+        atomic_save_tensors(tensors_path, {name: tensor.to("cpu").contiguous() for name, tensor in tensors.items()})
         record = {"tensors_sha256": sha256_file(tensors_path), "frozen_quantizers": frozen_quantizers,
                   "uncalibrated_experts": uncalibrated_experts or []}
         if hidden is not None:
-            atomic_write_bytes(hidden_path, save({str(batch): state.to("cpu").contiguous()
-                                                  for batch, state in enumerate(hidden)}))
+            atomic_save_tensors(hidden_path, {str(batch): state.to("cpu").contiguous() for batch, state in enumerate(hidden)})
             record["hidden_sha256"] = sha256_file(hidden_path)
         atomic_write_json(record_path, record)
         if index:  # only the newest boundary is ever read back

@@ -181,3 +181,25 @@ def test_auto_is_not_data_free_when_the_checkpoint_fuses_experts(tmp_path):
     assert plan.choose_mode(recipe, peaks, 8 * 2**30, "cpu", None)[0] == "data_free"
     assert plan.choose_mode(recipe, peaks, 8 * 2**30, "cpu", None, fused) == (
         "in_memory", "in-memory peak 1.0 GiB fits (host budget 8.0 GiB)")
+
+
+def test_the_resume_state_is_written_without_a_serialised_copy_in_memory(tmp_path):
+    """Issue #26: the boundary hidden states were serialised to bytes before being written, so a streaming run
+    held its largest buffer twice. Python allocations during a save of 64 MiB of hidden states stay small now
+    (safetensors' `save` to bytes would allocate the whole 64 MiB as one bytes object, which tracemalloc sees)."""
+    import tracemalloc
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.stream_state import LayerState
+
+    hidden = [torch.randn(4, 1024, 2048) for _ in range(2)]  # 2 x 32 MiB of float32
+    state = LayerState(tmp_path / "state", "key")
+    tracemalloc.start()
+    state.save(0, {"model.layers.0.mlp.down_proj.weight": torch.ones(8, 8)}, hidden)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated by Python while saving 64 MiB"
+    assert state.finished_layers(1, needs_hidden=True) == 1
+    assert torch.equal(load_file(tmp_path / "state" / "layer-00000.hidden.safetensors")["1"], hidden[1])
