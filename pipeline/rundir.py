@@ -25,31 +25,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_save_tensors(path: Path, tensors: dict) -> None:
-    """A safetensors file written straight from the tensors' memory (safetensors' save_file: no serialised copy in
-    memory, unlike `save` to bytes), fsync'd and renamed into place."""
-    from safetensors.torch import save_file
-
+@contextmanager
+def _replaced_atomically(path: Path) -> Iterator[str]:
+    """A temp path beside `path` to write: fsync'd and renamed onto `path` when the block ends, removed if it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -57,6 +40,20 @@ def atomic_save_tensors(path: Path, tensors: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_save_tensors(path: Path, tensors: dict) -> None:
+    """A safetensors file written straight from the tensors' memory (safetensors' save_file: no serialised copy in
+    memory, unlike `save` to bytes), fsync'd and renamed into place."""
+    from safetensors.torch import save_file
+
+    with _replaced_atomically(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
