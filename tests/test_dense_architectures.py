@@ -3,7 +3,7 @@ layers, random weights, the default model's tokenizer): Qwen3 (q/k norms, tied e
 gate/up already fused in the checkpoint) through calibrate -> quantize -> freeze -> export -> verify, and the
 recipe checks that speak their layer names (vLLM's fused-shard rule, exclude patterns).
 
-Serving: both ran through vLLM's CPU build by hand here (README, "Other dense architectures"); CI stops them at
+Serving: both ran through vLLM's CPU build by hand here (docs/schemes.md, "Other dense architectures"); CI stops them at
 verify (each more vLLM run is ~2 min here, issue #24's budget). Slow: two quantizations of ~15M-parameter models.
 """
 

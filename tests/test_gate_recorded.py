@@ -27,7 +27,7 @@ def _gate(tmp_path: Path, **gates) -> dict:
 
 def test_the_shipped_tiny_recipes_use_the_gatesspec_defaults():
     """One set of defaults: the default recipe, the other tiny recipes and `check` without a recipe
-    (which builds GatesSpec()) agree; the 4-bit recipes are looser on purpose (the explicit one's README
+    (which builds GatesSpec()) agree; the 4-bit recipes are looser on purpose (the explicit one's docs/schemes.md
     note; the W4A4 block formats' thresholds are measured on the tiny model, said in each recipe)."""
     looser_on_purpose = {"smollm2-135m-uint4-wo-64-asym.yaml", "smollm2-135m-mxfp4.yaml", "smollm2-135m-nvfp4.yaml"}
     recipes = sorted(DEFAULT_RECIPE.parent.glob("smollm2-135m-*.yaml"))

