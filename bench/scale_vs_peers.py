@@ -139,6 +139,10 @@ def ours(model_dir: Path, work: Path, shape: str, scheme: str, mode: str, sample
     return {"row": f"{scheme} {summary['mode']}", "wall_s": round(wall, 1), "peak_rss_bytes": int(peak_mb * 2**20),
             "plan_estimate_bytes": estimate, "verify": verified,
             "stage_wall_s": {stage: round(record["wall_s"], 1) for stage, record in records.items()},
+            # data-free: quantize_s is the main thread's quantizing and copying; read_wait_s its waits on the
+            # reader thread; write_s the writer thread's (overlapped) writing; total: the function, no imports.
+            "data_free_s": {key: summary[key] for key in ("read_wait_s", "write_s") if key in summary}
+            | ({"total": round(records["quantize"]["total_wall_s"], 1)} if "total_wall_s" in records["quantize"] else {}),
             "what": "quantize_freeze_export in a child: imports, read, quantize, write, config"}
 
 

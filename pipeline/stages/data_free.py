@@ -18,6 +18,8 @@ Quark write `quantization_config` exactly as it does in memory.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import queue
@@ -44,6 +46,8 @@ from pipeline.stages.stream_quantize import (
 GROUP_BYTES = DATA_FREE_GROUP_BYTES
 MAX_PART_BYTES = DATA_FREE_PART_BYTES
 STATE_FILE = "data-free.json"
+# Elements per Quark file-to-file call within one weight (see _quantize_fast): ~4 MiB of float32, cache-sized.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def static_activation_layer(quark_config) -> str | None:
@@ -117,13 +121,43 @@ def fast_weight_config(quark_config, live_name: str):
     return None
 
 
-def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype) -> dict:
-    """One linear by Quark's file-to-file quantizer, plus what its in-memory exporter adds (INT8's zero point)."""
+def _rows_independent(spec, weight) -> bool:
+    """Whether each row of the weight is quantized from itself alone (per-channel over output rows, or groups
+    along the input dimension): then Quark may take the rows in blocks and give the same bytes."""
+    if weight.dim() != 2:
+        return False
+    axis, qscheme = spec.ch_axis, spec.qscheme.value
+    return (qscheme == "per_channel" and axis == 0) or (qscheme == "per_group" and axis in (1, -1))
+
+
+@functools.cache
+def _weight_observer(observer_cls: type) -> type:
+    """Quark's observer class, less its count of calibration tokens: for a weight the count is meaningless (it
+    sizes MoE experts' calibration), and finding the non-zero rows is a full extra pass over every weight, a
+    third of the fast path's time (measured on 14B MLP weights, AVX2 EPYC). Min/max and scales are Quark's."""
+    return type(f"Weight{observer_cls.__name__}", (observer_cls,), {"record_observed_tokens": lambda self, tensor: None})
+
+
+def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype, chunk_elements: int = CHUNK_ELEMENTS) -> dict:
+    """One linear by Quark's file-to-file quantizer, plus what its in-memory exporter adds (INT8's zero point).
+    Rows go through in blocks of about chunk_elements where the scheme allows (`_rows_independent`): Quark's
+    kernel makes several float32/int32 passes over what it is given, and a block that fits the CPU's cache
+    takes them ~2.8x faster than a whole 70M-element weight (measured on a 14B MLP weight, AVX2 EPYC);
+    the bytes are the same (tests/test_data_free.py)."""
     import torch
     from quark.torch.quantization.file2file_quantization import _single_stage_quantize_weight
 
-    out: dict = {}
-    _single_stage_quantize_weight(weight.to(dtype), f"{live_name}.weight", live_name, spec, out, "")
+    weight = weight.to(dtype)
+    spec = copy.copy(spec)
+    spec.observer_cls = _weight_observer(spec.observer_cls)
+    rows = max(1, chunk_elements // max(1, weight.shape[-1])) if _rows_independent(spec, weight) else weight.shape[0]
+    blocks: list[dict] = []
+    for block in weight.split(rows):
+        out: dict = {}
+        _single_stage_quantize_weight(block, f"{live_name}.weight", live_name, spec, out, "")
+        blocks.append(out)
+    out = blocks[0] if len(blocks) == 1 else {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
+    del blocks
     scale = f"{live_name}.weight_scale"
     if spec.scale_format != "e8m0" and spec.scale_type.value == "float":  # the exporter keeps the model dtype
         out[scale] = out[scale].to(dtype)
@@ -152,8 +186,6 @@ def _quantize_linears(weights: dict, quark_config, model_type: str, dtype) -> tu
 
 def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tuple[dict, int]:
     """Quark's module path: ModelQuantizer, freeze, ModelPostProcessor on plain nn.Linear modules."""
-    import copy
-
     import torch
     from quark.torch import ModelQuantizer
 
