@@ -1,5 +1,6 @@
 """The data-free fast path hands Quark's file-to-file quantizer a weight's rows in cache-sized blocks
-(`data_free._quantize_fast`): for every scheme that path takes, the blocks give the bytes of one whole call.
+(`data_free._quantize_fast`), in parallel threads: for every scheme that path takes, the blocks give the bytes
+of one whole call.
 The slow tests in test_data_free.py hold the whole call to the in-memory export; the tiny model's weights are
 smaller than one block, so the blocks are checked here."""
 
@@ -34,11 +35,15 @@ def test_weight_rows_in_blocks_quantize_to_the_bytes_of_one_call(scheme):
     weight[7] *= 40  # one row far larger: a block boundary must not share its scale
     assert data_free._rows_independent(spec, weight)
     whole = data_free._quantize_fast(LAYER, weight, spec, "llama", torch.bfloat16, chunk_elements=10 ** 9)
-    blocks = data_free._quantize_fast(LAYER, weight, spec, "llama", torch.bfloat16, chunk_elements=128 * 16)
-    assert sorted(whole) == sorted(blocks) and f"{LAYER}.weight" in whole
-    for name in whole:
-        assert whole[name].dtype == blocks[name].dtype and whole[name].shape == blocks[name].shape, name
-        assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
+    serial = data_free._quantize_fast(LAYER, weight, spec, "llama", torch.bfloat16, chunk_elements=128 * 16)
+    with data_free._block_workers() as workers:  # as the data-free path runs them: on parallel threads
+        parallel = data_free._quantize_fast(LAYER, weight, spec, "llama", torch.bfloat16, chunk_elements=128 * 16,
+                                            workers=workers)
+    for blocks in (serial, parallel):
+        assert sorted(whole) == sorted(blocks) and f"{LAYER}.weight" in whole
+        for name in whole:
+            assert whole[name].dtype == blocks[name].dtype and whole[name].shape == blocks[name].shape, name
+            assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
 
 
 def test_a_per_channel_scale_over_input_columns_is_not_cut_into_row_blocks():
