@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 
 
 def _fail(exc: PipelineError) -> None:
+    """The one line, the run folder when there is one, and the error's exit code (QP_DEBUG: the traceback)."""
     if os.environ.get("QP_DEBUG"):
         raise exc
     click.echo(f"error: {exc.one_line()}", err=True)
@@ -42,7 +43,17 @@ JUNIT_OPTION = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The CLI's one error boundary: any command's PipelineError becomes `_fail`'s one line and exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            _fail(exc)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantize-pipeline")
 def main() -> None:
     """Quantize a Hugging Face causal LM with AMD Quark from a YAML recipe, verify the
@@ -65,13 +76,10 @@ def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
     from pipeline.errors import RecipeError
 
     for path in recipes:
-        try:
-            recipe = load_recipe(path, settings)
-            model_dir = checks.local_model_dir(recipe)
-            for field_path, problem in checks.model_problems(recipe, model_dir) if model_dir else ():
-                raise RecipeError(str(path), field_path, problem)
-        except PipelineError as exc:
-            _fail(exc)
+        recipe = load_recipe(path, settings)
+        model_dir = checks.local_model_dir(recipe)
+        for field_path, problem in checks.model_problems(recipe, model_dir) if model_dir else ():
+            raise RecipeError(str(path), field_path, problem)
         checked = "checked against the local model" if model_dir else "model not local: model checks at run time"
         click.echo(f"{path}: ok ({recipe.name}: {recipe.scheme.name}; {checked})")
 
@@ -142,13 +150,13 @@ def run(recipe: Path | None, output_dir: Path, refresh_baseline: bool, resume_di
         else:
             result = runner.run(recipe, output_root=output_dir, say=say, refresh_baseline=refresh_baseline,
                                 new_run=new_run, emit=emit, settings=settings, until=until)
-    except PipelineError as exc:
+    except PipelineError as exc:  # the report and event of a stopped run, then the boundary's one line
         if bars is not None:
             bars.close()
         _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
         if as_json:
             _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
-        _fail(exc)
+        raise
     if bars is not None:
         bars.close()
     if result.stopped_after is not None:
@@ -231,14 +239,11 @@ def plan(recipe: Path, model_config: Path | None, as_json: bool, settings: tuple
     from pipeline.errors import InputError
     from pipeline.recipe import load_recipe
 
-    try:
-        parsed = load_recipe(recipe, settings)
-        config_path = planning.find_model_config(parsed, model_config)
-        if config_path is None:
-            raise InputError(f"{recipe}: model.source: no local config.json for {parsed.model.source}; pass --model-config")
-        result = planning.make_plan(parsed, config_path)
-    except PipelineError as exc:
-        _fail(exc)
+    parsed = load_recipe(recipe, settings)
+    config_path = planning.find_model_config(parsed, model_config)
+    if config_path is None:
+        raise InputError(f"{recipe}: model.source: no local config.json for {parsed.model.source}; pass --model-config")
+    result = planning.make_plan(parsed, config_path)
     if as_json:
         click.echo(planning.to_json(result))
         return
@@ -291,24 +296,21 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     from pipeline.recipe import PublishSpec, load_recipe
     from pipeline.stages import publish as publish_stage
 
-    try:
-        report = publish_stage.check_publishable(run_dir)
-        recipe = load_recipe(run_dir / "recipe.yaml")
-        if target is not None:
-            spec = (recipe.publish or PublishSpec(target=target)).model_copy(update={"target": target})
-            recipe = recipe.model_copy(update={"publish": spec})
-        if recipe.publish is None:
-            raise RecipeError(str(run_dir / "recipe.yaml"), "publish", "no publish target: pass --target")
-        if dry_run:
-            with tempfile.TemporaryDirectory() as scratch:
-                summary = publish_stage.publish(recipe, run_dir, report, Path(scratch), dry_run=True)
-            for item in summary["listing"]:
-                click.echo(f"{item['size']:>12}  {item['sha256'][:16]}  {item['path']}")
-            click.echo(f"dry run: {len(summary['listing'])} files would go to {recipe.publish.target}")
-            return
-        summary = runner.publish_finished_run(run_dir, recipe, report)
-    except PipelineError as exc:
-        _fail(exc)
+    report = publish_stage.check_publishable(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if target is not None:
+        spec = (recipe.publish or PublishSpec(target=target)).model_copy(update={"target": target})
+        recipe = recipe.model_copy(update={"publish": spec})
+    if recipe.publish is None:
+        raise RecipeError(str(run_dir / "recipe.yaml"), "publish", "no publish target: pass --target")
+    if dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            summary = publish_stage.publish(recipe, run_dir, report, Path(scratch), dry_run=True)
+        for item in summary["listing"]:
+            click.echo(f"{item['size']:>12}  {item['sha256'][:16]}  {item['path']}")
+        click.echo(f"dry run: {len(summary['listing'])} files would go to {recipe.publish.target}")
+        return
+    summary = runner.publish_finished_run(run_dir, recipe, report)
     state = "already published, unchanged" if summary.get("already_published") else "published"
     click.echo(f"{state}: {summary['url']}" + (f" (commit {summary['commit']})" if summary.get("commit") else ""))
 
@@ -320,7 +322,7 @@ def _read_report(run_dir: Path) -> dict:
 
     path = run_dir / "report.json"
     if not path.is_file():
-        _fail(InputError(f"{path}: not found: the run never reached its gate"))
+        raise InputError(f"{path}: not found: the run never reached its gate")
     return json.loads(path.read_text())
 
 
@@ -374,18 +376,12 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
     smallest variant that passes every gate. Exit 0 when one passes, 3 when none does."""
     from pipeline import sweep as sweeping
 
-    try:
-        plan = sweeping.plan_sweep(recipe, output_dir, schemes=scheme_names, algorithms=algorithm_names,
-                                   executor=executor, settings=settings)
-    except PipelineError as exc:
-        _fail(exc)
+    plan = sweeping.plan_sweep(recipe, output_dir, schemes=scheme_names, algorithms=algorithm_names,
+                               executor=executor, settings=settings)
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     say(f"sweep: {len(plan.variants)} variants ({plan.executor} executor) -> {plan.sweep_dir}")
-    try:
-        result = sweeping.sweep(plan, say, sensitivity=with_sensitivity, auto_exclude=with_auto_exclude,
-                                max_size_ratio=max_size_ratio)
-    except PipelineError as exc:
-        _fail(exc)
+    result = sweeping.sweep(plan, say, sensitivity=with_sensitivity, auto_exclude=with_auto_exclude,
+                            max_size_ratio=max_size_ratio)
     if as_json:
         import json
 
@@ -406,10 +402,7 @@ def sensitivity(recipe: Path, output_dir: Path, top: int) -> None:
     one forward pass of the calibration tokens); write sensitivity.json."""
     from pipeline.auto_exclude import sensitivity as measure
 
-    try:
-        folder, result = measure(recipe, output_dir, click.echo)
-    except PipelineError as exc:
-        _fail(exc)
+    folder, result = measure(recipe, output_dir, click.echo)
     for row in result["ranking"][:top]:
         click.echo(f"{row['relative_output_error']:.3e}  {row['layer']}")
     estimate = result.get("keep_estimate")
@@ -435,10 +428,7 @@ def auto_exclude_command(recipe: Path, output_dir: Path, max_size_ratio: float |
     write the resulting recipe (exclude list spelled out). Exit 0 when found, 3 when not."""
     from pipeline.auto_exclude import auto_exclude
 
-    try:
-        result = auto_exclude(recipe, output_dir, click.echo, max_size_ratio=max_size_ratio, max_trials=max_trials)
-    except PipelineError as exc:
-        _fail(exc)
+    result = auto_exclude(recipe, output_dir, click.echo, max_size_ratio=max_size_ratio, max_trials=max_trials)
     if result["fewest_layers_kept"] is None:
         click.echo(f"no trial passed the gate ({len(result['trials'])} trials); see {result['folder']}")
         sys.exit(3)
@@ -457,12 +447,9 @@ def recipes_command() -> None:
     """List the recipes shipped in the package (a copy of one is a starting point: `init --from NAME`)."""
     from pipeline.shipped import shipped_recipes
 
-    try:
-        for shipped in shipped_recipes():
-            recipe = shipped.recipe
-            click.echo(f"{shipped.name}: {recipe.scheme.name} on {recipe.model.source} ({shipped.path})")
-    except PipelineError as exc:
-        _fail(exc)
+    for shipped in shipped_recipes():
+        recipe = shipped.recipe
+        click.echo(f"{shipped.name}: {recipe.scheme.name} on {recipe.model.source} ({shipped.path})")
 
 
 @main.command()
@@ -478,15 +465,12 @@ def init(model: str | None, scheme: str | None, shipped_name: str | None, destin
     from pipeline.errors import InputError
     from pipeline.shipped import copy_shipped, write_starter
 
-    try:
-        if (shipped_name is None) == (model is None) or (model is not None and scheme is None):
-            raise InputError("init: give MODEL with --scheme, or --from NAME")
-        if shipped_name is not None:
-            recipe = copy_shipped(shipped_name, destination, force=force)
-        else:
-            recipe = write_starter(model, scheme, destination, force=force)
-    except PipelineError as exc:
-        _fail(exc)
+    if (shipped_name is None) == (model is None) or (model is not None and scheme is None):
+        raise InputError("init: give MODEL with --scheme, or --from NAME")
+    if shipped_name is not None:
+        recipe = copy_shipped(shipped_name, destination, force=force)
+    else:
+        recipe = write_starter(model, scheme, destination, force=force)
     click.echo(f"{destination}: {recipe.name} ({recipe.scheme.name} on {recipe.model.source}); "
                f"next: quantize-pipeline validate {destination}")
 
@@ -569,11 +553,11 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_d
         result = runner.check(export_dir, base_source, recipe_path, output_root=output_dir, say=say,
                               refresh_baseline=refresh_baseline, emit=_print_event if as_json else no_events,
                               baselines=baselines, settings=settings)
-    except PipelineError as exc:
+    except PipelineError as exc:  # the report and event of a stopped run, then the boundary's one line
         _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
         if as_json:
             _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
-        _fail(exc)
+        raise
     _report_elsewhere(result.run_dir, junit_path, to_mlflow)
     if as_json:
         _print_event(_result_event(result.run_dir, 0, published=None, verdict=result.verdict))
@@ -590,15 +574,12 @@ def prepare_model(name: str) -> None:
     from pipeline.runner import resolve_base_model
 
     if name not in recipe.BUILTIN_MODELS:
-        _fail(PipelineError(f"unknown builtin model '{name}' (known: {', '.join(recipe.BUILTIN_MODELS)})"))
+        raise PipelineError(f"unknown builtin model '{name}' (known: {', '.join(recipe.BUILTIN_MODELS)})")
     log = models.cache_root() / "logs" / f"prepare-{name}.log"
     spec = recipe.Recipe.model_validate(
         {"name": "prepare", "model": {"source": f"builtin:{name}"}, "quantization": {"scheme": "int8_per_channel"}}
     )
-    try:
-        path = resolve_base_model(spec, log, click.echo)
-    except PipelineError as exc:
-        _fail(exc)
+    path = resolve_base_model(spec, log, click.echo)
     click.echo(f"{name}: {path}")
 
 

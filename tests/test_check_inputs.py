@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -34,3 +37,26 @@ def test_an_unknown_scheme_needs_a_recipe(tmp_path):
 def test_a_folder_without_config_is_refused(tmp_path):
     done = _check(tmp_path)
     assert done.returncode == 2 and "not a model folder (no config.json)" in done.stderr
+
+
+@pytest.mark.parametrize("arguments, exit_code, says", [
+    (["report", "{tmp}"], 2, "report.json: not found"),  # raised in a helper, not the command
+    (["init", "-o", "{tmp}/r.yaml"], 2, "init: give MODEL with --scheme"),
+    (["prepare-model", "no-such-model"], 1, "unknown builtin model 'no-such-model'"),
+    (["plan", "{tmp}/missing.yaml"], 2, "missing.yaml"),
+])
+def test_every_command_fails_through_the_one_error_boundary(tmp_path, monkeypatch, arguments, exit_code, says):
+    """The CLI's error boundary (`cli._Commands`): whichever command raises, one `error:` line and the error's
+    exit code, no traceback; each command holds no except of its own for it."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    monkeypatch.delenv("QP_DEBUG", raising=False)
+    result = CliRunner().invoke(cli.main, [part.format(tmp=tmp_path) for part in arguments])
+    assert result.exit_code == exit_code, result.output
+    lines = [line for line in result.output.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.output
+    assert result.exc_info is None or result.exc_info[0] is SystemExit
+    source = Path(cli.__file__).read_text()
+    assert source.count("_fail(exc)") == 1  # the boundary's, only
