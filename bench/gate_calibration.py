@@ -42,10 +42,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import metrics, sequential  # noqa: E402
-from pipeline.evidence import Interval, PerToken, perplexity_ratio_from_values  # noqa: E402
-from pipeline.recipe import GatesSpec  # noqa: E402
-from pipeline.stages import gate  # noqa: E402
+from quantize_pipeline import metrics, sequential  # noqa: E402
+from quantize_pipeline.evidence import Interval, PerToken, perplexity_ratio_from_values  # noqa: E402
+from quantize_pipeline.recipe import GatesSpec  # noqa: E402
+from quantize_pipeline.stages import gate  # noqa: E402
 
 BENCH_TASKS = ("arc_easy",)
 BENCH_LIMIT = 1000  # per task; ARC-Easy validation has 570: all of it
@@ -71,7 +71,7 @@ def _bench_recipe(shipped: str, work_dir: Path) -> Path:
 def _cli(*args: str, log: Path) -> Path:
     """Run the CLI; return the run directory it printed (exit codes 0, 3, 4 all leave one)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
     log.write_text(done.stdout + done.stderr)
     print(f"  {' '.join(args[:2])}: exit {done.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
     for line in (done.stdout + done.stderr).splitlines():
@@ -101,9 +101,9 @@ def corrupt_scales(source: Path, target: Path, layers: list[int] | None, sigma: 
 
 def _evaluate_export(recipe_path: Path, export: Path, out_dir: Path) -> Path:
     """serve + evaluate on an export (one engine load, as in a run); the bench replays the sampled rules only."""
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import resolve_base_model
-    from pipeline.stages import evaluate
+    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.runner import resolve_base_model
+    from quantize_pipeline.stages import evaluate
 
     recipe = load_recipe(recipe_path)
     (out_dir / "serve").mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ class ExportEvidence:
     """What one export's evaluation recorded: per-question outcomes, per-document perplexity, per-token divergence."""
 
     def __init__(self, evaluate_dir: Path):
-        from pipeline.evidence import paired_outcomes, per_doc_values
+        from quantize_pipeline.evidence import paired_outcomes, per_doc_values
 
         self.outcomes = {task: paired_outcomes(evaluate_dir, task) for task in BENCH_TASKS}
         base_ppl = per_doc_values(evaluate_dir, "base", "wikipedia-heldout")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import metrics
-from pipeline.evidence import PerToken, perplexity_ratio_interval
+from quantize_pipeline import metrics
+from quantize_pipeline.evidence import PerToken, perplexity_ratio_interval
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
@@ -53,7 +53,7 @@ def _simulated_answers(rng, questions: int, base_accuracy: float, drop: float, f
 def _default_run(workdir: Path) -> Path:
     print(f"running {DEFAULT_RECIPE.name} (minutes) ...", flush=True)
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(DEFAULT_RECIPE), "--output-dir", str(workdir), "-q"],
+        [sys.executable, "-m", "quantize_pipeline.cli", "run", str(DEFAULT_RECIPE), "--output-dir", str(workdir), "-q"],
         capture_output=True, text=True, cwd=REPO,
     )
     lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.startswith("run directory: ")]

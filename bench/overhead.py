@@ -34,9 +34,9 @@ END_TO_END_TARGET_S = 120.0
 PIPELINE_QUANTIZE = """
 import sys
 from pathlib import Path
-from pipeline import runner
-from pipeline.recipe import load_recipe
-from pipeline.stages import calibrate
+from quantize_pipeline import runner
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.stages import calibrate
 recipe_path, output_root = Path(sys.argv[1]), Path(sys.argv[2])
 recipe = load_recipe(recipe_path)
 run_dir, run_id = runner.new_run_dir(output_root, recipe)
@@ -51,9 +51,9 @@ RAW_QUARK = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from quark.torch import ModelQuantizer, export_safetensors
-from pipeline import layers
-from pipeline.recipe import load_recipe
-from pipeline.stages.quantize import build_quark_config  # the same Quark config object, nothing else of the pipeline
+from quantize_pipeline import layers
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.stages.quantize import build_quark_config  # the same Quark config object, nothing else of the pipeline
 recipe = load_recipe(sys.argv[1])
 model_dir, tokens_file, out = sys.argv[2:5]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, recipe.model.dtype)).eval()
@@ -73,7 +73,7 @@ AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 LM_EVAL_BY_HAND = """
 import sys
 if __name__ == "__main__":
-    from pipeline.lm_eval_vllm import vllm_lm_class
+    from quantize_pipeline.lm_eval_vllm import vllm_lm_class
     vllm_lm_class()
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm_eval", *sys.argv[1:]]
@@ -106,7 +106,7 @@ def _hand_task_folder(recipe, folder: Path) -> tuple[list[str], int | None]:
     recipe's perplexity_limit, since lm-eval's --limit is one number for every task."""
     import yaml
 
-    from pipeline import lm_eval_tasks
+    from quantize_pipeline import lm_eval_tasks
 
     spec = recipe.evaluation
     names = list(spec.tasks) + ([spec.perplexity_text] if spec.perplexity_text else [])
@@ -123,7 +123,7 @@ def _hand_task_folder(recipe, folder: Path) -> tuple[list[str], int | None]:
 
 
 def main() -> None:
-    from pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe import load_recipe
 
     arguments = [argument for argument in sys.argv[1:] if argument != "--caches-warm"]
     recipe_path = Path(arguments[0]).resolve() if arguments else DEFAULT_RECIPE
@@ -135,9 +135,9 @@ def main() -> None:
     # 3 first: a warm-up run fills the caches (converted model, base baselines), then the timed one.
     warm_s = None
     if "--caches-warm" not in sys.argv:
-        warm_s, _ = _timed("-m", "pipeline.cli", "run", str(recipe_path), "--output-dir", str(exports), "--new-run",
+        warm_s, _ = _timed("-m", "quantize_pipeline.cli", "run", str(recipe_path), "--output-dir", str(exports), "--new-run",
                            "--json", cwd=work)
-    end_to_end_s, done = _timed("-m", "pipeline.cli", "run", str(recipe_path), "--output-dir", str(exports), "--new-run",
+    end_to_end_s, done = _timed("-m", "quantize_pipeline.cli", "run", str(recipe_path), "--output-dir", str(exports), "--new-run",
                                 "--json", cwd=work)
     events = [json.loads(line) for line in done.stdout.splitlines()]
     run_dir = _run_dir(done)
@@ -152,7 +152,7 @@ def main() -> None:
     # 2. serve + evaluate, base figures recomputed, vs lm_eval by hand on both models.
     copy = exports / recipe.name / f"{run_dir.name}-serve-evaluate"
     shutil.copytree(run_dir, copy)
-    pipeline_eval_s, _ = _timed("-m", "pipeline.cli", "run", str(recipe_path), "--resume", str(copy), "--from-stage",
+    pipeline_eval_s, _ = _timed("-m", "quantize_pipeline.cli", "run", str(recipe_path), "--resume", str(copy), "--from-stage",
                                 "serve", "--refresh-baseline", "-q", cwd=work)
     stages = json.loads((copy / "manifest.json").read_text())["stages"]
     stage_eval_s = stages["serve"]["wall_s"] + stages["evaluate"]["wall_s"]

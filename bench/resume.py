@@ -21,7 +21,7 @@ def main() -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     full_s = sum(record["wall_s"] for record in manifest["stages"].values() if not record.get("reused"))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--resume", str(run_dir), "-q"],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "run", str(recipe), "--resume", str(run_dir), "-q"],
                           capture_output=True, text=True)
     resume_s = time.perf_counter() - started
     if done.returncode != 0:

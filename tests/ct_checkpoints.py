@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.rundir import staged_folder
+from quantize_pipeline.rundir import staged_folder
 
 PRESETS = ("W8A8", "W4A16_G64")
 

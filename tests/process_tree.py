@@ -24,7 +24,7 @@ class CliRun:
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             # Own session: killing its process group never reaches pytest.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, stdout=stdout, stderr=stderr,
+                [sys.executable, "-m", "quantize_pipeline.cli", *args], cwd=cwd, stdout=stdout, stderr=stderr,
                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
             )
 

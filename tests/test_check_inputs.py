@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 def _check(export_dir, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "check", str(export_dir), "--base", "builtin:smollm2-135m-instruct", *extra],
+        [sys.executable, "-m", "quantize_pipeline.cli", "check", str(export_dir), "--base", "builtin:smollm2-135m-instruct", *extra],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
 
@@ -50,7 +50,7 @@ def test_every_command_fails_through_the_one_error_boundary(tmp_path, monkeypatc
     exit code, no traceback; each command holds no except of its own for it."""
     from click.testing import CliRunner
 
-    from pipeline import cli
+    from quantize_pipeline import cli
 
     monkeypatch.delenv("QP_DEBUG", raising=False)
     result = CliRunner().invoke(cli.main, [part.format(tmp=tmp_path) for part in arguments])

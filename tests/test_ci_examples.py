@@ -44,7 +44,7 @@ def test_every_command_exists_with_the_options_it_passes(path):
     commands = _commands(path)
     assert {command[0] for command in commands} == {"validate", "plan", "run"}
     for command in commands:
-        helped = subprocess.run([sys.executable, "-m", "pipeline.cli", command[0], "--help"], capture_output=True,
+        helped = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", command[0], "--help"], capture_output=True,
                                 text=True, cwd=REPO, timeout=120)
         assert helped.returncode == 0, helped.stderr
         for option in (word for word in command if word.startswith("--")):
@@ -56,7 +56,7 @@ def test_every_command_exists_with_the_options_it_passes(path):
 @pytest.mark.parametrize("path", [GITHUB, GITLAB], ids=["github", "gitlab"])
 def test_the_validate_and_plan_steps_pass_here_as_written(path):
     for command in (command for command in _commands(path) if command[0] in ("validate", "plan")):
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", *command], capture_output=True, text=True,
                               cwd=REPO, timeout=300)
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pipeline import compat
-from pipeline.schemes import SCHEMES
+from quantize_pipeline import compat
+from quantize_pipeline.schemes import SCHEMES
 from tests.conftest import MINIMAL_RECIPE, REPO
 
 
@@ -44,7 +44,7 @@ def test_run_refuses_unservable_scheme_before_loading_anything(tmp_path):
     recipe = tmp_path / "fp8.yaml"
     recipe.write_text(MINIMAL_RECIPE.replace("int8_per_channel", "fp8"))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--output-dir", str(tmp_path / "exports")],
+        [sys.executable, "-m", "quantize_pipeline.cli", "run", str(recipe), "--output-dir", str(tmp_path / "exports")],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert done.returncode == 2
@@ -55,7 +55,7 @@ def test_run_refuses_unservable_scheme_before_loading_anything(tmp_path):
 
 def test_schemes_command_lists_every_scheme():
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "schemes"], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "quantize_pipeline.cli", "schemes"], capture_output=True, text=True, cwd=REPO, timeout=60
     )
     assert done.returncode == 0, done.stderr
     for scheme in SCHEMES:

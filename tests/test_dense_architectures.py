@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checks
-from pipeline.recipe import load_recipe
-from pipeline.safetensors_header import read_folder
+from quantize_pipeline import checks
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.safetensors_header import read_folder
 from tests.conftest import write_synthetic_models
 
 pytestmark = pytest.mark.slow  # the fixture writes two checkpoints with the default model's tokenizer
@@ -48,7 +48,7 @@ def _recipe(tmp_path: Path, model_dir: Path, exclude: str = "") -> Path:
 @pytest.mark.parametrize("shape", list(LINEAR))
 def test_quantize_export_verify(models, shape, tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(_recipe(tmp_path, models[shape])), "--until", "verify",
+        [sys.executable, "-m", "quantize_pipeline.cli", "run", str(_recipe(tmp_path, models[shape])), "--until", "verify",
          "--output-dir", str(tmp_path / "exports")], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
     run_dir = next((tmp_path / "exports").glob("*/*/manifest.json")).parent

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pipeline import devices, plan
-from pipeline.errors import RecipeError
-from pipeline.recipe import Recipe, ResourcesSpec, load_recipe
+from quantize_pipeline import devices, plan
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.recipe import Recipe, ResourcesSpec, load_recipe
 from tests.conftest import REPO
 
 NONE_SEEN = devices.Accelerators("2.13.0+cpu", None, 0, (), ())
@@ -105,21 +105,21 @@ def test_auto_on_gpus_streams_unless_in_memory_is_known_to_fit():
 
 def test_plan_of_the_flagship_works_as_typed():
     """No --model-config: the config shipped under recipes/model-configs/ is found offline."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "recipes/llama70b-fp8.yaml", "--json"],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "plan", "recipes/llama70b-fp8.yaml", "--json"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["quantize_mode"] == "streaming"
     assert result["quantize_device"] == "cuda"  # the recipe's resources.device
     assert result["quantize_peaks_bytes"]["streaming"]["host"] < 24 * GIB
-    text = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "recipes/llama70b-fp8.yaml"],
+    text = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "plan", "recipes/llama70b-fp8.yaml"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert "mode streaming" in text.stdout and "streaming peak memory (estimate): host" in text.stdout
 
 
 def test_run_refuses_a_missing_device_before_anything_loads(tmp_path, minimal_recipe_text, write_recipe):
     recipe = write_recipe(minimal_recipe_text + "resources:\n  device: cuda\n")
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--output-dir", str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "run", str(recipe), "--output-dir", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

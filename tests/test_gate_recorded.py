@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.recipe import GatesSpec, load_recipe
-from pipeline.run_facts import RunFacts
-from pipeline.stages import gate
+from quantize_pipeline.recipe import GatesSpec, load_recipe
+from quantize_pipeline.run_facts import RunFacts
+from quantize_pipeline.stages import gate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "int8-default-run"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-int8.yaml"

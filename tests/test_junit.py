@@ -7,7 +7,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
-from pipeline.junit import write_junit
+from quantize_pipeline.junit import write_junit
 from tests.conftest import REPO
 from tests.test_gate import _evaluation, _facts, _gate, _recipe
 
@@ -42,7 +42,7 @@ def test_check_json_prints_the_result_event_and_writes_no_junit_before_a_gate(tm
     not_quantized.mkdir()
     (not_quantized / "config.json").write_text(json.dumps({"model_type": "llama"}))
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "check", str(not_quantized), "--base", "builtin:smollm2-135m-instruct",
+        [sys.executable, "-m", "quantize_pipeline.cli", "check", str(not_quantized), "--base", "builtin:smollm2-135m-instruct",
          "--json", "--junit-xml", str(tmp_path / "gate.xml")],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )

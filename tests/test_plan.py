@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipeline import checks
-from pipeline.plan import make_plan
-from pipeline.recipe import load_recipe
+from quantize_pipeline import checks
+from quantize_pipeline.plan import make_plan
+from quantize_pipeline.recipe import load_recipe
 from tests.conftest import REPO
 
 CONFIGS = REPO / "recipes" / "model-configs"
@@ -62,7 +62,7 @@ def test_dense_int4_fp8_is_refused_with_the_reason():
 
 def test_plan_command_json():
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "plan", "recipes/llama8b-ptpc-fp8.yaml", "--json",
+        [sys.executable, "-m", "quantize_pipeline.cli", "plan", "recipes/llama8b-ptpc-fp8.yaml", "--json",
          "--model-config", str(CONFIGS / "llama-3.1-8b-instruct" / "config.json")],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )
@@ -100,7 +100,7 @@ def test_group_size_must_divide_the_model(tmp_path, local_model):
 
 def test_exclude_pattern_must_match_a_layer(tmp_path, local_model):
     recipe_path = _recipe_for(tmp_path, local_model, "int8_per_channel", "[lm_head, 'o_projj']")
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(recipe_path)],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "validate", str(recipe_path)],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2
     assert f"{recipe_path}: quantization.exclude: pattern 'o_projj' matches no layer of the model" in done.stderr
@@ -158,7 +158,7 @@ def test_plan_of_the_largest_moe_configs_offline_prints_experts_routers_and_stre
     assert plan.mode == "streaming"  # a layer of experts at a time: no machine holds these in memory
     assert 0 < plan.quantize_peaks["streaming"]["host"] < plan.quantize_peaks["in_memory"]["host"]
     printed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "plan", "recipes/mixtral-int4-fp8.yaml",
+        [sys.executable, "-m", "quantize_pipeline.cli", "plan", "recipes/mixtral-int4-fp8.yaml",
          "--model-config", str(CONFIGS / config / "config.json")], capture_output=True, text=True, cwd=REPO, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

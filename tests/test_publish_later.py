@@ -8,9 +8,9 @@ import sys
 
 import yaml
 
-from pipeline.recipe import PublishSpec, load_recipe
-from pipeline.rundir import hash_tree
-from pipeline.resume import STAGES, reusable_stages, stage_config_sha256
+from quantize_pipeline.recipe import PublishSpec, load_recipe
+from quantize_pipeline.rundir import hash_tree
+from quantize_pipeline.resume import STAGES, reusable_stages, stage_config_sha256
 from tests.conftest import REPO
 
 
@@ -38,7 +38,7 @@ def _passed_run_without_publish(tmp_path):
 def test_publish_later_is_recorded_in_the_manifest_and_kept_on_resume(tmp_path):
     run_dir, recipe = _passed_run_without_publish(tmp_path)
     target = tmp_path / "published"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(run_dir), "--target", str(target)],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "publish", str(run_dir), "--target", str(target)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("published:"), done.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -51,7 +51,7 @@ def test_publish_later_is_recorded_in_the_manifest_and_kept_on_resume(tmp_path):
     assert "publish" not in published_manifest["stages"] and published_manifest["stages"]["gate"]["status"] == "done"
 
     # Recording itself did not change what gets published: the same run again changes nothing.
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(run_dir), "--target", str(target)],
+    again = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "publish", str(run_dir), "--target", str(target)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and again.stdout.startswith("already published, unchanged"), again.stdout + again.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -76,7 +76,7 @@ def test_a_published_folder_names_no_path_of_the_machine_that_made_it(tmp_path):
                     files={name: digest for name, digest in hash_tree(run_dir).items() if name != "manifest.json"})
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     target = tmp_path / "published" / "smollm2-int8"
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "publish", str(run_dir), "--target", str(target)],
+    done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "publish", str(run_dir), "--target", str(target)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     card = (target / "README.md").read_text()

@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
-from pipeline.recipe import ALGORITHMS, Recipe
-from pipeline.schemes import SCHEMES
-from pipeline.stages import quantize
+from quantize_pipeline.recipe import ALGORITHMS, Recipe
+from quantize_pipeline.schemes import SCHEMES
+from quantize_pipeline.stages import quantize
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""pipeline/quark_import.py narrows Quark's import-time scan of transformers' modeling files to the files naming
+"""quantize_pipeline/quark_import.py narrows Quark's import-time scan of transformers' modeling files to the files naming
 the fused-experts decorator: Quark must still register every decorated class (its MoE unfusing depends on it)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import quark_import
+from quantize_pipeline import quark_import
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # imports Quark (~15 s)
 
 REGISTERED = """
-import json, pipeline, quark.torch
+import json, quantize_pipeline, quark.torch
 from quark.torch.utils.llm.module_replacement import quark_experts
 from quark.torch.utils.llm.module_replacement.preprocess_registry import PREPROCESS_REGISTRY
 print(json.dumps({"loader": type(quark_experts.__spec__.loader).__name__,

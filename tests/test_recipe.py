@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.recipe import load_recipe
 from tests.conftest import DEFAULT_RECIPE, MINIMAL_RECIPE, REPO
 
 
@@ -79,7 +79,7 @@ def test_recipe_hash_changes_with_content(write_recipe):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "quantize_pipeline.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=60
     )
 
 
@@ -95,7 +95,7 @@ def test_validate_command_ok_and_bad(write_recipe):
 def test_validate_does_not_import_torch_and_is_fast():
     probe = (
         "import sys, time; t = time.perf_counter();"
-        "from click.testing import CliRunner; from pipeline.cli import main;"
+        "from click.testing import CliRunner; from quantize_pipeline.cli import main;"
         f"r = CliRunner().invoke(main, ['validate', {str(DEFAULT_RECIPE)!r}]);"
         "assert r.exit_code == 0, r.output;"
         "heavy = [m for m in ('torch', 'vllm', 'quark', 'lm_eval', 'transformers') if m in sys.modules];"

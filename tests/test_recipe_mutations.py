@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.recipe import load_recipe
 from tests.conftest import DEFAULT_RECIPE, REPO
 
 BASE = yaml.safe_load(DEFAULT_RECIPE.read_text())
@@ -86,7 +86,7 @@ def test_cli_refuses_a_mutated_corpus_with_exit_2_and_no_traceback(tmp_path):
         path.write_text((mutated if isinstance(mutated, str) else yaml.safe_dump(mutated)) + "\nnot_a_field: 1\n")
         paths.append(path)
     for path in paths:
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(path)],
+        done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "validate", str(path)],
                               capture_output=True, text=True, cwd=REPO, timeout=60)
         assert done.returncode == 2, (path.read_text(), done.stdout)
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

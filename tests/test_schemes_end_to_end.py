@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.safetensors_header import read_folder
+from quantize_pipeline.safetensors_header import read_folder
 from tests.conftest import REPO
 from tests.ci_recipes import ci_sized
 from tests.test_end_to_end import run_dir_of, run_recipe
@@ -56,8 +56,8 @@ def _served_or_export_only(recipe_name: str, refusal: str, tmp_path: Path):
     transformers fallback choice, whose reason must contain `refusal`: how the fallback evaluates and
     gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's.
     Returns (run_dir or None, report or None, tensors)."""
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import check_engine
+    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.runner import check_engine
 
     choice = check_engine(load_recipe(_cheap_copy(recipe_name, tmp_path)), tmp_path / recipe_name)
     if choice.name == "vllm":
@@ -80,7 +80,7 @@ def test_int4_weight_only_group_64(tmp_path):
 
 def _export_only(recipe_name: str, tmp_path: Path):
     """The CI-sized copy quantized, exported and verified, without serving: (recipe, verify result, tensors)."""
-    from pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe import load_recipe
     from tests.export_only import quantize_and_verify
 
     recipe = load_recipe(_cheap_copy(recipe_name, tmp_path))
@@ -89,8 +89,8 @@ def _export_only(recipe_name: str, tmp_path: Path):
 
 
 def test_ptpc_fp8(tmp_path):
-    from pipeline import compat
-    from pipeline.runner import check_engine
+    from quantize_pipeline import compat
+    from quantize_pipeline.runner import check_engine
 
     name = "smollm2-135m-ptpc-fp8.yaml"
     if compat.fp8_too_slow_on_this_cpu():
@@ -212,9 +212,9 @@ def _a_hand_mislabelled_mxfp4_export_fails_verify(nvfp4_run: Path, tmp_path: Pat
     mxfp4 recipe refuses the tensors (FP8 block scales of 16 where MX has e8m0 scales of 32)."""
     import shutil
 
-    from pipeline.errors import VerifyFailed
-    from pipeline.recipe import load_recipe
-    from pipeline.stages import verify
+    from quantize_pipeline.errors import VerifyFailed
+    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.stages import verify
 
     model_dir = shutil.copytree(nvfp4_run / "model", tmp_path / "mislabelled")
     config = json.loads((model_dir / "config.json").read_text())

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.recipe import load_recipe
 from tests.conftest import DEFAULT_RECIPE, REPO
 
 
@@ -54,7 +54,7 @@ def test_a_bad_setting_is_one_line_naming_the_file_and_field(setting, field, wor
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
 
 
@@ -68,7 +68,7 @@ def test_validate_and_plan_take_settings():
 
 
 def test_every_sweep_variant_carries_the_settings(tmp_path):
-    from pipeline import sweep
+    from quantize_pipeline import sweep
 
     plan = sweep.plan_sweep(DEFAULT_RECIPE, tmp_path, schemes="int8_per_channel,int4_wo_64",
                             settings=("evaluation.limit=25", "evaluation.max_limit=25"))

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import cli
-from pipeline.recipe import load_recipe
-from pipeline.resume import UNTIL_STAGES
-from pipeline.shipped import SHIPPED_RECIPES_DIR, shipped_recipes, starter_name
+from quantize_pipeline import cli
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.resume import UNTIL_STAGES
+from quantize_pipeline.shipped import SHIPPED_RECIPES_DIR, shipped_recipes, starter_name
 from tests.conftest import REPO
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.sweep import Variant, plan_sweep, variant_recipe_data
-from pipeline.sweep_report import pareto_front, smallest_passing, write
+from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.sweep import Variant, plan_sweep, variant_recipe_data
+from quantize_pipeline.sweep_report import pareto_front, smallest_passing, write
 from tests.conftest import REPO
 
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
@@ -65,7 +65,7 @@ def test_a_bad_sweep_section_names_its_field(tmp_path):
 
 def test_the_cli_refuses_in_one_line_with_exit_2(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(DEFAULT_RECIPE), "--schemes", "int9",
+        [sys.executable, "-m", "quantize_pipeline.cli", "sweep", str(DEFAULT_RECIPE), "--schemes", "int9",
          "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120,
     )
     assert completed.returncode == 2
@@ -150,7 +150,7 @@ def test_the_report_names_the_sensitive_layers_and_what_auto_exclude_kept(tmp_pa
 
 
 def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
-    from pipeline.stages.sensitivity import next_keep_count
+    from quantize_pipeline.stages.sensitivity import next_keep_count
 
     def walk(first_passing: int, layers: int = 210, guess: int | None = None) -> list[int]:
         tried: dict[int, bool] = {}
@@ -173,8 +173,8 @@ def test_a_sweeps_failing_variant_is_auto_excludes_first_trial(tmp_path):
     """sweep --auto-exclude: the variant's own run is trial K = 0 (the same recipe), not run a second time."""
     import json
 
-    from pipeline.auto_exclude import auto_exclude, sensitivity_key
-    from pipeline.recipe import load_recipe
+    from quantize_pipeline.auto_exclude import auto_exclude, sensitivity_key
+    from quantize_pipeline.recipe import load_recipe
 
     recipe_path = tmp_path / "int8_per_tensor-rtn.yaml"
     recipe_path.write_text((REPO / "recipes" / "smollm2-135m-int8-per-tensor.yaml").read_text())
@@ -193,7 +193,7 @@ def test_a_sweeps_failing_variant_is_auto_excludes_first_trial(tmp_path):
 
 
 def test_layers_vllm_fuses_are_kept_together():
-    from pipeline.layers import keep_units
+    from quantize_pipeline.layers import keep_units
 
     ranked = ["model.layers.9.mlp.down_proj", "model.layers.29.mlp.up_proj", "model.layers.3.self_attn.k_proj",
               "model.layers.29.mlp.gate_proj", "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
@@ -205,8 +205,8 @@ def test_layers_vllm_fuses_are_kept_together():
 
 
 def test_an_exclude_that_splits_a_fused_layer_is_found():
-    """`validate` and `run` refuse it before loading (pipeline/checks.py): vLLM would refuse the export in serve."""
-    from pipeline.layers import select, split_fused_groups
+    """`validate` and `run` refuse it before loading (quantize_pipeline/checks.py): vLLM would refuse the export in serve."""
+    from quantize_pipeline.layers import select, split_fused_groups
 
     names = [f"model.layers.{i}.{leaf}" for i in range(2) for leaf in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from pipeline.safetensors_header import read_folder
+from quantize_pipeline.safetensors_header import read_folder
 from tests.ci_recipes import CALIBRATION_TOKENS, CI_GATES, ci_sized
 from tests.conftest import DEFAULT_RECIPE
 
@@ -73,7 +73,7 @@ def four_layer_sweep_recipe(sweep_recipe) -> Path:
 def _sweep(recipe: Path, output: Path, executor: str, algorithms: str = "rtn,gptq",
            schemes: str = "int8_per_channel") -> tuple[subprocess.CompletedProcess, dict]:
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(recipe), "--schemes", schemes,
+        [sys.executable, "-m", "quantize_pipeline.cli", "sweep", str(recipe), "--schemes", schemes,
          "--algorithms", algorithms, "--executor", executor, "--output-dir", str(output)],
         capture_output=True, text=True, cwd=REPO, timeout=3600,
     )
@@ -196,7 +196,7 @@ def test_auto_exclude_makes_per_tensor_int8_pass_by_keeping_its_most_sensitive_l
     assert "  max_seq_len: 512\n" in text
     recipe.write_text(text.replace("name: smollm2-135m-int8\n", "name: per-tensor\n"))
     completed = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "2",
+        [sys.executable, "-m", "quantize_pipeline.cli", "auto-exclude", str(recipe), "--max-trials", "2",
          "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=3600,
     )
     result = json.loads((tmp_path / "out" / "per-tensor-auto-exclude" / "auto-exclude.json").read_text())

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.rundir import is_stale_temp, locked, remove_stale_temps
-from pipeline.unfinished import describe, is_finished, unfinished_run
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.rundir import is_stale_temp, locked, remove_stale_temps
+from quantize_pipeline.unfinished import describe, is_finished, unfinished_run
 from tests.conftest import REPO
 
 RECIPE_SHA = "a" * 64
@@ -91,7 +91,7 @@ def test_stale_temps_are_removed_and_nothing_else(tmp_path):
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "run", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=120)
 
 

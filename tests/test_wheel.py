@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.resume import STAGES
-from pipeline.rundir import sha256_file
+from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.resume import STAGES
+from quantize_pipeline.rundir import sha256_file
 from tests.ci_recipes import CI_GATES, ci_sized
 from tests.conftest import REPO
 from tests.export_only import quantize_and_verify
@@ -60,7 +60,7 @@ def test_the_wheel_runs_the_shipped_default_outside_the_checkout_quantizing_here
     verify`, its folder moved to another and finished there by `run --resume RUN_DIR` alone: every stopped stage
     kept, the gate passed, the export published equal (sha256) to an uninterrupted quantize of the same recipe.
     A copy with one byte of the export changed is refused in one line."""
-    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import pipeline; print(pipeline.__file__)"],
+    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import quantize_pipeline; print(quantize_pipeline.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout.strip()
     assert Path(where).is_relative_to(installed) and not Path(where).is_relative_to(REPO), where
 

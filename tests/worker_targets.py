@@ -1,11 +1,11 @@
-"""Functions that tests run through pipeline.worker.call_isolated (real child processes)."""
+"""Functions that tests run through quantize_pipeline.worker.call_isolated (real child processes)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from pipeline.errors import VerifyFailed
+from quantize_pipeline.errors import VerifyFailed
 
 
 def spawn_grandchild(pid_file: str) -> dict:
@@ -27,7 +27,7 @@ def allocate(megabytes: int, hold_s: float = 0.6) -> dict:
 
 
 def raise_recipe_error() -> None:
-    from pipeline.errors import RecipeError
+    from quantize_pipeline.errors import RecipeError
 
     raise RecipeError("recipes/x.yaml", "resources.device", "'cuda' asked for, no CUDA device here")
 
@@ -63,8 +63,8 @@ def spawn_grandchild_and_wait(pid_file: str) -> dict:
 
 
 def _engine(model_dir: str, recipe_path: str):
-    from pipeline import engine, engines
-    from pipeline.recipe import load_recipe
+    from quantize_pipeline import engine, engines
+    from quantize_pipeline.recipe import load_recipe
 
     options = engine.engine_options(load_recipe(recipe_path), quantized=True)
     engine.prepare_environment(options)
@@ -86,9 +86,9 @@ def serving_figures_and_hand_timed(model_dir: str, recipe_path: str, out_dir: st
 
     from vllm import SamplingParams
 
-    from pipeline import engines
-    from pipeline.recipe import load_recipe
-    from pipeline.stages import serve
+    from quantize_pipeline import engines
+    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.stages import serve
 
     spec = load_recipe(recipe_path).evaluation
     loaded = _engine(model_dir, recipe_path)

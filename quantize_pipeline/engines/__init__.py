@@ -1,0 +1,38 @@
+"""One object per (model, engine): load once, then generate, evaluate and score with it.
+
+`load(model_dir, options)` picks the engine named by the options from a small registry;
+engine modules are imported only when loaded (vLLM's import alone takes seconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+from quantize_pipeline.engine import EngineOptions
+from quantize_pipeline.engines.base import Engine, Generation
+
+# name -> ("module:class", distribution whose version is the engine's version; vLLM's has two names)
+ENGINES = {
+    "vllm": ("quantize_pipeline.engines.vllm:VllmEngine", "vllm"),
+    "transformers": ("quantize_pipeline.engines.transformers:TransformersEngine", "transformers"),
+    # Baseline columns only (recipe `baselines:`): the base model quantized on load.
+    "bitsandbytes-int8": ("quantize_pipeline.engines.bitsandbytes:Int8Engine", "bitsandbytes"),
+    "bitsandbytes-nf4": ("quantize_pipeline.engines.bitsandbytes:NF4Engine", "bitsandbytes"),
+}
+
+__all__ = ["ENGINES", "Engine", "Generation", "load", "version"]
+
+
+def load(model_dir: str, options: EngineOptions) -> Engine:
+    """The loaded engine (import and load timed apart: engine.import_s, engine.load_s)."""
+    module_name, class_name = ENGINES[options.engine][0].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(model_dir, options)
+
+
+def version(engine_name: str) -> str:
+    """Version of the engine package, from metadata (no import)."""
+    from quantize_pipeline.lm_eval_vllm import vllm_version
+
+    distribution = ENGINES[engine_name][1]
+    return vllm_version() if distribution == "vllm" else importlib.metadata.version(distribution)
