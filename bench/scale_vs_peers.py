@@ -207,6 +207,10 @@ def main() -> None:
         if (fp8 := by_name.get("fp8 streaming")):
             print(f"calibrated fp8 streaming / data-free: {fp8['wall_s'] / data_free['wall_s']:.2f} (target <= 1.5)")
         print(f"data-free peak RSS: {data_free['peak_rss_bytes'] / GIB:.2f} GiB (target <= 4)")
+    for row in rows:
+        if row.get("plan_estimate_bytes") and row.get("peak_rss_bytes"):
+            print(f"plan / measured peak, {row['row']}: {row['plan_estimate_bytes'] / row['peak_rss_bytes']:.2f} "
+                  "(target within 0.75-1.25)")
     if not args.keep_checkpoint:
         shutil.rmtree(model_dir, ignore_errors=True)
 

@@ -124,6 +124,7 @@ class MetaModel:
     embedding_params: int  # embeddings (and an untied lm_head): streamed at the start and the end
     hidden_size: int
     experts: int = 0  # experts per MoE layer (0: dense); a layer of experts is streaming's unit (largest_block_params)
+    checkpoint_dtype: str | None = None  # config.json's dtype (the data-free path casts what differs from the recipe's)
 
 
 def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
@@ -158,7 +159,13 @@ def meta_model(config_path: Path, trust_remote_code: bool = False) -> MetaModel:
         largest_block_params=max(blocks.values(), default=0), embedding_params=embedding,
         hidden_size=config.get_text_config().hidden_size,
         experts=max((getattr(config.get_text_config(), key, None) or 0 for key in moe.MOE_EXPERT_COUNT_KEYS), default=0),
+        checkpoint_dtype=_dtype_name(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)),
     )
+
+
+def _dtype_name(dtype) -> str | None:
+    """config.json's dtype as the recipe spells it (`bfloat16`), from a torch dtype or a string."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _expert_layers(name: str, parameter_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -195,10 +202,15 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.
     one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
     shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds one output shard until it writes it
-    # data_free: three groups of weights (one quantized, two read ahead) and Quark's float copies of one, three
-    # output files (one filling, one queued, one being written), the embedding matrix read and cast.
-    data_free = LIBRARY_OVERHEAD_BYTES + 6 * min(DATA_FREE_GROUP_BYTES, base) + 3 * min(DATA_FREE_PART_BYTES, base) \
-        + 2 * model.embedding_params * dtype_bytes
+    # data_free, the larger of its two phases. Linears: three groups of weights (one quantized, two read ahead;
+    # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
+    # queued, one being written). The embedding matrix (copied, not quantized: one tensor, not cut): it and its
+    # cast, with one group read ahead and one file being written. Counted as a sum, the two phases gave 6.70 GiB
+    # for the 14B shape's measured 3.25 (bench/scale_vs_peers.py); as the larger, 3.11.
+    group, part = min(DATA_FREE_GROUP_BYTES, base), min(DATA_FREE_PART_BYTES, base)
+    embedding = model.embedding_params * dtype_bytes
+    cast = 1 if model.checkpoint_dtype == recipe.model.dtype else 2  # else the matrix as read, and cast
+    data_free = LIBRARY_OVERHEAD_BYTES + max(3 * group + 3 * part, cast * embedding + group + part)
     if device == "cpu":
         return {
             "in_memory": {"host": in_memory + LIBRARY_OVERHEAD_BYTES, "device": 0},
