@@ -8,7 +8,8 @@ file-to-file quantizer where that writes what its exporter does (`fast_weight_co
 `export_safetensors` runs in memory). The export is byte-identical to the in-memory one (tests/test_data_free.py).
 
 A pipeline of three: a reader thread reads the next group of tensors while the main thread quantizes one
-(torch uses every core) and a writer thread writes the last finished file. Each input shard is a resume
+(its weights' row blocks on one thread per core, `_block_workers`) and a writer thread writes the last
+finished file. Each input shard is a resume
 unit: its output files and their sha256 are recorded in the run's state folder, which the runner removes
 once the export is committed; after a kill, finished shards are linked back in, not redone.
 
