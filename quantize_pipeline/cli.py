@@ -153,9 +153,7 @@ def run(recipe: Path | None, output_dir: Path, refresh_baseline: bool, resume_di
     except PipelineError as exc:  # the report and event of a stopped run, then the boundary's one line
         if bars is not None:
             bars.close()
-        _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
-        if as_json:
-            _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
+        _report_stopped(exc, junit_path, to_mlflow, as_json)
         raise
     if bars is not None:
         bars.close()
@@ -200,6 +198,14 @@ def _report_elsewhere(run_dir: Path | None, junit_path: Path | None, to_mlflow: 
             click.echo(f"error: mlflow: {exc.one_line()}", err=True)
             return
         click.echo(f"mlflow: run {logged['run_id']} in {logged['tracking_uri']}", err=True)
+
+
+def _report_stopped(exc: PipelineError, junit_path: Path | None, to_mlflow: bool, as_json: bool) -> None:
+    """What `run` and `check` still write when they stop on an error: JUnit/MLflow (when the gate was reached)
+    and, with --json, the result event; the error's one line is the boundary's."""
+    _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
+    if as_json:
+        _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
 
 
 def _print_event(event: dict) -> None:
@@ -554,9 +560,7 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_d
                               refresh_baseline=refresh_baseline, emit=_print_event if as_json else no_events,
                               baselines=baselines, settings=settings)
     except PipelineError as exc:  # the report and event of a stopped run, then the boundary's one line
-        _report_elsewhere(exc.run_dir, junit_path, to_mlflow)
-        if as_json:
-            _print_event(_result_event(exc.run_dir, exc.exit_code, published=None, error=exc.one_line()))
+        _report_stopped(exc, junit_path, to_mlflow, as_json)
         raise
     _report_elsewhere(result.run_dir, junit_path, to_mlflow)
     if as_json:
