@@ -206,7 +206,7 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
     # queued, one being written). The embedding matrix (copied, not quantized: one tensor, not cut): it and its
     # cast, with one group read ahead and one file being written. Counted as a sum, the two phases gave 6.70 GiB
-    # for the 14B shape's measured 3.25 (bench/scale_vs_peers.py); as the larger, 3.11.
+    # for the 14B shape's measured 3.25 (bench/scale_vs_peers.py); as the larger, 3.05.
     group, part = min(DATA_FREE_GROUP_BYTES, base), min(DATA_FREE_PART_BYTES, base)
     embedding = model.embedding_params * dtype_bytes
     cast = 1 if model.checkpoint_dtype == recipe.model.dtype else 2  # else the matrix as read, and cast
