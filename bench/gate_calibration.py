@@ -42,10 +42,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from quantize_pipeline import metrics, sequential  # noqa: E402
-from quantize_pipeline.evidence import Interval, PerToken, perplexity_ratio_from_values  # noqa: E402
-from quantize_pipeline.recipe import GatesSpec  # noqa: E402
-from quantize_pipeline.stages import gate  # noqa: E402
+from quantize_pipeline.recipe.schema import GatesSpec  # noqa: E402
+from quantize_pipeline.verdict import gate  # noqa: E402
+from quantize_pipeline.verdict import sequential  # noqa: E402
+from quantize_pipeline.verdict import metrics
+from quantize_pipeline.verdict.evidence import Interval, PerToken, perplexity_ratio_from_values  # noqa: E402
 
 BENCH_TASKS = ("arc_easy",)
 BENCH_LIMIT = 1000  # per task; ARC-Easy validation has 570: all of it
@@ -101,9 +102,9 @@ def corrupt_scales(source: Path, target: Path, layers: list[int] | None, sigma: 
 
 def _evaluate_export(recipe_path: Path, export: Path, out_dir: Path) -> Path:
     """serve + evaluate on an export (one engine load, as in a run); the bench replays the sampled rules only."""
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.runner import resolve_base_model
-    from quantize_pipeline.stages import evaluate
+    from quantize_pipeline.evaluate import evaluate
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.run.runner import resolve_base_model
 
     recipe = load_recipe(recipe_path)
     (out_dir / "serve").mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ class ExportEvidence:
     """What one export's evaluation recorded: per-question outcomes, per-document perplexity, per-token divergence."""
 
     def __init__(self, evaluate_dir: Path):
-        from quantize_pipeline.evidence import paired_outcomes, per_doc_values
+        from quantize_pipeline.verdict.evidence import paired_outcomes, per_doc_values
 
         self.outcomes = {task: paired_outcomes(evaluate_dir, task) for task in BENCH_TASKS}
         base_ppl = per_doc_values(evaluate_dir, "base", "wikipedia-heldout")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantize_pipeline import metrics
-from quantize_pipeline.evidence import PerToken, perplexity_ratio_interval
+from quantize_pipeline.verdict import metrics
+from quantize_pipeline.verdict.evidence import PerToken, perplexity_ratio_interval
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"

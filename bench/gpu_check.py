@@ -5,7 +5,7 @@
 
 Steps (each prints one line; a failed assertion names its step and the check exits 1; the JSON is written either way):
   1. streaming: the tiny model, `fp8` (static), quantized in streaming mode on DEVICE; its export equals the CPU
-     export of the same recipe tensor by tensor (quantize_pipeline/export_equality.py: the streaming-equality tolerances)
+     export of the same recipe tensor by tensor (quantize_pipeline/verify/export_equality.py: the streaming-equality tolerances)
      and passes verify.
   2. in memory: the same recipe in memory on DEVICE (an accelerate device map on GPUs): equal to the same CPU
      reference, verified.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-# The quantize jobs run in child processes (quantize_pipeline.worker) that import this file by name.
+# The quantize jobs run in child processes (quantize_pipeline.run.worker) that import this file by name.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
 
 GIB = 2**30
@@ -82,7 +82,7 @@ def quantize_job(recipe: dict, model_dir: str, calibrate_dir: str, out_root: str
     that shows a broken step fails)."""
     import torch
 
-    from quantize_pipeline.stages.quantize import quantize_freeze_export
+    from quantize_pipeline.quantize.stage import quantize_freeze_export
 
     on_gpu = device != "cpu"
     if on_gpu:
@@ -124,8 +124,8 @@ class Check:
     def model_dir(self) -> Path:
         """The tiny model as a local folder: the builtin (converted once), a folder, or `synthetic:SHAPE` (random
         weights written here, with the default model's tokenizer from --tokenizer: the GPU machines lack its GGUF)."""
-        from quantize_pipeline.recipe import Recipe
-        from quantize_pipeline.runner import resolve_base_model
+        from quantize_pipeline.recipe.schema import Recipe
+        from quantize_pipeline.run.runner import resolve_base_model
 
         if self.model.startswith("synthetic:"):
             from synthetic_llama import write_checkpoint
@@ -140,8 +140,8 @@ class Check:
         return Path(resolve_base_model(recipe, self.work / "logs" / "model.log", say=print))
 
     def calibrate(self, model_dir: Path) -> Path:
-        from quantize_pipeline.recipe import Recipe
-        from quantize_pipeline.stages.calibrate import calibrate
+        from quantize_pipeline.quantize.calibrate import calibrate
+        from quantize_pipeline.recipe.schema import Recipe
 
         folder = self.work / "calibrate"
         shutil.rmtree(folder, ignore_errors=True)
@@ -151,7 +151,7 @@ class Check:
 
     def quantize(self, label: str, recipe: dict, model_dir: Path, calibrate_dir: Path, device: str,
                  corrupt: bool = False) -> dict:
-        from quantize_pipeline.worker import call_isolated
+        from quantize_pipeline.run.worker import call_isolated
 
         out_root = self.work / label
         shutil.rmtree(out_root, ignore_errors=True)
@@ -166,9 +166,9 @@ class Check:
                 "mode": result["records"]["quantize"]["summary"]["mode"]}
 
     def verify(self, step: str, recipe: dict, base_dir: Path, export_dir: Path) -> None:
-        from quantize_pipeline import checks
-        from quantize_pipeline.recipe import Recipe
-        from quantize_pipeline.stages import verify
+        from quantize_pipeline.recipe import checks
+        from quantize_pipeline.recipe.schema import Recipe
+        from quantize_pipeline.verify import verify
 
         out = export_dir.parent / "verify"
         out.mkdir(exist_ok=True)
@@ -180,7 +180,7 @@ class Check:
         check(step, result["passed"] and result["quantized_layers_checked"] > 0, f"verify: {result}")
 
     def equal(self, step: str, reference: Path, export: Path) -> None:
-        from quantize_pipeline.export_equality import differences
+        from quantize_pipeline.verify.export_equality import differences
 
         found = differences(reference, export)
         check(step, not found, f"{len(found)} differences from the CPU reference, first: {found[:3]}")
@@ -227,8 +227,8 @@ class Check:
         from memory_scaling import _calibration_tokens
         from synthetic_llama import SHAPES, write_checkpoint
 
-        from quantize_pipeline import plan
-        from quantize_pipeline.recipe import Recipe
+        from quantize_pipeline.recipe import plan
+        from quantize_pipeline.recipe.schema import Recipe
 
         step = "step 3 (synthetic)"
         shape = SYNTHETIC_SHAPE["cpu" if self.device == "cpu" else "cuda"]

@@ -93,8 +93,8 @@ def copy_tokenizer(folder: Path) -> Path:
     over a call's 64 MiB), so the GPU check writes a synthetic 135M-shaped checkpoint there and uses these."""
     from synthetic_llama import copy_tokenizer as copy_tokenizer_files
 
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.runner import resolve_base_model
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.run.runner import resolve_base_model
 
     model_dir = resolve_base_model(load_recipe(REPO / "recipes" / "smollm2-135m-int8.yaml"), folder.parent / "model.log",
                                    say=click.echo)

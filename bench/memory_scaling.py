@@ -5,7 +5,7 @@ shard by shard) from 135M to one larger than this machine's memory (14B: ~29.5 G
 with `fp8` (static per-tensor calibration) and `int8_per_channel`, lm_head excluded, in both modes where
 plan says in-memory fits the host budget. Each quantization is one child process (imports + reading the
 weights + calibration + quantize + freeze + export): its peak RSS is that of the whole process tree,
-sampled by quantize_pipeline.worker as for every stage. Every export is checked with `verify`. Prints one table
+sampled by quantize_pipeline.run.worker as for every stage. Every export is checked with `verify`. Prints one table
 (and writes JSON + a PNG) with the ratio of each peak to the checkpoint size and to plan's estimate.
 
     .venv/bin/python bench/memory_scaling.py [--shapes 135m,1b,3b,8b,14b] [--schemes fp8,int8_per_channel]
@@ -34,25 +34,25 @@ GIB = 2**30
 
 def quantize_job(recipe: dict, model_dir: str, calibrate_dir: str, out_root: str, mode: str) -> dict:
     """Child-process job: quantize -> freeze -> export one checkpoint in one mode; stage records."""
-    from quantize_pipeline.recipe import Recipe
-    from quantize_pipeline.stages.calibrate import load_token_batches
+    from quantize_pipeline.quantize.calibrate import load_token_batches
+    from quantize_pipeline.recipe.schema import Recipe
 
     out = Path(out_root)
     out_dirs = {stage: str(out / stage) for stage in ("quantize", "freeze", "model")}
     for folder in out_dirs.values():
         Path(folder).mkdir(parents=True, exist_ok=True)
     if mode == "streaming":
-        from quantize_pipeline.stages.stream_quantize import stream_quantize
+        from quantize_pipeline.quantize.streaming import stream_quantize
 
         return stream_quantize(Recipe.model_validate(recipe), Path(model_dir),
                                load_token_batches(Path(calibrate_dir)), out_dirs)
-    from quantize_pipeline.stages.quantize import quantize_freeze_export
+    from quantize_pipeline.quantize.stage import quantize_freeze_export
 
     return quantize_freeze_export(recipe, model_dir, calibrate_dir, out_dirs)
 
 
 def _recipe(model_dir: Path, scheme: str, mode: str, samples: int, seq_len: int):
-    from quantize_pipeline.recipe import Recipe
+    from quantize_pipeline.recipe.schema import Recipe
 
     return Recipe.model_validate({
         "name": f"bench-{model_dir.name}-{scheme}",
@@ -64,7 +64,7 @@ def _recipe(model_dir: Path, scheme: str, mode: str, samples: int, seq_len: int)
 
 def _calibration_tokens(folder: Path, vocab_size: int, samples: int, seq_len: int) -> Path:
     """Random token ids (the weights are random too): what calibrate writes, tokens.jsonl."""
-    from quantize_pipeline.stages.calibrate import TOKENS_FILE
+    from quantize_pipeline.quantize.calibrate import TOKENS_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -75,9 +75,9 @@ def _calibration_tokens(folder: Path, vocab_size: int, samples: int, seq_len: in
 
 
 def measure(shape: str, scheme: str, mode: str, model_dir: Path, work: Path, samples: int, seq_len: int) -> dict:
-    from quantize_pipeline import checks, plan
-    from quantize_pipeline.stages import verify
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.recipe import checks, plan
+    from quantize_pipeline.run.worker import call_isolated
+    from quantize_pipeline.verify import verify
 
     recipe = _recipe(model_dir, scheme, mode, samples, seq_len)
     calibrate_dir = _calibration_tokens(work / "calibrate", SHAPES[shape]["vocab_size"], samples, seq_len)
@@ -109,7 +109,7 @@ def measure(shape: str, scheme: str, mode: str, model_dir: Path, work: Path, sam
 
 
 def _in_memory_fits(model_dir: Path, scheme: str, samples: int, seq_len: int) -> bool:
-    from quantize_pipeline import plan
+    from quantize_pipeline.recipe import plan
 
     result = plan.make_plan(_recipe(model_dir, scheme, "auto", samples, seq_len), model_dir / "config.json", device="cpu")
     return result.quantize_peaks["in_memory"]["host"] <= result.host_budget_bytes
@@ -167,7 +167,7 @@ def reestimate(rows: list[dict], samples: int, seq_len: int) -> None:
     """plan's estimates recomputed for measured rows (from the shapes' configs alone, no weights)."""
     import tempfile
 
-    from quantize_pipeline import plan
+    from quantize_pipeline.recipe import plan
 
     with tempfile.TemporaryDirectory() as folder:
         for row in rows:

@@ -34,9 +34,9 @@ END_TO_END_TARGET_S = 120.0
 PIPELINE_QUANTIZE = """
 import sys
 from pathlib import Path
-from quantize_pipeline import runner
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.stages import calibrate
+from quantize_pipeline.run import runner
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.quantize import calibrate
 recipe_path, output_root = Path(sys.argv[1]), Path(sys.argv[2])
 recipe = load_recipe(recipe_path)
 run_dir, run_id = runner.new_run_dir(output_root, recipe)
@@ -51,9 +51,9 @@ RAW_QUARK = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from quark.torch import ModelQuantizer, export_safetensors
-from quantize_pipeline import layers
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.stages.quantize import build_quark_config  # the same Quark config object, nothing else of the pipeline
+from quantize_pipeline.recipe import layers
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.quantize.quantize import build_quark_config  # the same Quark config object, nothing else of the pipeline
 recipe = load_recipe(sys.argv[1])
 model_dir, tokens_file, out = sys.argv[2:5]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, recipe.model.dtype)).eval()
@@ -73,7 +73,7 @@ AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 LM_EVAL_BY_HAND = """
 import sys
 if __name__ == "__main__":
-    from quantize_pipeline.lm_eval_vllm import vllm_lm_class
+    from quantize_pipeline.engines.lm_eval_vllm import vllm_lm_class
     vllm_lm_class()
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm_eval", *sys.argv[1:]]
@@ -106,7 +106,7 @@ def _hand_task_folder(recipe, folder: Path) -> tuple[list[str], int | None]:
     recipe's perplexity_limit, since lm-eval's --limit is one number for every task."""
     import yaml
 
-    from quantize_pipeline import lm_eval_tasks
+    from quantize_pipeline.evaluate import lm_eval_tasks
 
     spec = recipe.evaluation
     names = list(spec.tasks) + ([spec.perplexity_text] if spec.perplexity_text else [])
@@ -123,7 +123,7 @@ def _hand_task_folder(recipe, folder: Path) -> tuple[list[str], int | None]:
 
 
 def main() -> None:
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe.schema import load_recipe
 
     arguments = [argument for argument in sys.argv[1:] if argument != "--caches-warm"]
     recipe_path = Path(arguments[0]).resolve() if arguments else DEFAULT_RECIPE

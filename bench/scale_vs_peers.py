@@ -59,7 +59,7 @@ def peer_python(venv: Path) -> Path:
 
 def _timed_process(command: list[str], log: Path) -> tuple[float, int, int]:
     """(wall seconds, peak RSS of the process tree in bytes, exit code), sampling the tree every 0.2 s."""
-    from quantize_pipeline.worker import tree_rss_bytes
+    from quantize_pipeline.run.worker import tree_rss_bytes
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
@@ -99,7 +99,7 @@ def read_write(model_dir: Path, work: Path) -> dict:
 
 def _recipe(model_dir: Path, scheme: str, mode: str, samples: int, seq_len: int):
     """In the checkpoint's bf16, as the peer keeps it (auto would compute in float32 on CPUs without bf16)."""
-    from quantize_pipeline.recipe import Recipe
+    from quantize_pipeline.recipe.schema import Recipe
 
     return Recipe.model_validate({
         "name": f"scale-{model_dir.name}-{scheme}", "model": {"source": str(model_dir), "dtype": "bfloat16"},
@@ -109,9 +109,9 @@ def _recipe(model_dir: Path, scheme: str, mode: str, samples: int, seq_len: int)
 
 
 def ours(model_dir: Path, work: Path, shape: str, scheme: str, mode: str, samples: int = 8, seq_len: int = 128) -> dict:
-    from quantize_pipeline import checks, plan
-    from quantize_pipeline.stages import verify
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.recipe import checks, plan
+    from quantize_pipeline.run.worker import call_isolated
+    from quantize_pipeline.verify import verify
 
     recipe = _recipe(model_dir, scheme, mode, samples, seq_len)
     calibrate_dir = _calibration_tokens(work / "calibrate", SHAPES[shape]["vocab_size"], samples, seq_len)
@@ -122,7 +122,7 @@ def ours(model_dir: Path, work: Path, shape: str, scheme: str, mode: str, sample
         folder.mkdir(parents=True)
     started = time.perf_counter()
     records, peak_mb = call_isolated(
-        "quantize_pipeline.stages.quantize:quantize_freeze_export",
+        "quantize_pipeline.quantize.stage:quantize_freeze_export",
         {"recipe": recipe.model_dump(mode="json"), "model_dir": str(model_dir), "calibrate_dir": str(calibrate_dir),
          "out_dirs": {name: str(path) for name, path in out_dirs.items()}},
         log_path=work / "logs" / f"{out_root.name}.log", stage="quantize")

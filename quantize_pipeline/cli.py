@@ -12,7 +12,26 @@ from pathlib import Path
 
 import click
 
-from quantize_pipeline.errors import PipelineError
+from quantize_pipeline.commands import sweep as sweeping
+from quantize_pipeline.commands.auto_exclude import auto_exclude
+from quantize_pipeline.commands.auto_exclude import sensitivity as measure
+from quantize_pipeline.errors import InputError, PipelineError, RecipeError
+from quantize_pipeline.publish import publish as publish_stage
+from quantize_pipeline.recipe import checks, compat, models
+from quantize_pipeline.recipe import plan as planning
+from quantize_pipeline.recipe import schema as recipe_schema
+from quantize_pipeline.recipe.schema import PublishSpec, load_recipe
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme
+from quantize_pipeline.recipe.shipped import copy_shipped, shipped_recipes, write_starter
+from quantize_pipeline.run import runner
+from quantize_pipeline.run.events import no_events
+from quantize_pipeline.run.progress_bars import ProgressBars
+from quantize_pipeline.run.rundir import atomic_write_text
+from quantize_pipeline.run.runner import resolve_base_model
+from quantize_pipeline.verdict.junit import write_junit
+from quantize_pipeline.verdict.mlflow_report import log_run
+from quantize_pipeline.verdict.plot import write_accuracy_plot
+from quantize_pipeline.verdict.report import ACCURACY_PLOT, render_comparison, render_markdown
 
 
 def _fail(exc: PipelineError) -> None:
@@ -70,11 +89,6 @@ def main() -> None:
 @SET_OPTION
 def validate(recipes: tuple[Path, ...], settings: tuple[str, ...]) -> None:
     """Check RECIPES (schema and files) without loading any model; exit 2 on the first bad one."""
-    from quantize_pipeline.recipe import load_recipe
-
-    from quantize_pipeline import checks
-    from quantize_pipeline.errors import RecipeError
-
     for path in recipes:
         recipe = load_recipe(path, settings)
         model_dir = checks.local_model_dir(recipe)
@@ -119,9 +133,6 @@ def run(recipe: Path | None, output_dir: Path, refresh_baseline: bool, resume_di
     resumed instead of started over; --new-run starts over. Prints the gate verdict, the
     run directory and the published location.
     """
-    from quantize_pipeline import runner
-    from quantize_pipeline.errors import InputError
-    from quantize_pipeline.events import no_events
 
     def say(line: str) -> None:
         if not quiet:
@@ -133,8 +144,6 @@ def run(recipe: Path | None, output_dir: Path, refresh_baseline: bool, resume_di
     elif quiet:
         emit = no_events
     else:
-        from quantize_pipeline.progress_bars import ProgressBars
-
         bars = ProgressBars()
         emit = bars.handle
     try:
@@ -185,13 +194,9 @@ def _report_elsewhere(run_dir: Path | None, junit_path: Path | None, to_mlflow: 
 
     report = json.loads((run_dir / "report.json").read_text())
     if junit_path is not None:
-        from quantize_pipeline.junit import write_junit
-
         write_junit(report, junit_path)
     recipe_data = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
     if to_mlflow or "mlflow" in (recipe_data or {}).get("report_to", ()):
-        from quantize_pipeline.mlflow_report import log_run
-
         try:
             logged = log_run(run_dir, report, recipe_data or {})
         except PipelineError as exc:  # the gate's verdict and exit code stand; the missing report is said
@@ -241,9 +246,6 @@ def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None
 def plan(recipe: Path, model_config: Path | None, as_json: bool, settings: tuple[str, ...]) -> None:
     """Show what RECIPE would do, from the model's config alone: stages, which layers get
     which scheme, export size and peak memory estimates, and the engine that can serve it."""
-    from quantize_pipeline import plan as planning
-    from quantize_pipeline.errors import InputError
-    from quantize_pipeline.recipe import load_recipe
 
     parsed = load_recipe(recipe, settings)
     config_path = planning.find_model_config(parsed, model_config)
@@ -297,11 +299,6 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     """
     import tempfile
 
-    from quantize_pipeline import runner
-    from quantize_pipeline.errors import RecipeError
-    from quantize_pipeline.recipe import PublishSpec, load_recipe
-    from quantize_pipeline.stages import publish as publish_stage
-
     report = publish_stage.check_publishable(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
     if target is not None:
@@ -324,8 +321,6 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
 def _read_report(run_dir: Path) -> dict:
     import json
 
-    from quantize_pipeline.errors import InputError
-
     path = run_dir / "report.json"
     if not path.is_file():
         raise InputError(f"{path}: not found: the run never reached its gate")
@@ -336,10 +331,6 @@ def _read_report(run_dir: Path) -> dict:
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def report(run_dir: Path) -> None:
     """Re-render RUN_DIR/report.md and accuracy.png from report.json; print the Markdown."""
-    from quantize_pipeline.plot import write_accuracy_plot
-    from quantize_pipeline.report import ACCURACY_PLOT, render_markdown
-    from quantize_pipeline.rundir import atomic_write_text
-
     report_data = _read_report(run_dir)
     text = render_markdown(report_data)
     atomic_write_text(run_dir / "report.md", text)
@@ -351,8 +342,6 @@ def report(run_dir: Path) -> None:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 def compare(run_dirs: tuple[Path, ...]) -> None:
     """Put several runs side by side (Markdown table): verdict, every rule, size, speed."""
-    from quantize_pipeline.report import render_comparison
-
     click.echo(render_comparison([(f"{path.parent.name}/{path.name}", _read_report(path)) for path in run_dirs]), nl=False)
 
 
@@ -380,7 +369,6 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
     """Run RECIPE once per scheme x algorithm (each variant its own resumable run, nothing published);
     write sweep.json, sweep.md and sweep.png (size vs recovery and KL, the Pareto front), and name the
     smallest variant that passes every gate. Exit 0 when one passes, 3 when none does."""
-    from quantize_pipeline import sweep as sweeping
 
     plan = sweeping.plan_sweep(recipe, output_dir, schemes=scheme_names, algorithms=algorithm_names,
                                executor=executor, settings=settings)
@@ -406,7 +394,6 @@ def sweep(recipe: Path, scheme_names: str | None, algorithm_names: str | None, e
 def sensitivity(recipe: Path, output_dir: Path, top: int) -> None:
     """Rank RECIPE's linear layers by their relative output error under its scheme (one Quark quantization,
     one forward pass of the calibration tokens); write sensitivity.json."""
-    from quantize_pipeline.auto_exclude import sensitivity as measure
 
     folder, result = measure(recipe, output_dir, click.echo)
     for row in result["ranking"][:top]:
@@ -432,7 +419,6 @@ def sensitivity(recipe: Path, output_dir: Path, top: int) -> None:
 def auto_exclude_command(recipe: Path, output_dir: Path, max_size_ratio: float | None, max_trials: int) -> None:
     """Find the fewest of RECIPE's most sensitive layers to keep in the model dtype so that its gate passes;
     write the resulting recipe (exclude list spelled out). Exit 0 when found, 3 when not."""
-    from quantize_pipeline.auto_exclude import auto_exclude
 
     result = auto_exclude(recipe, output_dir, click.echo, max_size_ratio=max_size_ratio, max_trials=max_trials)
     if result["fewest_layers_kept"] is None:
@@ -451,8 +437,6 @@ def auto_exclude_command(recipe: Path, output_dir: Path, max_size_ratio: float |
 @main.command("recipes")
 def recipes_command() -> None:
     """List the recipes shipped in the package (a copy of one is a starting point: `init --from NAME`)."""
-    from quantize_pipeline.shipped import shipped_recipes
-
     for shipped in shipped_recipes():
         recipe = shipped.recipe
         click.echo(f"{shipped.name}: {recipe.scheme.name} on {recipe.model.source} ({shipped.path})")
@@ -468,8 +452,6 @@ def recipes_command() -> None:
 def init(model: str | None, scheme: str | None, shipped_name: str | None, destination: Path, force: bool) -> None:
     """Write a starter recipe: MODEL (Hub id, folder, .gguf or builtin:NAME) with --scheme, every other
     field at its default; or a copy of a shipped recipe (--from). Validated as it is written."""
-    from quantize_pipeline.errors import InputError
-    from quantize_pipeline.shipped import copy_shipped, write_starter
 
     if (shipped_name is None) == (model is None) or (model is not None and scheme is None):
         raise InputError("init: give MODEL with --scheme, or --from NAME")
@@ -487,16 +469,12 @@ def schemes() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from quantize_pipeline import compat
-    from quantize_pipeline.schemes import SCHEMES
-
     installed = compat.installed_vllm_engine()
     table = Table(title=f"schemes (installed engine: {installed or 'none'})", show_lines=True)
     table.add_column("scheme", style="bold")
     table.add_column("what it is")
     for engine in compat.ENGINES:
         table.add_column(engine)
-    from quantize_pipeline.schemes import get_scheme
 
     def cells(entry_for) -> list[str]:
         out = []
@@ -549,8 +527,6 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_d
           as_json: bool, baselines: tuple[str, ...], settings: tuple[str, ...], junit_path: Path | None,
           to_mlflow: bool) -> None:
     """Gate an export made elsewhere: verify -> serve -> evaluate -> gate, same rules and exit codes as `run`."""
-    from quantize_pipeline import runner
-    from quantize_pipeline.events import no_events
 
     def say(line: str) -> None:
         click.echo(line, err=as_json)
@@ -574,13 +550,10 @@ def check(export_dir: Path, base_source: str, recipe_path: Path | None, output_d
 @click.argument("name", default="smollm2-135m-instruct")
 def prepare_model(name: str) -> None:
     """Convert a shipped builtin model (GGUF from PyPI) to HF safetensors in the cache, once."""
-    from quantize_pipeline import models, recipe
-    from quantize_pipeline.runner import resolve_base_model
-
-    if name not in recipe.BUILTIN_MODELS:
-        raise PipelineError(f"unknown builtin model '{name}' (known: {', '.join(recipe.BUILTIN_MODELS)})")
+    if name not in recipe_schema.BUILTIN_MODELS:
+        raise PipelineError(f"unknown builtin model '{name}' (known: {', '.join(recipe_schema.BUILTIN_MODELS)})")
     log = models.cache_root() / "logs" / f"prepare-{name}.log"
-    spec = recipe.Recipe.model_validate(
+    spec = recipe_schema.Recipe.model_validate(
         {"name": "prepare", "model": {"source": f"builtin:{name}"}, "quantization": {"scheme": "int8_per_channel"}}
     )
     path = resolve_base_model(spec, log, click.echo)

@@ -24,7 +24,7 @@ class PipelineError(Exception):
         return f"[{self.stage}] {text}" if self.stage else text
 
     def to_json(self) -> dict:
-        """What crosses the child-process hop (quantize_pipeline/worker.py): enough to raise the same error again."""
+        """What crosses the child-process hop (quantize_pipeline/run/worker.py): enough to raise the same error again."""
         return {"type": type(self).__name__, "message": str(self)}
 
     @staticmethod

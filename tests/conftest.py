@@ -71,8 +71,8 @@ def tiny_model_dir() -> Path:
     import subprocess
     import sys
 
-    from quantize_pipeline import models
-    from quantize_pipeline.compute_dtype import auto_dtype
+    from quantize_pipeline.recipe import models
+    from quantize_pipeline.recipe.compute_dtype import auto_dtype
 
     done = subprocess.run([sys.executable, "-m", "quantize_pipeline.cli", "prepare-model"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -97,7 +97,7 @@ def ct_checkpoints(tiny_model_dir):
     """Real compressed-tensors checkpoints of the tiny model, built by compressed-tensors and cached
     under QP_CACHE_DIR: W8A8 (int8 per channel + dynamic per-token int8), W4A16 (pack-quantized int4,
     groups of 64), and a W8A8 that leaves layer 0's down_proj dense (for the ignore-list tests)."""
-    from quantize_pipeline import models
+    from quantize_pipeline.recipe import models
     from tests.ct_checkpoints import cached
 
     root = models.cache_root()
@@ -124,7 +124,7 @@ def pytest_runtest_logreport(report):
 
 
 def _write_ci_times() -> None:
-    from quantize_pipeline.rundir import atomic_write_json
+    from quantize_pipeline.run.rundir import atomic_write_json
 
     modules: dict[str, float] = {}
     for nodeid, seconds in _TEST_SECONDS.items():

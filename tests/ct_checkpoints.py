@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from quantize_pipeline.rundir import staged_folder
+from quantize_pipeline.run.rundir import staged_folder
 
 PRESETS = ("W8A8", "W4A16_G64")
 
@@ -40,7 +40,11 @@ def _weight_qparams(weight, args):
 
 def scheme_for(preset: str):
     from compressed_tensors.quantization import (
-        QuantizationArgs, QuantizationScheme, QuantizationStrategy, QuantizationType, preset_name_to_scheme,
+        QuantizationArgs,
+        QuantizationScheme,
+        QuantizationStrategy,
+        QuantizationType,
+        preset_name_to_scheme,
     )
 
     if preset == "W8A8":  # int8 per-channel weights, int8 dynamic per-token activations

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.runner import resolve_base_model
-from quantize_pipeline.stages import calibrate, verify
-from quantize_pipeline.worker import call_isolated
+from quantize_pipeline.quantize import calibrate
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.run.runner import resolve_base_model
+from quantize_pipeline.run.worker import call_isolated
+from quantize_pipeline.verify import verify
 
 
 def quantize_and_verify(recipe: Recipe, tmp_path: Path) -> tuple[dict, dict, dict[str, Path]]:
@@ -19,7 +20,7 @@ def quantize_and_verify(recipe: Recipe, tmp_path: Path) -> tuple[dict, dict, dic
         folder.mkdir()
     calibrate.calibrate(recipe, model_dir, folders["calibrate"])
     records, _ = call_isolated(
-        "quantize_pipeline.stages.quantize:quantize_freeze_export",
+        "quantize_pipeline.quantize.stage:quantize_freeze_export",
         {"recipe": recipe.model_dump(mode="json"), "model_dir": str(model_dir), "calibrate_dir": str(folders["calibrate"]),
          "out_dirs": {name: str(folders[name]) for name in ("quantize", "freeze", "model")}},
         log_path=tmp_path / "logs" / "quantize.log", stage="quantize",

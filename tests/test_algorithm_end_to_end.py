@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.recipe import Recipe
+from quantize_pipeline.recipe.schema import Recipe
 from tests.export_only import quantize_and_verify
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import MINIMAL_RECIPE
 
 
@@ -58,7 +58,7 @@ def test_bad_algorithm_settings_are_refused_in_one_line(write_recipe, algorithm,
 
 def test_algorithm_calibration_batches_are_packed_to_one_length():
     """Quark's layer-wise algorithms need batches of one length (see equal_length_batches)."""
-    from quantize_pipeline.stages.quantize import equal_length_batches
+    from quantize_pipeline.quantize.quantize import equal_length_batches
 
     batches = equal_length_batches([[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11, 12]])
     assert batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]

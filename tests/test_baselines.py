@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import Recipe
+from quantize_pipeline.recipe.schema import Recipe
 
 BASE = {"name": "t", "model": {"source": "builtin:smollm2-135m-instruct"}, "quantization": {"scheme": "int8_per_channel"}}
 
@@ -17,7 +17,7 @@ def _recipe(**extra) -> Recipe:
 
 
 def test_a_baseline_is_exactly_one_kind_with_a_unique_name(write_recipe):
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe.schema import load_recipe
 
     recipe = _recipe(baselines=[{"name": "bnb-int8", "bitsandbytes": "int8"}, {"name": "old", "checkpoint": "/x"}])
     assert [baseline.kind for baseline in recipe.baselines] == ["bitsandbytes int8", "checkpoint /x"]
@@ -34,7 +34,7 @@ def test_a_baseline_is_exactly_one_kind_with_a_unique_name(write_recipe):
 
 
 def test_a_checkpoint_baseline_must_be_a_model_folder_before_anything_runs(tmp_path):
-    from quantize_pipeline.runner import check_engine
+    from quantize_pipeline.run.runner import check_engine
 
     recipe = _recipe(baselines=[{"name": "old", "checkpoint": str(tmp_path / "nothing")}])
     with pytest.raises(RecipeError, match=r"recipe\.yaml: baselines\.0\.checkpoint: .*not a model folder"):
@@ -42,7 +42,7 @@ def test_a_checkpoint_baseline_must_be_a_model_folder_before_anything_runs(tmp_p
 
 
 def test_check_baseline_option_values():
-    from quantize_pipeline.stages.baselines import from_cli
+    from quantize_pipeline.evaluate.baselines import from_cli
 
     assert from_cli(("bnb-int8", "bnb-nf4", "/models/old-awq/")) == [
         {"name": "bnb-int8", "bitsandbytes": "int8"}, {"name": "bnb-nf4", "bitsandbytes": "nf4"},
@@ -51,7 +51,7 @@ def test_check_baseline_option_values():
 
 
 def test_baselines_are_an_input_of_evaluate_and_later_stages_only():
-    from quantize_pipeline.resume import stage_config_sha256
+    from quantize_pipeline.run.resume import stage_config_sha256
 
     plain, with_baseline = _recipe(), _recipe(baselines=[{"name": "b", "bitsandbytes": "nf4"}])
     for stage in ("calibrate", "quantize", "verify", "serve"):
@@ -79,7 +79,7 @@ def _report() -> dict:
 
 
 def test_report_md_has_a_column_per_baseline_and_says_why_one_could_not_run():
-    from quantize_pipeline.report import render_markdown
+    from quantize_pipeline.verdict.report import render_markdown
 
     text = render_markdown(_report())
     section = text[text.index("## Baselines (evaluation only, not gated)"):]
@@ -93,7 +93,7 @@ def test_the_plot_draws_the_baseline_bars(tmp_path):
     import matplotlib.image
     import numpy as np
 
-    from quantize_pipeline.plot import accuracy_rows, write_accuracy_plot
+    from quantize_pipeline.verdict.plot import accuracy_rows, write_accuracy_plot
 
     report = _report()
     [row] = accuracy_rows(report)
@@ -114,16 +114,16 @@ def test_the_plot_draws_the_baseline_bars(tmp_path):
 def test_bitsandbytes_baseline_runs_here_with_memory_while_generating(kind, tmp_path):
     """Real bitsandbytes (its CPU backend) through transformers on the tiny model: quantized linear
     layers, generations, per-question answers, and memory sampled while generating."""
-    from quantize_pipeline.runner import resolve_base_model
-    from quantize_pipeline.stages import baselines
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.evaluate import baselines
+    from quantize_pipeline.run.runner import resolve_base_model
+    from quantize_pipeline.run.worker import call_isolated
 
     recipe = _recipe(baselines=[{"name": f"bnb-{kind}", "bitsandbytes": kind}])
     model_dir = resolve_base_model(recipe, tmp_path / "prepare.log", lambda line: None)
     options = baselines.baseline_options(recipe, recipe.baselines[0], "vllm", "cpu")
     assert options.engine == f"bitsandbytes-{kind}"
     result, _ = call_isolated(
-        "quantize_pipeline.stages.baselines:baseline_job",
+        "quantize_pipeline.evaluate.baselines:baseline_job",
         {"model_dir": str(model_dir), "engine_options": options.to_json(), "prompts": ["The capital of France is"],
          "max_new_tokens": 8, "tasks": {"arc_easy": 8}},
         log_path=tmp_path / "baseline.log", stage="evaluate",
@@ -138,7 +138,7 @@ def test_bitsandbytes_baseline_runs_here_with_memory_while_generating(kind, tmp_
 
 @pytest.mark.slow
 def test_a_baseline_that_cannot_load_is_a_column_with_its_error(tmp_path):
-    from quantize_pipeline.stages import baselines
+    from quantize_pipeline.evaluate import baselines
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -152,7 +152,7 @@ def test_a_baseline_that_cannot_load_is_a_column_with_its_error(tmp_path):
 
 
 def test_mlflow_figures_carry_the_baseline_columns():
-    from quantize_pipeline.mlflow_report import figures
+    from quantize_pipeline.verdict.mlflow_report import figures
 
     values = figures(_report())
     assert values["baseline.bnb-nf4.arc_easy.acc"] == 0.45 and values["baseline.bnb-nf4.arc_easy.recovery"] == 0.9

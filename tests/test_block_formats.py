@@ -13,11 +13,11 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
-from quantize_pipeline import compat
 from quantize_pipeline.errors import RecipeError, VerifyFailed
-from quantize_pipeline.recipe import Recipe, load_recipe
-from quantize_pipeline.schemes import SCHEMES, get_scheme, infer_from_quark_config
-from quantize_pipeline.stages import verify
+from quantize_pipeline.recipe import compat
+from quantize_pipeline.recipe.schema import Recipe, load_recipe
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, infer_from_quark_config
+from quantize_pipeline.verify import verify
 from tests.conftest import REPO
 
 CONFIGS = Path(__file__).parent / "fixtures" / "quark-block-configs"
@@ -178,7 +178,7 @@ def test_an_mxfp4_export_labelled_nvfp4_fails_on_its_tensors(tmp_path, base_dir)
 # ---- plan and who serves them --------------------------------------------------------------
 
 def test_plan_of_the_70b_mxfp4_recipe_from_the_shipped_config():
-    from quantize_pipeline.plan import make_plan
+    from quantize_pipeline.recipe.plan import make_plan
 
     recipe = load_recipe(REPO / "recipes" / "llama70b-mxfp4.yaml")
     plan = make_plan(recipe, REPO / "recipes" / "model-configs" / "llama-3.1-70b-instruct" / "config.json")
@@ -190,7 +190,7 @@ def test_plan_of_the_70b_mxfp4_recipe_from_the_shipped_config():
 
 
 def test_nvfp4_costs_more_than_mxfp4_per_weight():
-    from quantize_pipeline.plan import _quantized_bytes
+    from quantize_pipeline.recipe.plan import _quantized_bytes
 
     shape = (8192, 8192)
     mxfp4, nvfp4 = _quantized_bytes(SCHEMES["mxfp4"], shape), _quantized_bytes(SCHEMES["nvfp4"], shape)

@@ -9,10 +9,10 @@ import pyarrow.parquet
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from quantize_pipeline.corpora import SHIPPED_TEXT_DIR, read_texts
 from quantize_pipeline.errors import InputError
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.stages.calibrate import calibrate, load_token_batches
+from quantize_pipeline.quantize.calibrate import calibrate, load_token_batches
+from quantize_pipeline.quantize.corpora import SHIPPED_TEXT_DIR, read_texts
+from quantize_pipeline.recipe.schema import Recipe
 
 PARAGRAPHS = [f"Paragraph number {i} talks about rivers, mountains and the sea near town {i}. " * 2 for i in range(40)]
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from quantize_pipeline import compat
-from quantize_pipeline.schemes import SCHEMES
+from quantize_pipeline.recipe import compat
+from quantize_pipeline.recipe.schemes import SCHEMES
 from tests.conftest import MINIMAL_RECIPE, REPO
 
 

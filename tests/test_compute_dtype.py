@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantize_pipeline import compute_dtype
-from quantize_pipeline.recipe import Recipe
+from quantize_pipeline.recipe import compute_dtype
+from quantize_pipeline.recipe.schema import Recipe
 
 AVX2_EPYC = frozenset({"avx", "avx2", "fma", "f16c"})
 SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.rundir import hash_tree
-from quantize_pipeline.worker import call_isolated
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.run.rundir import hash_tree
+from quantize_pipeline.run.worker import call_isolated
 from tests.conftest import write_synthetic_models
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,14 @@ def _recipe(source: str, mode: str, dtype: str = "auto", **quantization) -> Reci
 
 def _quantize(recipe: Recipe, model_dir: Path, root: Path, state_dir: Path | None = None) -> tuple[dict, dict[str, Path]]:
     """quantize -> freeze -> export in a child, as `run` does: (the stage records, the stage folders)."""
-    from quantize_pipeline.stages.calibrate import calibrate
+    from quantize_pipeline.quantize.calibrate import calibrate
 
     folders = {name: root / name for name in ("calibrate", "quantize", "freeze", "model")}
     for folder in folders.values():
         folder.mkdir(parents=True)
     calibrate(recipe, model_dir, folders["calibrate"])
     records, _ = call_isolated(
-        "quantize_pipeline.stages.quantize:quantize_freeze_export",
+        "quantize_pipeline.quantize.stage:quantize_freeze_export",
         {"recipe": recipe.model_dump(mode="json"), "model_dir": str(model_dir), "calibrate_dir": str(folders["calibrate"]),
          "out_dirs": {name: str(folders[name]) for name in ("quantize", "freeze", "model")},
          "state_dir": str(state_dir) if state_dir else None},
@@ -80,8 +80,8 @@ def _tensor_bytes(folder: Path) -> dict[str, tuple[str, list[int], str]]:
 def test_every_data_free_scheme_family_exports_byte_identical_to_in_memory(tiny_model_dir, tmp_path):
     """One mixed recipe, quantized by Quark in memory and by the data-free path: the same files, byte for byte
     (safetensors, config.json with Quark's quantization_config, tokenizer), and the data-free export verifies."""
-    from quantize_pipeline.stages import verify
-    from quantize_pipeline.stages.quantize import layer_overrides
+    from quantize_pipeline.quantize.quantize import layer_overrides
+    from quantize_pipeline.verify import verify
 
     source = str(tiny_model_dir)
     in_memory, _ = _quantize(_recipe(source, "in_memory", layers=MIXED_LAYERS), tiny_model_dir, tmp_path / "in-memory")
@@ -138,7 +138,7 @@ def test_a_sharded_checkpoint_quantizes_shard_by_shard_to_the_in_memory_tensors(
 def test_kill_9_mid_shards_resumes_after_the_last_finished_shard(sharded_models, tmp_path):
     """`run` killed like a crash after two of the 135M shape's seven input shards: run again, the finished
     shards are kept (their sha256 verify), the rest quantized, and the export equals an uninterrupted one."""
-    from quantize_pipeline.runner import STREAM_STATE_FOLDER
+    from quantize_pipeline.run.runner import STREAM_STATE_FOLDER
     from tests.process_tree import CliRun
 
     model_dir = sharded_models["135m"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline import checks
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.safetensors_header import read_folder
+from quantize_pipeline.formats.safetensors_header import read_folder
+from quantize_pipeline.recipe import checks
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import write_synthetic_models
 
 pytestmark = pytest.mark.slow  # the fixture writes two checkpoints with the default model's tokenizer

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from quantize_pipeline import devices, plan
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import Recipe, ResourcesSpec, load_recipe
+from quantize_pipeline.recipe import devices, plan
+from quantize_pipeline.recipe.schema import Recipe, ResourcesSpec, load_recipe
 from tests.conftest import REPO
 
 NONE_SEEN = devices.Accelerators("2.13.0+cpu", None, 0, (), ())

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from quantize_pipeline import plot
-from quantize_pipeline.metrics import divergence_summary, token_divergence, topk_token_kl
+from quantize_pipeline.verdict import plot
+from quantize_pipeline.verdict.metrics import divergence_summary, token_divergence, topk_token_kl
 
 
 def _normalized(rng, tokens: int, vocab: int, scale: float = 2.0) -> np.ndarray:
@@ -147,7 +147,7 @@ class _FixedTopK:
 
 
 def test_two_models_files_compare_to_zero_kl_when_equal_and_more_when_not(tmp_path):
-    from quantize_pipeline.stages import divergence
+    from quantize_pipeline.evaluate import divergence
 
     token_ids = [[1, 2, 3, 4], [5, 6, 7]]
     base, same, other = tmp_path / "base.st", tmp_path / "same.st", tmp_path / "other.st"
@@ -162,7 +162,7 @@ def test_two_models_files_compare_to_zero_kl_when_equal_and_more_when_not(tmp_pa
 
 def test_files_on_different_token_ids_are_refused(tmp_path):
     from quantize_pipeline.errors import StageError
-    from quantize_pipeline.stages import divergence
+    from quantize_pipeline.evaluate import divergence
 
     divergence.write_top_logprobs(_FixedTopK(), [[1, 2, 3]], str(tmp_path / "base.st"))
     divergence.write_top_logprobs(_FixedTopK(), [[1, 2, 4]], str(tmp_path / "export.st"))

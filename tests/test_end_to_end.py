@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.rundir import hash_tree, sha256_file
-from quantize_pipeline.safetensors_header import read_folder
+from quantize_pipeline.formats.safetensors_header import read_folder
+from quantize_pipeline.run.rundir import hash_tree, sha256_file
 from tests.ci_recipes import CI_PROMPT, CI_QUESTIONS, ci_default_recipe_text, ci_sized, set_field
 from tests.conftest import DEFAULT_RECIPE, REPO
 
@@ -245,7 +245,7 @@ def test_the_hub_download_serves_in_vllm_at_the_tokens_per_s_timed_by_hand(hub_r
     questions); serve's tokens/s is llm.generate's own speed: within the spread (±25%) of timing it by hand
     on the same load, before and after serve. Timing an import or a load into it would be off by 10x, not 10%.
     Two prompts x 16 tokens: the comparison needs calls long enough to time, not the shipped 4 x 32."""
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.run.worker import call_isolated
 
     recipe = tmp_path / "serving.yaml"
     recipe.write_text(ci_sized(DEFAULT_RECIPE.read_text(), prompts=(CI_PROMPT, "def fibonacci(n):"), max_new_tokens=16))
@@ -378,9 +378,8 @@ def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_o
     per-question outcomes and checks the run did what the look required; a strict max_accuracy_drop makes
     any disagreement between the models undecidable at 20 questions. The prompts are the default run's, so
     the base's perplexity of the (repeated) completions is cached too."""
-    from quantize_pipeline import metrics
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.stages import gate
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.verdict import gate, metrics
 
     recipe = tmp_path / "rounds.yaml"
     text = ci_sized(DEFAULT_RECIPE.read_text(), limit=FIRST_LOOK, max_new_tokens=16, score_completions=True)

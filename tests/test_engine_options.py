@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from quantize_pipeline import engine, engines
-from quantize_pipeline.engine import EngineOptions
-from quantize_pipeline.recipe import Recipe
+from quantize_pipeline import engines
+from quantize_pipeline.engines import settings as engine
+from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.recipe.schema import Recipe
 from tests.conftest import DEFAULT_RECIPE
 
 
@@ -60,7 +61,7 @@ def test_more_than_one_data_parallel_replica_is_refused_with_the_reason(write_re
     """lm-eval's replicas keep no model for serve's generations and the divergence: a second full copy of the
     model would compete for the same GPUs' memory, so the recipe refuses the setting (one line, the field)."""
     from quantize_pipeline.errors import RecipeError
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe.schema import load_recipe
 
     text = DEFAULT_RECIPE.read_text().replace("evaluation:\n", "evaluation:\n  data_parallel_size: 2\n", 1)
     with pytest.raises(RecipeError, match=r"evaluation\.data_parallel_size: .*2: only 1 is supported: lm-eval's "

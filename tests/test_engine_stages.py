@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.resume import STAGES, reusable_stages, stage_config_sha256
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.run.resume import STAGES, reusable_stages, stage_config_sha256
 from tests.conftest import DEFAULT_RECIPE
 
 

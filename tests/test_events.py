@@ -9,9 +9,9 @@ import sys
 
 from rich.console import Console
 
-from quantize_pipeline.events import ProgressFile, safe
-from quantize_pipeline.progress_bars import ProgressBars
-from quantize_pipeline.worker import call_isolated
+from quantize_pipeline.run.events import ProgressFile, safe
+from quantize_pipeline.run.progress_bars import ProgressBars
+from quantize_pipeline.run.worker import call_isolated
 from tests.conftest import REPO
 
 

@@ -10,12 +10,12 @@ import sys
 import pytest
 import yaml
 
-from quantize_pipeline import checks, compat, schemes
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.plan import make_plan
-from quantize_pipeline.recipe import Recipe, load_recipe
-from quantize_pipeline.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value
-from quantize_pipeline.stages import verify
+from quantize_pipeline.recipe import checks, compat, schemes
+from quantize_pipeline.recipe.plan import make_plan
+from quantize_pipeline.recipe.schema import Recipe, load_recipe
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value
+from quantize_pipeline.verify import verify
 from tests.conftest import MINIMAL_RECIPE, REPO
 
 UINT4_ASYM = {"weight": {"dtype": "uint4", "granularity": "per_group", "group_size": 64, "symmetric": False}}

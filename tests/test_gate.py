@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.run_facts import EngineLabel, ExportSize, RunFacts
-from quantize_pipeline.stages import gate
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.verdict import gate
+from quantize_pipeline.verdict.run_facts import EngineLabel, ExportSize, RunFacts
 
 SANE = [{"prompt": "The capital of France is", "completion": " Paris. It is also the largest city in France."}]
 SALAD = [{"prompt": "The capital of France is", "completion": " isrytyusa Tracebackussippi Tracebackussippi"}]
@@ -251,7 +251,7 @@ def test_report_and_compare_commands(tmp_path):
 
 
 def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
-    from quantize_pipeline.report import render_comparison
+    from quantize_pipeline.verdict.report import render_comparison
 
     base = {"verdict": "pass", "scheme": "int8_per_channel", "rules": [], "export": {}}
     measured = {**base, "serve": {"tokens_per_s": 187.25, "definitions": {"tokens_per_s": "one generate call"}}}
@@ -263,7 +263,7 @@ def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
 
 
 def test_report_text_rounds_to_four_significant_digits():
-    from quantize_pipeline import metrics
+    from quantize_pipeline.verdict import metrics
 
     assert metrics.rounded(138.50551389075744) == 138.5 and metrics.rounded(0.0324561) == 0.03246
     assert metrics.rounded(None) is None

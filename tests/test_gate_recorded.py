@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from quantize_pipeline.recipe import GatesSpec, load_recipe
-from quantize_pipeline.run_facts import RunFacts
-from quantize_pipeline.stages import gate
+from quantize_pipeline.recipe.schema import GatesSpec, load_recipe
+from quantize_pipeline.verdict import gate
+from quantize_pipeline.verdict.run_facts import RunFacts
 
 FIXTURE = Path(__file__).parent / "fixtures" / "int8-default-run"
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m-int8.yaml"

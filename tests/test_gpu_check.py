@@ -1,5 +1,5 @@
 """bench/gpu_check.py, the GPU check, run at its CPU sizes (`--device cpu`): its logic proven here before any GPU
-time is spent, and a broken step shown to fail, named. quantize_pipeline/export_equality.py, the comparison it shares
+time is spent, and a broken step shown to fail, named. quantize_pipeline/verify/export_equality.py, the comparison it shares
 with the streaming-equality tests, is tested on small hand-made exports."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _export(folder: Path, tensors: dict, config: dict | None = None) -> Path:
 def test_export_differences_name_every_kind_of_difference(tmp_path):
     import torch
 
-    from quantize_pipeline.export_equality import differences
+    from quantize_pipeline.verify.export_equality import differences
 
     codes = torch.randint(-100, 100, (100, 100), dtype=torch.int8)
     scale, input_scale = torch.tensor([0.5]), torch.tensor([1.0])

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.card import build_model_card
 from quantize_pipeline.errors import InputError
-from quantize_pipeline.hub import check_token, dry_run_listing, parse_hub_target, publish_folder, resolve_token
-from quantize_pipeline.rundir import sha256_file
+from quantize_pipeline.publish.card import build_model_card
+from quantize_pipeline.publish.hub import check_token, dry_run_listing, parse_hub_target, publish_folder, resolve_token
+from quantize_pipeline.run.rundir import sha256_file
 from tests.hub_server import running_hub
 
 WRITE_TOKEN = "hf_doubleWRITEtoken0123456789abcdefghij"

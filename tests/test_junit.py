@@ -7,7 +7,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
-from quantize_pipeline.junit import write_junit
+from quantize_pipeline.verdict.junit import write_junit
 from tests.conftest import REPO
 from tests.test_gate import _evaluation, _facts, _gate, _recipe
 

@@ -1,4 +1,4 @@
-from quantize_pipeline.layers import matches, select
+from quantize_pipeline.recipe.layers import matches, select
 
 NAMES = ["model.layers.0.mlp.gate", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from quantize_pipeline.metrics import (
+from quantize_pipeline.verdict.metrics import (
     garbage_verdict,
     mcnemar_exact_p_value,
     non_printable_share,
@@ -406,7 +406,7 @@ def test_perplexity_input_validation(loglikelihoods, counts, message):
 
 def test_module_does_not_import_heavy_stack():
     code = (
-        "import sys, quantize_pipeline.metrics; "
+        "import sys, quantize_pipeline.verdict.metrics; "
         "heavy = [m for m in ('torch', 'scipy', 'lm_eval') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -417,7 +417,7 @@ def test_module_does_not_import_heavy_stack():
 
 
 def test_counts_alone_give_the_same_comparison_as_the_outcomes():
-    from quantize_pipeline.metrics import paired_comparison_from_counts
+    from quantize_pipeline.verdict.metrics import paired_comparison_from_counts
 
     base, quantized = _paired(b=12, c=5, both_right=80, both_wrong=103)
     assert paired_comparison_from_counts(80, 12, 5, 103) == paired_accuracy_comparison(base, quantized)
@@ -435,7 +435,7 @@ def test_recovery_interval_holds_the_recovery_and_narrows_with_questions():
 
 
 def test_cluster_ratio_interval_resamples_clusters_not_items():
-    from quantize_pipeline.metrics import cluster_ratio_interval, cluster_sums
+    from quantize_pipeline.verdict.metrics import cluster_ratio_interval, cluster_sums
 
     rng = np.random.default_rng(1)
     # 32 paragraphs of 100 tokens; each paragraph has its own level: tokens within one are correlated.
@@ -451,7 +451,7 @@ def test_cluster_ratio_interval_resamples_clusters_not_items():
 
 
 def test_cluster_inputs_are_checked():
-    from quantize_pipeline.metrics import cluster_ratio_interval, cluster_sums
+    from quantize_pipeline.verdict.metrics import cluster_ratio_interval, cluster_sums
 
     with pytest.raises(ValueError, match="cluster lengths"):
         cluster_sums([0.1, 0.2, 0.3], [1, 1])

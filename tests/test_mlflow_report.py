@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from quantize_pipeline.mlflow_report import LOCAL_STORE, log_run
+from quantize_pipeline.verdict.mlflow_report import LOCAL_STORE, log_run
 from tests.test_gate import _evaluation, _facts, _gate, _recipe
 
 
@@ -64,7 +64,7 @@ def test_tracking_uri_from_the_environment_wins(tmp_path, monkeypatch):
 def test_recipe_names_mlflow_and_nothing_unknown():
     from pydantic import ValidationError
 
-    from quantize_pipeline.recipe import Recipe
+    from quantize_pipeline.recipe.schema import Recipe
 
     base = {"name": "t", "model": {"source": "builtin:smollm2-135m-instruct"}, "quantization": {"scheme": "int8_per_channel"}}
     assert Recipe.model_validate({**base, "report_to": ["mlflow"]}).report_to == ("mlflow",)

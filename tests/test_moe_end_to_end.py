@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.safetensors_header import read_folder
+from quantize_pipeline.formats.safetensors_header import read_folder
+from quantize_pipeline.recipe.schema import Recipe
 from tests.conftest import REPO, write_synthetic_models
 
 pytestmark = pytest.mark.slow
@@ -97,9 +97,9 @@ def test_the_shipped_mixtral_int4_fp8_recipe_runs_with_int4_experts(mixtral_run)
 
 
 def _verify(recipe_path: Path, base: Path, export: Path, out: Path) -> dict:
-    from quantize_pipeline import checks
-    from quantize_pipeline.stages import verify
-    from quantize_pipeline.stages.quantize import layer_overrides
+    from quantize_pipeline.quantize.quantize import layer_overrides
+    from quantize_pipeline.recipe import checks
+    from quantize_pipeline.verify import verify
 
     recipe = Recipe.model_validate(yaml.safe_load(recipe_path.read_text()))
     linear = checks.weight_layer_names(base)
@@ -168,7 +168,7 @@ def test_static_fp8_experts_no_token_reached_get_the_layers_largest_scale_and_a_
     among the layer's calibrated experts, listed in quantize.json and warned about in the report."""
     from safetensors import safe_open
 
-    from quantize_pipeline.stages.quantize import quantize_warnings
+    from quantize_pipeline.quantize.quantize import quantize_warnings
 
     recipe = _ci_copy("mixtral-int4-fp8.yaml", models["qwen3-moe-tiny"], tmp_path, scheme="fp8", layers={})
     data = yaml.safe_load(recipe.read_text())
@@ -198,7 +198,7 @@ def test_static_fp8_experts_no_token_reached_get_the_layers_largest_scale_and_a_
     assert "received no calibration token" in (run_dir / "logs" / "quantize.log").read_text()
 
     # Streaming (a decoder layer of 16 experts at a time) routes the same tokens, fills the same experts: equal.
-    from quantize_pipeline.export_equality import differences
+    from quantize_pipeline.verify.export_equality import differences
 
     data["quantization"]["mode"] = "streaming"
     (streaming := tmp_path / "streaming.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -224,7 +224,7 @@ def test_streaming_the_mixtral_one_layer_of_experts_at_a_time_equals_the_in_memo
     each decoder layer's experts unfused on their own, calibrated on the tokens the router sends them, named
     as the checkpoint; equal tensor by tensor to the in-memory run's export (the dense equality test's
     tolerances) and verified."""
-    from quantize_pipeline.export_equality import differences
+    from quantize_pipeline.verify.export_equality import differences
 
     _, in_memory_run, recipe = mixtral_run
     streaming = tmp_path / "streaming.yaml"
@@ -244,7 +244,7 @@ def test_vllm_cpu_serves_bf16_experts_but_not_int8_ones_and_auto_falls_back(mode
     """Measured once by hand (docs/schemes.md, MoE section): vLLM's CPU build served the synthetic Mixtral with int8
     attention and BF16 experts, and refused INT8 experts at load on this AVX2-only CPU. plan says the same
     offline, so `engine: auto` takes the labelled fallback for the second."""
-    from quantize_pipeline.plan import make_plan
+    from quantize_pipeline.recipe.plan import make_plan
 
     def plan_of(exclude: list[str]):
         recipe = Recipe.model_validate({

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from quantize_pipeline import checks
-from quantize_pipeline.plan import make_plan
-from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.recipe import checks
+from quantize_pipeline.recipe.plan import make_plan
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import REPO
 
 CONFIGS = REPO / "recipes" / "model-configs"

@@ -8,9 +8,9 @@ import sys
 
 import yaml
 
-from quantize_pipeline.recipe import PublishSpec, load_recipe
-from quantize_pipeline.rundir import hash_tree
-from quantize_pipeline.resume import STAGES, reusable_stages, stage_config_sha256
+from quantize_pipeline.recipe.schema import PublishSpec, load_recipe
+from quantize_pipeline.run.resume import STAGES, reusable_stages, stage_config_sha256
+from quantize_pipeline.run.rundir import hash_tree
 from tests.conftest import REPO
 
 

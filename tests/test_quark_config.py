@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
-from quantize_pipeline.recipe import ALGORITHMS, Recipe
-from quantize_pipeline.schemes import SCHEMES
-from quantize_pipeline.stages import quantize
+from quantize_pipeline.quantize import quantize
+from quantize_pipeline.recipe.schema import ALGORITHMS, Recipe
+from quantize_pipeline.recipe.schemes import SCHEMES
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""quantize_pipeline/quark_import.py narrows Quark's import-time scan of transformers' modeling files to the files naming
+"""quantize_pipeline/quantize/quark_import.py narrows Quark's import-time scan of transformers' modeling files to the files naming
 the fused-experts decorator: Quark must still register every decorated class (its MoE unfusing depends on it)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline import quark_import
+from quantize_pipeline.quantize import quark_import
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # imports Quark (~15 s)

@@ -6,7 +6,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
-from quantize_pipeline.question_store import QuestionStore, store_path
+from quantize_pipeline.evaluate.question_store import QuestionStore, store_path
 
 OPTIONS = {"enforce_eager": False, "dtype": "bfloat16", "engine": "vllm"}
 

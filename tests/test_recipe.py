@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import DEFAULT_RECIPE, MINIMAL_RECIPE, REPO
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import DEFAULT_RECIPE, REPO
 
 BASE = yaml.safe_load(DEFAULT_RECIPE.read_text())

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.safetensors_header import read_folder
-from tests.conftest import REPO
+from quantize_pipeline.formats.safetensors_header import read_folder
 from tests.ci_recipes import ci_sized
+from tests.conftest import REPO
 from tests.test_end_to_end import run_dir_of, run_recipe
 
 pytestmark = pytest.mark.slow
@@ -56,8 +56,8 @@ def _served_or_export_only(recipe_name: str, refusal: str, tmp_path: Path):
     transformers fallback choice, whose reason must contain `refusal`: how the fallback evaluates and
     gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's.
     Returns (run_dir or None, report or None, tensors)."""
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.runner import check_engine
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.run.runner import check_engine
 
     choice = check_engine(load_recipe(_cheap_copy(recipe_name, tmp_path)), tmp_path / recipe_name)
     if choice.name == "vllm":
@@ -80,7 +80,7 @@ def test_int4_weight_only_group_64(tmp_path):
 
 def _export_only(recipe_name: str, tmp_path: Path):
     """The CI-sized copy quantized, exported and verified, without serving: (recipe, verify result, tensors)."""
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.recipe.schema import load_recipe
     from tests.export_only import quantize_and_verify
 
     recipe = load_recipe(_cheap_copy(recipe_name, tmp_path))
@@ -89,8 +89,8 @@ def _export_only(recipe_name: str, tmp_path: Path):
 
 
 def test_ptpc_fp8(tmp_path):
-    from quantize_pipeline import compat
-    from quantize_pipeline.runner import check_engine
+    from quantize_pipeline.recipe import compat
+    from quantize_pipeline.run.runner import check_engine
 
     name = "smollm2-135m-ptpc-fp8.yaml"
     if compat.fp8_too_slow_on_this_cpu():
@@ -213,8 +213,8 @@ def _a_hand_mislabelled_mxfp4_export_fails_verify(nvfp4_run: Path, tmp_path: Pat
     import shutil
 
     from quantize_pipeline.errors import VerifyFailed
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.stages import verify
+    from quantize_pipeline.recipe.schema import load_recipe
+    from quantize_pipeline.verify import verify
 
     model_dir = shutil.copytree(nvfp4_run / "model", tmp_path / "mislabelled")
     config = json.loads((model_dir / "config.json").read_text())

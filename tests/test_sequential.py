@@ -6,8 +6,8 @@ import doctest
 
 import pytest
 
-from quantize_pipeline import sequential
-from quantize_pipeline.sequential import next_round, per_look_alpha, questions_to_decide, round_schedule
+from quantize_pipeline.verdict import sequential
+from quantize_pipeline.verdict.sequential import next_round, per_look_alpha, questions_to_decide, round_schedule
 
 ACCURACY = {"min_recovery[arc_easy]"}
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import load_recipe
+from quantize_pipeline.recipe.schema import load_recipe
 from tests.conftest import DEFAULT_RECIPE, REPO
 
 
@@ -68,7 +68,7 @@ def test_validate_and_plan_take_settings():
 
 
 def test_every_sweep_variant_carries_the_settings(tmp_path):
-    from quantize_pipeline import sweep
+    from quantize_pipeline.commands import sweep
 
     plan = sweep.plan_sweep(DEFAULT_RECIPE, tmp_path, schemes="int8_per_channel,int4_wo_64",
                             settings=("evaluation.limit=25", "evaluation.max_limit=25"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 
 from quantize_pipeline import cli
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.resume import UNTIL_STAGES
-from quantize_pipeline.shipped import SHIPPED_RECIPES_DIR, shipped_recipes, starter_name
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.recipe.shipped import SHIPPED_RECIPES_DIR, shipped_recipes, starter_name
+from quantize_pipeline.run.resume import UNTIL_STAGES
 from tests.conftest import REPO
 
 

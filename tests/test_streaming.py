@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from quantize_pipeline import plan
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import Recipe, ResourcesSpec, load_recipe
+from quantize_pipeline.recipe import plan
+from quantize_pipeline.recipe.schema import Recipe, ResourcesSpec, load_recipe
 from tests.conftest import REPO
 
 LLAMA_8B = REPO / "recipes" / "model-configs" / "llama-3.1-8b-instruct" / "config.json"
@@ -98,7 +98,7 @@ def test_auto_with_an_algorithm_falls_back_to_in_memory_and_says_why():
 def test_shard_writer_layout_reads_back(tmp_path, max_shard_bytes):
     import torch
 
-    from quantize_pipeline.stages.stream_quantize import CheckpointReader, ShardWriter
+    from quantize_pipeline.quantize.streaming import CheckpointReader, ShardWriter
 
     tensors = {f"model.layers.{index}.weight": torch.full((16, 16), float(index)) for index in range(4)}
     writer = ShardWriter(tmp_path, max_shard_bytes=max_shard_bytes)
@@ -123,7 +123,7 @@ def test_shard_writer_layout_reads_back(tmp_path, max_shard_bytes):
 def test_container_names_modules_as_the_full_model():
     import torch
 
-    from quantize_pipeline.stages.stream_quantize import _named_container
+    from quantize_pipeline.quantize.streaming import _named_container
 
     layer = torch.nn.Sequential()
     layer.add_module("q_proj", torch.nn.Linear(4, 4))
@@ -138,7 +138,7 @@ def test_container_names_modules_as_the_full_model():
 def test_layer_state_resumes_after_the_last_layer_that_verifies(tmp_path):
     import torch
 
-    from quantize_pipeline.stream_state import LayerState
+    from quantize_pipeline.quantize.stream_state import LayerState
 
     state = LayerState(tmp_path / "layers", "key-1")
     for index in range(3):
@@ -170,7 +170,7 @@ def test_auto_is_not_data_free_when_the_checkpoint_fuses_experts(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from quantize_pipeline import checks
+    from quantize_pipeline.recipe import checks
 
     save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 3),
                "model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
@@ -192,7 +192,7 @@ def test_the_resume_state_is_written_without_a_serialised_copy_in_memory(tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from quantize_pipeline.stream_state import LayerState
+    from quantize_pipeline.quantize.stream_state import LayerState
 
     hidden = [torch.randn(4, 1024, 2048) for _ in range(2)]  # 2 x 32 MiB of float32
     state = LayerState(tmp_path / "state", "key")

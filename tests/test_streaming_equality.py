@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.export_equality import differences, read_tensors
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.stages.calibrate import TOKENS_FILE, calibrate
+from quantize_pipeline.quantize.calibrate import TOKENS_FILE, calibrate
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.verify.export_equality import differences, read_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def _out_dirs(root: Path) -> dict[str, Path]:
 # fp8 with the fp8 KV cache: the flagship's scheme (static activation and k/v output scales).
 @pytest.mark.parametrize(("scheme", "kv_cache"), [("int8_per_channel", None), ("fp8", "fp8"), ("int4_wo_64", None)])
 def test_streaming_export_equals_in_memory(tmp_path, scheme, kv_cache):
-    from quantize_pipeline.models import converted_model_dir
-    from quantize_pipeline.stages.quantize import quantize_freeze_export
-    from quantize_pipeline.stages.stream_quantize import stream_quantize
+    from quantize_pipeline.quantize.stage import quantize_freeze_export
+    from quantize_pipeline.quantize.streaming import stream_quantize
+    from quantize_pipeline.recipe.models import converted_model_dir
 
     model_dir = converted_model_dir(_recipe(scheme, "in_memory", kv_cache).model)
     calibrate_dir = tmp_path / "calibrate"
@@ -57,7 +57,7 @@ def test_streaming_export_equals_in_memory(tmp_path, scheme, kv_cache):
         assert any(name.endswith(".input_scale") for name in actual)  # static activation scales were calibrated
     if kv_cache:
         assert any(name.endswith("k_proj.output_scale") for name in actual)  # the KV-cache scales too
-    # Names, dtypes, shapes, values within quantize_pipeline/export_equality.py's tolerances, quantization_config, files.
+    # Names, dtypes, shapes, values within quantize_pipeline/verify/export_equality.py's tolerances, quantization_config, files.
     assert differences(in_memory["model"], streamed["model"]) == []
 
 
@@ -67,8 +67,8 @@ def test_kill_9_mid_layers_resumes_after_the_last_finished_layer_byte_identical(
     The resumed run goes on to the end: CI's one streaming `run` through verify, vLLM CPU serving and the gate."""
     import re
 
-    from quantize_pipeline.rundir import hash_tree
-    from quantize_pipeline.runner import STREAM_STATE_FOLDER
+    from quantize_pipeline.run.rundir import hash_tree
+    from quantize_pipeline.run.runner import STREAM_STATE_FOLDER
     from tests.process_tree import CliRun
     from tests.test_failure_drills import _drill_recipe, _stage_done, _uninterrupted_export, kill_first_run_in_quantize
 
@@ -100,10 +100,10 @@ def test_kill_9_mid_layers_resumes_after_the_last_finished_layer_byte_identical(
 def test_static_fp8_resume_from_saved_boundary_hidden_states_is_byte_identical(tmp_path, monkeypatch):
     """fp8 (static activation scales): a run that dies after layer 6 resumes from the saved boundary hidden
     states, and its export equals an uninterrupted streaming run's byte for byte."""
-    from quantize_pipeline.models import converted_model_dir
-    from quantize_pipeline.rundir import hash_tree
-    from quantize_pipeline.stages.stream_quantize import stream_quantize
-    from quantize_pipeline.stream_state import LayerState
+    from quantize_pipeline.quantize.stream_state import LayerState
+    from quantize_pipeline.quantize.streaming import stream_quantize
+    from quantize_pipeline.recipe.models import converted_model_dir
+    from quantize_pipeline.run.rundir import hash_tree
 
     recipe = _recipe("fp8", "streaming")
     model_dir = converted_model_dir(recipe.model)

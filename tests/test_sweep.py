@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from quantize_pipeline.commands.sweep import Variant, plan_sweep, variant_recipe_data
+from quantize_pipeline.commands.sweep_report import pareto_front, smallest_passing, write
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.sweep import Variant, plan_sweep, variant_recipe_data
-from quantize_pipeline.sweep_report import pareto_front, smallest_passing, write
 from tests.conftest import REPO
 
 DEFAULT_RECIPE = REPO / "recipes" / "smollm2-135m-int8.yaml"
@@ -96,10 +96,10 @@ def test_the_pareto_front_and_the_smallest_passing_variant():
 
 
 def test_sweep_files_and_the_plot_drawn_where_it_says(tmp_path):
+    from types import SimpleNamespace
+
     import matplotlib.image
     import numpy as np
-
-    from types import SimpleNamespace
 
     rows = [dict(row) for row in ROWS]
     result = write(tmp_path, SimpleNamespace(name="demo"), "r.yaml", "local", rows)
@@ -150,7 +150,7 @@ def test_the_report_names_the_sensitive_layers_and_what_auto_exclude_kept(tmp_pa
 
 
 def test_auto_exclude_doubles_then_bisects_to_the_fewest_layers():
-    from quantize_pipeline.stages.sensitivity import next_keep_count
+    from quantize_pipeline.commands.sensitivity import next_keep_count
 
     def walk(first_passing: int, layers: int = 210, guess: int | None = None) -> list[int]:
         tried: dict[int, bool] = {}
@@ -173,8 +173,8 @@ def test_a_sweeps_failing_variant_is_auto_excludes_first_trial(tmp_path):
     """sweep --auto-exclude: the variant's own run is trial K = 0 (the same recipe), not run a second time."""
     import json
 
-    from quantize_pipeline.auto_exclude import auto_exclude, sensitivity_key
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline.commands.auto_exclude import auto_exclude, sensitivity_key
+    from quantize_pipeline.recipe.schema import load_recipe
 
     recipe_path = tmp_path / "int8_per_tensor-rtn.yaml"
     recipe_path.write_text((REPO / "recipes" / "smollm2-135m-int8-per-tensor.yaml").read_text())
@@ -193,7 +193,7 @@ def test_a_sweeps_failing_variant_is_auto_excludes_first_trial(tmp_path):
 
 
 def test_layers_vllm_fuses_are_kept_together():
-    from quantize_pipeline.layers import keep_units
+    from quantize_pipeline.recipe.layers import keep_units
 
     ranked = ["model.layers.9.mlp.down_proj", "model.layers.29.mlp.up_proj", "model.layers.3.self_attn.k_proj",
               "model.layers.29.mlp.gate_proj", "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj",
@@ -205,8 +205,8 @@ def test_layers_vllm_fuses_are_kept_together():
 
 
 def test_an_exclude_that_splits_a_fused_layer_is_found():
-    """`validate` and `run` refuse it before loading (quantize_pipeline/checks.py): vLLM would refuse the export in serve."""
-    from quantize_pipeline.layers import select, split_fused_groups
+    """`validate` and `run` refuse it before loading (quantize_pipeline/recipe/checks.py): vLLM would refuse the export in serve."""
+    from quantize_pipeline.recipe.layers import select, split_fused_groups
 
     names = [f"model.layers.{i}.{leaf}" for i in range(2) for leaf in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",

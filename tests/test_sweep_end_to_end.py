@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from quantize_pipeline.safetensors_header import read_folder
+from quantize_pipeline.formats.safetensors_header import read_folder
 from tests.ci_recipes import CALIBRATION_TOKENS, CI_GATES, ci_sized
-from tests.conftest import DEFAULT_RECIPE
+from tests.conftest import DEFAULT_RECIPE, REPO
 
 pytestmark = pytest.mark.slow
 

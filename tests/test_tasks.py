@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantize_pipeline import lm_eval_tasks
-from quantize_pipeline.recipe import SHIPPED_TASKS
+from quantize_pipeline.evaluate import lm_eval_tasks
+from quantize_pipeline.recipe.schema import SHIPPED_TASKS
 
 MULTIPLE_CHOICE = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq")
 # (questions in the shipped validation split, choices per question: chance = 1 / choices)
@@ -54,10 +54,10 @@ def test_new_tasks_score_the_base_model_per_question(tmp_path):
     """One vLLM start, 10-30 questions of each new task: per-question 0/1 outcomes, and the tiny model
     beats chance where it clearly should (PIQA 2 choices, HellaSwag 4). The only CI run of these four tasks'
     lm-eval configs through an engine (the gated runs ask ARC-Easy); sized for that, not for the accuracies."""
-    from quantize_pipeline import engine
-    from quantize_pipeline.recipe import Recipe
-    from quantize_pipeline.runner import resolve_base_model
-    from quantize_pipeline.worker import call_isolated
+    from quantize_pipeline.engines import settings as engine
+    from quantize_pipeline.recipe.schema import Recipe
+    from quantize_pipeline.run.runner import resolve_base_model
+    from quantize_pipeline.run.worker import call_isolated
 
     recipe = Recipe.model_validate({"name": "t", "model": {"source": "builtin:smollm2-135m-instruct"},
                                     "quantization": {"scheme": "int8_per_channel"},
@@ -65,7 +65,7 @@ def test_new_tasks_score_the_base_model_per_question(tmp_path):
     model_dir = resolve_base_model(recipe, tmp_path / "prepare.log", lambda line: None)
     tasks = {"piqa": 30, "hellaswag": 30, "winogrande": 10, "boolq": 10}  # accuracy asserted on the first two only
     result, _ = call_isolated(
-        "quantize_pipeline.stages.evaluate:round_job",
+        "quantize_pipeline.evaluate.evaluate:round_job",
         {"model_dir": str(model_dir), "tasks": tasks, "role": "base",
          "engine_options": engine.engine_options(recipe, quantized=False).to_json()},
         log_path=tmp_path / "evaluate.log", stage="evaluate",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.rundir import is_stale_temp, locked, remove_stale_temps
-from quantize_pipeline.unfinished import describe, is_finished, unfinished_run
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.run.rundir import is_stale_temp, locked, remove_stale_temps
+from quantize_pipeline.run.unfinished import describe, is_finished, unfinished_run
 from tests.conftest import REPO
 
 RECIPE_SHA = "a" * 64

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from quantize_pipeline.errors import VerifyFailed
-from quantize_pipeline.recipe import Recipe
-from quantize_pipeline.schemes import SCHEMES
-from quantize_pipeline.stages import verify
+from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.recipe.schemes import SCHEMES
+from quantize_pipeline.verify import verify
 
 LAYERS = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "lm_head"]
 QUARK_INT8_PER_CHANNEL = {
@@ -141,7 +141,7 @@ def test_static_activation_scheme_needs_input_scales():
 
 
 def test_scheme_is_read_back_from_a_quark_config():
-    from quantize_pipeline.schemes import infer_from_quark_config
+    from quantize_pipeline.recipe.schemes import infer_from_quark_config
 
     assert infer_from_quark_config(QUARK_INT8_PER_CHANNEL) == "int8_per_channel"
     fp8 = {"global_quant_config": {

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_pipeline.recipe import load_recipe
-from quantize_pipeline.resume import STAGES
-from quantize_pipeline.rundir import sha256_file
+from quantize_pipeline.recipe.schema import load_recipe
+from quantize_pipeline.run.resume import STAGES
+from quantize_pipeline.run.rundir import sha256_file
 from tests.ci_recipes import CI_GATES, ci_sized
 from tests.conftest import REPO
 from tests.export_only import quantize_and_verify

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from quantize_pipeline.errors import StageError, VerifyFailed
-from quantize_pipeline.worker import Session, call_isolated
+from quantize_pipeline.run.worker import Session, call_isolated
 
 
 def test_result_and_peak_memory_of_the_child(tmp_path):
@@ -82,7 +82,7 @@ def test_a_child_that_dies_in_a_call_is_a_stage_error_naming_its_exit_code(tmp_p
 
 
 def test_a_run_directory_is_locked_while_written(tmp_path):
-    from quantize_pipeline.rundir import RunLocked, locked
+    from quantize_pipeline.run.rundir import RunLocked, locked
 
     with locked(tmp_path):
         with pytest.raises(RunLocked, match="being written by another run"):
@@ -104,7 +104,7 @@ def test_a_stage_ends_with_the_process_that_started_it(tmp_path):
 
     pid_file = tmp_path / "pids"
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from quantize_pipeline.worker import call_isolated; "
+        [sys.executable, "-c", "import sys; from pathlib import Path; from quantize_pipeline.run.worker import call_isolated; "
          "call_isolated('tests.worker_targets:spawn_grandchild_and_wait', {'pid_file': sys.argv[1]}, "
          "log_path=Path(sys.argv[2]), stage='t')", str(pid_file), str(tmp_path / "x.log")],
         cwd=REPO, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},

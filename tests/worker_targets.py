@@ -1,4 +1,4 @@
-"""Functions that tests run through quantize_pipeline.worker.call_isolated (real child processes)."""
+"""Functions that tests run through quantize_pipeline.run.worker.call_isolated (real child processes)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def spawn_grandchild_and_wait(pid_file: str) -> dict:
 
 
 def _engine(model_dir: str, recipe_path: str):
-    from quantize_pipeline import engine, engines
-    from quantize_pipeline.recipe import load_recipe
+    from quantize_pipeline import engines
+    from quantize_pipeline.engines import settings as engine
+    from quantize_pipeline.recipe.schema import load_recipe
 
     options = engine.engine_options(load_recipe(recipe_path), quantized=True)
     engine.prepare_environment(options)
@@ -87,8 +88,8 @@ def serving_figures_and_hand_timed(model_dir: str, recipe_path: str, out_dir: st
     from vllm import SamplingParams
 
     from quantize_pipeline import engines
-    from quantize_pipeline.recipe import load_recipe
-    from quantize_pipeline.stages import serve
+    from quantize_pipeline.engines import serve
+    from quantize_pipeline.recipe.schema import load_recipe
 
     spec = load_recipe(recipe_path).evaluation
     loaded = _engine(model_dir, recipe_path)

@@ -2,6 +2,7 @@
 
 `load(model_dir, options)` picks the engine named by the options from a small registry;
 engine modules are imported only when loaded (vLLM's import alone takes seconds).
+The serve stage (`serve.py`) and the engine settings built from a recipe (`settings.py`) live here too.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 
-from quantize_pipeline.engine import EngineOptions
 from quantize_pipeline.engines.base import Engine, Generation
+from quantize_pipeline.engines.lm_eval_vllm import vllm_version
+from quantize_pipeline.engines.settings import EngineOptions
 
 # name -> ("module:class", distribution whose version is the engine's version; vLLM's has two names)
 ENGINES = {
@@ -32,7 +34,5 @@ def load(model_dir: str, options: EngineOptions) -> Engine:
 
 def version(engine_name: str) -> str:
     """Version of the engine package, from metadata (no import)."""
-    from quantize_pipeline.lm_eval_vllm import vllm_version
-
     distribution = ENGINES[engine_name][1]
     return vllm_version() if distribution == "vllm" else importlib.metadata.version(distribution)

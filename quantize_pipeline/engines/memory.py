@@ -6,6 +6,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from quantize_pipeline.run.worker import tree_rss_bytes
+
 SAMPLE_INTERVAL_S = 0.05
 
 
@@ -30,8 +32,6 @@ class PeakSampler:
         self.device_mb: float | None = None
 
     def _sample(self) -> None:
-        from quantize_pipeline.worker import tree_rss_bytes
-
         self.rss_mb = max(self.rss_mb, tree_rss_bytes(os.getpid()) / 2**20)
         used = self._device()
         if used is not None:

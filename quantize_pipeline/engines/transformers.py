@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from quantize_pipeline.engine import EngineOptions
 from quantize_pipeline.engines.base import Generation
-from quantize_pipeline.moe import IMPORT_RENAMES, is_moe_config, live_quantization_config
-from quantize_pipeline.schemes import quark_stages
+from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.quantize.moe import IMPORT_RENAMES, is_moe_config, live_quantization_config
+from quantize_pipeline.recipe.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
 
@@ -44,7 +44,7 @@ class TransformersEngine:
             model_type = skeleton.config.model_type
             if model_type not in IMPORT_RENAMES:
                 return import_model_from_safetensors(skeleton, model_dir).to(self.options.device).to(dtype)
-            # An export named as the checkpoint (quantize_pipeline/moe.py): Quark's importer maps the tensor names back
+            # An export named as the checkpoint (quantize_pipeline/quantize/moe.py): Quark's importer maps the tensor names back
             # through the model's conversion mapping, and reads a config whose layer names are the modules'.
             skeleton._checkpoint_conversion_mapping = IMPORT_RENAMES[model_type]
             with tempfile.TemporaryDirectory(prefix="qp-import-") as view:
@@ -127,7 +127,7 @@ def needs_quark_importer(model_dir: str) -> bool:
       scale per tensor (quantizer_quark.CHECKPOINT_KEYS), so such a model loads with NaN outputs (measured);
     - MoE models: transformers fuses the per-expert tensors back into 3-D parameters, packed INT4 codes too, and its
       grouped matmul refuses integers (measured on the synthetic Qwen3-MoE, int4_fp8 experts); Quark's importer
-      unfuses the experts into one quantized linear each, as the quantize stage did (quantize_pipeline/moe.py)."""
+      unfuses the experts into one quantized linear each, as the quantize stage did (quantize_pipeline/quantize/moe.py)."""
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     quantization = config.get("quantization_config")

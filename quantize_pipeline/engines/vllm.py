@@ -7,15 +7,17 @@ import time
 
 import numpy as np
 
-from quantize_pipeline import engine as settings
-from quantize_pipeline.engine import EngineOptions
+from quantize_pipeline.engines import settings
 from quantize_pipeline.engines.base import Generation
+from quantize_pipeline.engines.lm_eval_vllm import vllm_lm_class
+from quantize_pipeline.engines.memory import device_used_mb
+from quantize_pipeline.engines.settings import EngineOptions
 
 
 def let_quark_compute_in_float32() -> None:
     """vLLM 0.32 accepts Quark checkpoints in float16/bfloat16 only (QuarkConfig.get_supported_act_dtypes:
     the dtypes of its GPU kernels), and refuses float32 before loading. On CPUs without native bf16 the
-    pipeline computes in float32 (quantize_pipeline.compute_dtype: bf16 is emulated there, 6x slower in vLLM).
+    pipeline computes in float32 (quantize_pipeline.recipe.compute_dtype: bf16 is emulated there, 6x slower in vLLM).
     vLLM's CPU kernels for Quark's int8/int4 layers are the ones it runs compressed-tensors checkpoints
     with, and those it accepts in float32: so float32 is added to Quark's list, in this process only
     (the config check runs here, before the engine core starts). tests/test_schemes_end_to_end.py serves
@@ -39,7 +41,6 @@ class VllmEngine:
 
     def __init__(self, model_dir: str, options: EngineOptions):
         started = time.perf_counter()
-        from quantize_pipeline.lm_eval_vllm import vllm_lm_class
 
         lm_class = vllm_lm_class()  # imports vllm and lm-eval's backend
         if options.dtype == "float32" and options.device == "cpu":
@@ -97,6 +98,5 @@ class VllmEngine:
     def device_memory_used_mb(self) -> float | None:
         # vLLM's engine core runs in another process: this process's torch counters see none of it,
         # so the device-wide figure (every process on the device) is what is measured.
-        from quantize_pipeline.engines.memory import device_used_mb
 
         return device_used_mb()

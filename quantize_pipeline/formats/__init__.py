@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import difflib
 
+from quantize_pipeline.formats import awq, compressed_tensors, fp8, gptq, quark
 from quantize_pipeline.formats.base import Claim, FormatAdapter, FormatError, LayerTensors
 
 __all__ = ["Claim", "FormatAdapter", "FormatError", "LayerTensors", "ADAPTERS", "adapter_for", "claim"]
 
 
 def _registry() -> dict[str, FormatAdapter]:
-    from quantize_pipeline.formats import awq, compressed_tensors, fp8, gptq, quark
-
     adapters: dict[str, FormatAdapter] = {}
     for adapter in (quark.ADAPTER, compressed_tensors.ADAPTER, gptq.ADAPTER, awq.ADAPTER, *fp8.ADAPTERS):
         if adapter.quant_method in adapters:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from quantize_pipeline.formats.base import Claim, FormatError, LayerTensors, claim_problems, weight_only
 from quantize_pipeline.formats.gptq import input_major_tensors, packed_int_scheme
-from quantize_pipeline.schemes import SchemeSpec
+from quantize_pipeline.recipe.schemes import SchemeSpec
 
 
 class AWQAdapter:

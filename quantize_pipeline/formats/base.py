@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-from quantize_pipeline.schemes import SchemeSpec
+from quantize_pipeline.recipe.schemes import SchemeSpec
 
 Shape = tuple[int, ...]
 

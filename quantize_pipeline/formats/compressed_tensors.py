@@ -14,9 +14,15 @@ The config is parsed with compressed-tensors' own pydantic models (`Quantization
 from __future__ import annotations
 
 from quantize_pipeline.formats.base import (
-    Claim, FormatError, LayerTensors, cdiv, claim_problems, integer_range, standard_scale_shapes,
+    Claim,
+    FormatError,
+    LayerTensors,
+    cdiv,
+    claim_problems,
+    integer_range,
+    standard_scale_shapes,
 )
-from quantize_pipeline.schemes import SchemeSpec, explicit_scheme
+from quantize_pipeline.recipe.schemes import SchemeSpec, explicit_scheme
 
 # Formats whose weight is stored one value per element, in the dtype of the quantization type.
 UNPACKED_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")

@@ -13,7 +13,7 @@ FP8 configs) and `fbgemm_fp8` (transformers' FbgemmFp8Config).
 from __future__ import annotations
 
 from quantize_pipeline.formats.base import Claim, FormatError, LayerTensors, claim_problems, standard_scale_shapes
-from quantize_pipeline.schemes import SchemeSpec, explicit_scheme
+from quantize_pipeline.recipe.schemes import SchemeSpec, explicit_scheme
 
 
 def _dense_layers(quantization_config: dict) -> tuple[str, ...]:

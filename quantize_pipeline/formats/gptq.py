@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from quantize_pipeline.formats.base import Claim, FormatError, LayerTensors, cdiv, claim_problems, weight_only
-from quantize_pipeline.schemes import WEIGHT_BITS, SchemeSpec, explicit_scheme
+from quantize_pipeline.recipe.schemes import WEIGHT_BITS, SchemeSpec, explicit_scheme
 
 BITS = (4, 8)
 

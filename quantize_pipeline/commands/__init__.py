@@ -1,0 +1,1 @@
+"""Commands that drive whole runs: sweep, per-layer sensitivity, auto-exclude."""

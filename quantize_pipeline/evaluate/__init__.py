@@ -1,0 +1,1 @@
+"""The evaluate stage: lm-eval tasks, base vs quantized, the base's cached answers, divergence and perplexity."""

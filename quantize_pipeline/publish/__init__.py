@@ -1,0 +1,1 @@
+"""The publish stage: the Hugging Face Hub upload and the model card."""

@@ -1,0 +1,1 @@
+"""Run machinery: the runner that drives the stages, isolated child processes, the crash-safe run folder, manifests, resume, progress events."""
