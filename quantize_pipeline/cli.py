@@ -15,9 +15,10 @@ import click
 from quantize_pipeline.commands import sweep as sweeping
 from quantize_pipeline.commands.auto_exclude import auto_exclude
 from quantize_pipeline.commands.auto_exclude import sensitivity as measure
+from quantize_pipeline.engines import compat
 from quantize_pipeline.errors import InputError, PipelineError, RecipeError
 from quantize_pipeline.publish import publish as publish_stage
-from quantize_pipeline.recipe import checks, compat, models
+from quantize_pipeline.recipe import checks, models
 from quantize_pipeline.recipe import plan as planning
 from quantize_pipeline.recipe import schema as recipe_schema
 from quantize_pipeline.recipe.schema import PublishSpec, load_recipe

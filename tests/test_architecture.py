@@ -105,3 +105,27 @@ def test_every_module_lives_in_a_wing():
                      "verify"}
     for wing in wings:  # each says what it holds, for the newcomer reading the tree
         assert ast.get_docstring(ast.parse((PACKAGE / wing / "__init__.py").read_text())), wing
+
+
+ENGINE_NAMES = {"vllm", "transformers", "bitsandbytes-int8", "bitsandbytes-nf4", "vllm-cuda", "vllm-rocm", "vllm-cpu"}
+# A comparison with one of those strings that is not about an engine.
+NOT_AN_ENGINE = {("quantize/quark_import.py", "folder.parent.name")}  # transformers' package folder
+
+
+def test_no_string_compare_on_an_engine_name_outside_engines():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where.startswith("engines/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            for operand in operands:
+                values = [operand] + (list(operand.elts) if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [])
+                if any(isinstance(value, ast.Constant) and value.value in ENGINE_NAMES for value in values):
+                    others = {ast.unparse(other) for other in operands if other is not operand}
+                    if not any((where, other) in NOT_AN_ENGINE for other in others):
+                        found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from quantize_pipeline.recipe import compat
+from quantize_pipeline.engines import compat
 from quantize_pipeline.recipe.schemes import SCHEMES
 from tests.conftest import MINIMAL_RECIPE, REPO
 

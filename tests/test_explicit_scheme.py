@@ -10,8 +10,9 @@ import sys
 import pytest
 import yaml
 
+from quantize_pipeline.engines import compat
 from quantize_pipeline.errors import RecipeError
-from quantize_pipeline.recipe import checks, compat, schemes
+from quantize_pipeline.recipe import checks, schemes
 from quantize_pipeline.recipe.plan import make_plan
 from quantize_pipeline.recipe.schema import Recipe, load_recipe
 from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value

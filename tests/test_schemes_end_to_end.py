@@ -89,7 +89,7 @@ def _export_only(recipe_name: str, tmp_path: Path):
 
 
 def test_ptpc_fp8(tmp_path):
-    from quantize_pipeline.recipe import compat
+    from quantize_pipeline.engines import compat
     from quantize_pipeline.run.runner import check_engine
 
     name = "smollm2-135m-ptpc-fp8.yaml"

@@ -17,6 +17,7 @@ from pathlib import Path
 from quantize_pipeline import engines
 from quantize_pipeline.engines import settings as engine
 from quantize_pipeline.engines.memory import PeakSampler
+from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.engines.serve import timed_generate
 from quantize_pipeline.engines.settings import EngineOptions
 from quantize_pipeline.errors import PipelineError
@@ -38,7 +39,7 @@ GENERATION_FIGURES = {
 def baseline_options(recipe: Recipe, baseline: BaselineSpec, engine_name: str, device: str) -> EngineOptions:
     """bitsandbytes: its engine on the base model; a checkpoint: the run's engine, as for an export
     (no KV-cache override: the checkpoint's own config decides)."""
-    name = f"bitsandbytes-{baseline.bitsandbytes}" if baseline.bitsandbytes else engine_name
+    name = EngineName(f"bitsandbytes-{baseline.bitsandbytes}") if baseline.bitsandbytes else engine_name
     return engine.engine_options(recipe, quantized=False, engine_name=name, device=device)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from quantize_pipeline import engines
 from quantize_pipeline.engines import serve
 from quantize_pipeline.engines import settings as engine
+from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.engines.settings import EngineOptions
 from quantize_pipeline.evaluate import baselines, divergence, lm_eval_tasks
 from quantize_pipeline.evaluate.engine_session import Questions, evaluate_tasks, load_engine, paired_comparison
@@ -157,7 +158,7 @@ def _write_samples(out_dir: Path, role: str, figures: dict[str, dict]) -> None:
 
 def serve_and_evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, serve_dir: Path, out_dir: Path, logs: Path, *,
-    engine_name: str = "vllm", device: str = "cpu", refresh_baseline: bool = False, on_event: Emit | None = None,
+    engine_name: str = EngineName.VLLM, device: str = "cpu", refresh_baseline: bool = False, on_event: Emit | None = None,
 ) -> dict[str, dict]:
     """serve's and evaluate's records: {stage: {"summary", "wall_s", "peak_rss_mb"}}, plus "engine_starts".
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantize_pipeline.engines import compat
+from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.formats.safetensors_header import read_folder
-from quantize_pipeline.recipe import compat, layers, models
+from quantize_pipeline.recipe import layers, models
 from quantize_pipeline.recipe.schema import Recipe
 
 DIMENSION_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size")
@@ -66,7 +68,7 @@ def model_problems(recipe: Recipe, model_dir: Path) -> list[tuple[str, str]]:
         problems.append(("quantization.mode", f"data_free quantizes each linear's own 2-D weight tensor; the "
                          f"checkpoint's {fused} is fused ({len(read_folder(model_dir)[fused]['shape'])}-D): use "
                          "streaming, in_memory or auto"))
-    if recipe.evaluation.engine != "transformers":  # vLLM serves fused shards with one scheme
+    if recipe.evaluation.engine != EngineName.TRANSFORMERS:  # vLLM serves fused shards with one scheme
         problems.extend(fused_scheme_problems(recipe, names))
     return problems
 

