@@ -375,7 +375,8 @@ FORMAT_NAMES = {"compressed-tensors": {"int8_per_channel": "W8A8", "int4_wo_64":
 
 
 def engine_support(recipe, layer_schemes: dict[str, str | None], engine: str) -> Support:
-    """The weakest support among the schemes the layers actually use on this engine."""
+    """The weakest support among the schemes a Recipe's layers actually use on this engine (a Build):
+    the one answer `plan`, `validate`, `run` and `check` get (through checks.recipe_support or directly)."""
     verdict = Support(True, "", MEASURED)
     for scheme in sorted(set(filter(None, layer_schemes.values()))):
         names = [name for name, assigned in layer_schemes.items() if assigned == scheme]
@@ -389,7 +390,7 @@ def engine_support(recipe, layer_schemes: dict[str, str | None], engine: str) ->
             if entry.source != MEASURED:
                 verdict = Support(True, "", entry.source)
             verdict = Support(True, "; ".join(filter(None, [verdict.reason, f"{scheme}: {entry.reason}"])),
-                                     verdict.source)
+                              verdict.source)
     kv_cache = recipe.quantization.kv_cache
     if kv_cache is not None:
         entry = kv_cache_support(kv_cache, engine)

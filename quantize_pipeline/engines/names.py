@@ -24,7 +24,3 @@ class Build(StrEnum):
     VLLM_ROCM = "vllm-rocm"
     VLLM_CPU = "vllm-cpu"
     TRANSFORMERS = "transformers"
-
-    @property
-    def engine(self) -> EngineName:
-        return EngineName.TRANSFORMERS if self is Build.TRANSFORMERS else EngineName.VLLM
