@@ -62,13 +62,13 @@ def load_engine(model_dir: str, options: EngineOptions, role: str) -> tuple[engi
     _loaded = None  # another model: let go of the first (a session keeps one model per child)
     engine.prepare_environment(options)
     loaded = engines.load(model_dir, options)
-    start = engine_start_record(loaded, role)
+    start = _engine_start(loaded, role)
     report_event({"event": "engine_start", **start})
     _loaded = (key, loaded)
     return loaded, start
 
 
-def engine_start_record(loaded: engines.Engine, role: str) -> dict:
+def _engine_start(loaded: engines.Engine, role: str) -> dict:
     return {"role": role, "engine": loaded.name, "import_s": round(loaded.import_s, 2), "load_s": round(loaded.load_s, 2)}
 
 

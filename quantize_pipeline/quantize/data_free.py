@@ -9,9 +9,9 @@ file-to-file quantizer where that writes what its exporter does (`fast_weight_co
 
 A pipeline of three: a reader thread reads the next group of tensors while the main thread quantizes one
 (its weights' row blocks on one thread per core, `_block_workers`) and a writer thread writes the last
-finished file. Each input shard is a resume
-unit: its output files and their sha256 are recorded in the run's state folder, which the runner removes
-once the export is committed; after a kill, finished shards are linked back in, not redone.
+finished file. Each input shard is a resume unit: its output files and their sha256 are recorded in the run's
+state folder, which the runner removes once the export is committed; after a kill, finished shards are linked
+back in, not redone.
 
 The model skeleton is built on the meta device (no weights) only to resolve the recipe's patterns and to let
 Quark write `quantization_config` exactly as it does in memory.

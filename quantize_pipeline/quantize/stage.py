@@ -45,13 +45,14 @@ def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out
     parsed = Recipe.model_validate(recipe)
     mode, reason = quantize_mode(parsed, Path(model_dir) / "config.json", device)
     print(f"quantization mode: {mode} on {device} ({reason})", flush=True)
+    folders = {key: Path(value) for key, value in out_dirs.items()}
+    state = Path(state_dir) if state_dir else None
     if mode == "data_free":
-        return data_free_quantize(parsed, Path(model_dir), {k: Path(v) for k, v in out_dirs.items()}, device=device,
-                                  mode_reason=reason, state_dir=Path(state_dir) if state_dir else None)
+        return data_free_quantize(parsed, Path(model_dir), folders, device=device, mode_reason=reason, state_dir=state)
     token_batches = load_token_batches(Path(calibrate_dir))
     if mode == "streaming":
-        return stream_quantize(parsed, Path(model_dir), token_batches, {k: Path(v) for k, v in out_dirs.items()},
-                               device=device, mode_reason=reason, state_dir=Path(state_dir) if state_dir else None)
+        return stream_quantize(parsed, Path(model_dir), token_batches, folders, device=device, mode_reason=reason,
+                               state_dir=state)
     records = {}
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,1 +1,1 @@
-"""The recipe language: the pydantic schema, schemes, layer patterns, what was measured to run (compat), checks, plan, and what a recipe resolves to on this machine (model folder, devices, compute dtype)."""
+"""The recipe language: the pydantic schema, schemes, layer patterns, checks, plan, and what a recipe resolves to on this machine (model folder, devices, compute dtype)."""

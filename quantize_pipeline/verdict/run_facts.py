@@ -19,7 +19,7 @@ class ExportSize:
 
 @dataclass(frozen=True)
 class EngineLabel:
-    name: str  # a name in quantize_pipeline.engines.ENGINES
+    name: str  # an engines.names.EngineName
     label: str  # what the report says about it (e.g. the fallback engine, and why)
 
 
