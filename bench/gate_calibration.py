@@ -177,7 +177,7 @@ def _paragraph_resample(per_token: PerToken, rng) -> PerToken:
     return PerToken(kl, agree, [int(lengths[i]) for i in picks])
 
 
-def _fixed_rules(evidence: ExportEvidence, gates: GatesSpec, rng) -> list[dict]:
+def _fixed_rules(evidence: ExportEvidence, gates: GatesSpec, rng) -> list:
     """The rules that do not grow with questions, on a resample of the held-out text."""
     one_look = 1.0 - gates.alpha
     rules = []
@@ -220,7 +220,7 @@ def replay_once(evidence: ExportEvidence, gates: GatesSpec, rng) -> tuple[dict, 
     while True:
         limits = {task: schedules[task][min(look, len(schedules[task]) - 1)].limit for task in BENCH_TASKS}
         rules = _accuracy_rules(evidence, draws, limits, gates, confidence) + fixed_rules
-        decision = sequential.next_round(longest, look, {rule["rule"]: rule["state"] for rule in rules},
+        decision = sequential.next_round(longest, look, {rule.rule: rule.state for rule in rules},
                                          more_questions_help=accuracy_names)
         if decision.stop:
             break

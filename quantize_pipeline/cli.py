@@ -32,6 +32,7 @@ from quantize_pipeline.run.runner import resolve_base_model
 from quantize_pipeline.verdict.junit import write_junit
 from quantize_pipeline.verdict.mlflow_report import log_run
 from quantize_pipeline.verdict.plot import write_accuracy_plot
+from quantize_pipeline.verdict.record import Report, load_report
 from quantize_pipeline.verdict.report import ACCURACY_PLOT, render_comparison, render_markdown
 
 
@@ -189,11 +190,9 @@ def _report_elsewhere(run_dir: Path | None, junit_path: Path | None, to_mlflow: 
     """JUnit XML and MLflow, when the run reached its gate (nothing to report otherwise)."""
     if run_dir is None or not (run_dir / "report.json").is_file():
         return
-    import json
-
     import yaml
 
-    report = json.loads((run_dir / "report.json").read_text())
+    report = load_report(run_dir / "report.json")
     if junit_path is not None:
         write_junit(report, junit_path)
     recipe_data = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
@@ -224,17 +223,15 @@ def _result_event(run_dir: Path | None, exit_code: int, *, published: str | None
                   error: str | None = None, stopped_after: str | None = None) -> dict:
     """The last event of `run --json`: the verdict and, per rule, figure, interval, threshold, state and
     samples used (from report.json when the run reached its gate)."""
-    import json
-
     report_path = run_dir / "report.json" if run_dir is not None else None
-    report = json.loads(report_path.read_text()) if report_path is not None and report_path.is_file() else {}
+    report = load_report(report_path) if report_path is not None and report_path.is_file() else None
     if verdict is None:
-        verdict = report.get("verdict", "not reached")
+        verdict = report.verdict if report else "not reached"
     rule_keys = ("rule", "state", "figure", "interval", "threshold", "samples", "unit", "more_samples_to_decide")
-    rules = [{key: rule.get(key) for key in rule_keys} for rule in report.get("rules", [])]
+    rules = [{key: getattr(rule, key) for key in rule_keys} for rule in (report.rules if report else [])]
     return {"event": "result", "verdict": verdict, "run_dir": str(run_dir) if run_dir else None, "exit_code": exit_code,
             "published": published, "error": error, "rules": rules,
-            "quantize_warnings": report.get("quantize_warnings", []),
+            "quantize_warnings": report.quantize_warnings if report else [],
             **({"stopped_after": stopped_after} if stopped_after else {})}
 
 
@@ -319,13 +316,11 @@ def publish_command(run_dir: Path, dry_run: bool, target: str | None) -> None:
     click.echo(f"{state}: {summary['url']}" + (f" (commit {summary['commit']})" if summary.get("commit") else ""))
 
 
-def _read_report(run_dir: Path) -> dict:
-    import json
-
+def _read_report(run_dir: Path) -> Report:
     path = run_dir / "report.json"
     if not path.is_file():
         raise InputError(f"{path}: not found: the run never reached its gate")
-    return json.loads(path.read_text())
+    return load_report(path)
 
 
 @main.command()

@@ -8,6 +8,7 @@ import yaml
 
 from quantize_pipeline.errors import RecipeError
 from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.verdict.record import Report
 
 BASE = {"name": "t", "model": {"source": "builtin:smollm2-135m-instruct"}, "quantization": {"scheme": "int8_per_channel"}}
 
@@ -81,7 +82,7 @@ def _report() -> dict:
 def test_report_md_has_a_column_per_baseline_and_says_why_one_could_not_run():
     from quantize_pipeline.verdict.report import render_markdown
 
-    text = render_markdown(_report())
+    text = render_markdown(Report.model_validate(_report()))
     section = text[text.index("## Baselines (evaluation only, not gated)"):]
     assert "| | export | bnb-nf4 | old |" in section
     assert "| arc_easy acc (base 0.5) | 0.49 (recovery 0.98 [0.93, 1.03], 200 q) | 0.45 (recovery 0.9 [0.93, 1.03], 200 q) | — |" in section
@@ -95,7 +96,7 @@ def test_the_plot_draws_the_baseline_bars(tmp_path):
 
     from quantize_pipeline.verdict.plot import accuracy_rows, write_accuracy_plot
 
-    report = _report()
+    report = Report.model_validate(_report())
     [row] = accuracy_rows(report)
     assert set(row["baselines"]) == {"bnb-nf4"} and row["baselines"]["bnb-nf4"][0] == 0.45
     path = tmp_path / "accuracy.png"
@@ -103,7 +104,7 @@ def test_the_plot_draws_the_baseline_bars(tmp_path):
     pixels = matplotlib.image.imread(path)[..., :3]
     orange = np.array([0xE6, 0x7E, 0x22]) / 255  # the first baseline's colour
     assert (np.abs(pixels - orange).max(axis=-1) < 0.02).sum() > 500  # a bar, not a legend swatch alone
-    del report["evaluation"]["baselines"]
+    report.evaluation.baselines = None
     write_accuracy_plot(report, path)
     pixels = matplotlib.image.imread(path)[..., :3]
     assert (np.abs(pixels - orange).max(axis=-1) < 0.02).sum() == 0
@@ -154,6 +155,6 @@ def test_a_baseline_that_cannot_load_is_a_column_with_its_error(tmp_path):
 def test_mlflow_figures_carry_the_baseline_columns():
     from quantize_pipeline.verdict.mlflow_report import figures
 
-    values = figures(_report())
+    values = figures(Report.model_validate(_report()))
     assert values["baseline.bnb-nf4.arc_easy.acc"] == 0.45 and values["baseline.bnb-nf4.arc_easy.recovery"] == 0.9
     assert values["baseline.bnb-nf4.peak_rss_mb"] == 1210.5 and not any(key.startswith("baseline.old.") for key in values)

@@ -10,6 +10,7 @@ import pytest
 
 from quantize_pipeline.verdict import plot
 from quantize_pipeline.verdict.metrics import divergence_summary, token_divergence, topk_token_kl
+from quantize_pipeline.verdict.record import Report
 
 
 def _normalized(rng, tokens: int, vocab: int, scale: float = 2.0) -> np.ndarray:
@@ -111,8 +112,8 @@ def test_wilson_interval_by_hand():
     assert plot.wilson_interval(1.0, 10)[0] < 1.0  # never a zero-width interval at the edges
 
 
-def _report(**tasks) -> dict:
-    return {"recipe": "r", "scheme": "int8_per_channel", "verdict": "pass", "evaluation": {"tasks": tasks}}
+def _report(**tasks) -> Report:
+    return Report.model_validate({"recipe": "r", "scheme": "int8_per_channel", "verdict": "pass", "evaluation": {"tasks": tasks}})
 
 
 def test_accuracy_plot_is_a_png_with_one_pair_per_task(tmp_path):

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantize_pipeline.evaluate.record import Evaluation
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.verdict import gate
+from quantize_pipeline.verdict.record import Report
 from quantize_pipeline.verdict.run_facts import EngineLabel, ExportSize, RunFacts
 
 SANE = [{"prompt": "The capital of France is", "completion": " Paris. It is also the largest city in France."}]
@@ -70,10 +72,15 @@ def _evidence(folder: Path, *, ppl_ratio=1.05, mean_kl=0.02, top1=0.93, paragrap
     return folder
 
 
-def _gate(recipe, facts, evaluation, tmp_path, **evidence) -> dict:
+def _judge(recipe, facts, evaluation: dict, out: Path, evidence_dir: Path | None = None) -> Report:
+    """The gate on hand-made evaluation figures (evaluate.json's form)."""
+    return gate.gate(recipe, facts, Evaluation.model_validate(evaluation), out, evidence_dir=evidence_dir)
+
+
+def _gate(recipe, facts, evaluation, tmp_path, **evidence) -> Report:
     out = tmp_path / "gate"
     out.mkdir(exist_ok=True)
-    return gate.gate(recipe, facts, evaluation, out, evidence_dir=_evidence(tmp_path / "evaluate", **evidence))
+    return _judge(recipe, facts, evaluation, out, evidence_dir=_evidence(tmp_path / "evaluate", **evidence))
 
 
 def _facts(completions=SANE, size_ratio=0.6, peak_mb=4096.0) -> RunFacts:
@@ -85,10 +92,10 @@ def _facts(completions=SANE, size_ratio=0.6, peak_mb=4096.0) -> RunFacts:
 
 def test_good_figures_pass_and_reports_are_written(tmp_path):
     report = _gate(_recipe(min_recovery=0.90, max_perplexity_ratio=1.10), _facts(), _evaluation(), tmp_path)
-    assert report["verdict"] == "pass" and report["failed_rules"] == [] and report["inconclusive_rules"] == []
-    recovery = next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")
-    assert recovery["figure"] == 0.98 and recovery["samples"] == 1000 and recovery["unit"] == "questions"
-    assert 0.90 <= recovery["interval"][0] < 0.98 < recovery["interval"][1]
+    assert report.verdict == "pass" and report.failed_rules == [] and report.inconclusive_rules == []
+    recovery = next(rule for rule in report.rules if rule.rule == "min_recovery[arc_easy]")
+    assert recovery.figure == 0.98 and recovery.samples == 1000 and recovery.unit == "questions"
+    assert 0.90 <= recovery.interval[0] < 0.98 < recovery.interval[1]
     assert json.loads((tmp_path / "gate" / "report.json").read_text())["verdict"] == "pass"
     assert "| min_recovery[arc_easy] | 0.98 | [" in (tmp_path / "gate" / "report.md").read_text()
 
@@ -98,8 +105,8 @@ def test_each_rule_can_fail(tmp_path):
                      max_accuracy_drop=0.005, max_mean_kl=0.01, min_top1_agreement=0.97)
     evaluation = _evaluation(base_acc=0.50, quant_acc=0.45, mean_kl=0.05, top1=0.80)
     report = _gate(recipe, _facts(), evaluation, tmp_path, ppl_ratio=1.3, mean_kl=0.05, top1=0.80)
-    assert report["verdict"] == "fail"
-    assert report["failed_rules"] == [
+    assert report.verdict == "fail"
+    assert report.failed_rules == [
         "min_recovery[arc_easy]", "max_accuracy_drop[arc_easy]", "max_perplexity_ratio",
         "max_mean_kl", "min_top1_agreement", "max_export_size_ratio", "max_peak_memory_gb",
     ]
@@ -108,11 +115,11 @@ def test_each_rule_can_fail(tmp_path):
 def test_a_threshold_inside_the_interval_is_inconclusive_with_a_sample_estimate(tmp_path):
     # recovery 0.98 on 1000 questions, 20 discordant: the interval holds 0.97, so neither pass nor fail.
     report = _gate(_recipe(min_recovery=0.97), _facts(), _evaluation(), tmp_path)
-    assert report["verdict"] == "inconclusive" and report["inconclusive_rules"] == ["min_recovery[arc_easy]"]
-    rule = report["rules"][0]
-    assert rule["state"] == "inconclusive" and not rule["passed"]
-    assert rule["interval"][0] < 0.97 < rule["interval"][1]
-    assert rule["more_samples_to_decide"] > 0
+    assert report.verdict == "inconclusive" and report.inconclusive_rules == ["min_recovery[arc_easy]"]
+    rule = report.rules[0]
+    assert rule.state == "inconclusive" and not rule.passed
+    assert rule.interval[0] < 0.97 < rule.interval[1]
+    assert rule.more_samples_to_decide > 0
     assert "INCONCLUSIVE" in (tmp_path / "gate" / "report.md").read_text()
 
 
@@ -122,27 +129,27 @@ def test_more_rounds_narrow_the_accuracy_interval(tmp_path):
     one_look = one_look.model_copy(update={"evaluation": one_look.evaluation.model_copy(update={"max_limit": 200})})
     widths = []
     for recipe in (one_look, _recipe(min_recovery=0.9)):
-        rule = _gate(recipe, _facts(), _evaluation(), tmp_path)["rules"][0]
-        widths.append((rule["interval"][1] - rule["interval"][0], rule["confidence"]))
+        rule = _gate(recipe, _facts(), _evaluation(), tmp_path).rules[0]
+        widths.append((rule.interval[1] - rule.interval[0], rule.confidence))
     assert widths[0][1] == 0.95 and widths[1][1] == pytest.approx(1 - 0.05 / 3)
     assert widths[0][0] < widths[1][0]
 
 
 def test_divergence_rules_report_interval_threshold_and_fail_closed(tmp_path):
     report = _gate(_recipe(), _facts(), _evaluation(mean_kl=0.5, top1=0.6), tmp_path, mean_kl=0.5, top1=0.6)
-    kl = next(rule for rule in report["rules"] if rule["rule"] == "max_mean_kl")
-    assert (kl["threshold"], kl["state"], kl["samples"], kl["unit"]) == (0.05, "fail", 32, "paragraphs")
-    assert 0.05 < kl["interval"][0] <= kl["figure"] <= kl["interval"][1]
-    assert "5000 held-out tokens" in kl["detail"] and "p99 0.3" in kl["detail"]
-    assert report["failed_rules"] == ["max_mean_kl", "min_top1_agreement"]
+    kl = next(rule for rule in report.rules if rule.rule == "max_mean_kl")
+    assert (kl.threshold, kl.state, kl.samples, kl.unit) == (0.05, "fail", 32, "paragraphs")
+    assert 0.05 < kl.interval[0] <= kl.figure <= kl.interval[1]
+    assert "5000 held-out tokens" in kl.detail and "p99 0.3" in kl.detail
+    assert report.failed_rules == ["max_mean_kl", "min_top1_agreement"]
     markdown = (tmp_path / "gate" / "report.md").read_text()
     assert "| max_mean_kl | " in markdown and "**FAIL**" in markdown
     assert "## Token divergence from the base (5000 held-out tokens)" in markdown
 
     evaluation = _evaluation()
     evaluation["divergence"] = {"tokens": 5000, "mean_kl": None, "top1_agreement": None}  # infinite KL -> None
-    missing = gate.gate(_recipe(), _facts(), evaluation, tmp_path / "gate", evidence_dir=tmp_path / "nothing")
-    assert missing["failed_rules"] == ["max_mean_kl", "min_top1_agreement"]
+    missing = _judge(_recipe(), _facts(), evaluation, tmp_path / "gate", evidence_dir=tmp_path / "nothing")
+    assert missing.failed_rules == ["max_mean_kl", "min_top1_agreement"]
 
 
 def test_an_infinite_token_kl_fails_the_kl_rule(tmp_path):
@@ -150,15 +157,15 @@ def test_an_infinite_token_kl_fails_the_kl_rule(tmp_path):
     per_token = json.loads((folder / "divergence-per-token.json").read_text())
     per_token["kl"][7] = None  # the quantized model gave a base token no mass
     (folder / "divergence-per-token.json").write_text(json.dumps(per_token))
-    report = gate.gate(_recipe(), _facts(), _evaluation(), tmp_path, evidence_dir=folder)
-    assert "max_mean_kl" in report["failed_rules"]
+    report = _judge(_recipe(), _facts(), _evaluation(), tmp_path, evidence_dir=folder)
+    assert "max_mean_kl" in report.failed_rules
 
 
 def test_a_figure_without_its_evidence_never_passes(tmp_path):
     """Point figures on the good side but no per-sample files: inconclusive, not pass."""
-    report = gate.gate(_recipe(min_recovery=0.9), _facts(), _evaluation(), tmp_path, evidence_dir=tmp_path / "none")
-    assert report["verdict"] == "inconclusive"
-    assert set(report["inconclusive_rules"]) == {"max_perplexity_ratio", "max_mean_kl", "min_top1_agreement"}
+    report = _judge(_recipe(min_recovery=0.9), _facts(), _evaluation(), tmp_path, evidence_dir=tmp_path / "none")
+    assert report.verdict == "inconclusive"
+    assert set(report.inconclusive_rules) == {"max_perplexity_ratio", "max_mean_kl", "min_top1_agreement"}
 
 
 def test_divergence_rules_follow_the_recipe(tmp_path):
@@ -168,10 +175,10 @@ def test_divergence_rules_follow_the_recipe(tmp_path):
     })
     evaluation = _evaluation()
     del evaluation["divergence"]
-    rules = [rule["rule"] for rule in _gate(no_text, _facts(), evaluation, tmp_path)["rules"]]
+    rules = [rule.rule for rule in _gate(no_text, _facts(), evaluation, tmp_path).rules]
     assert "max_mean_kl" not in rules and "min_top1_agreement" not in rules
     switched_off = _recipe(min_recovery=0.9, max_mean_kl=None, min_top1_agreement=None)
-    assert _gate(switched_off, _facts(), evaluation, tmp_path)["verdict"] == "pass"
+    assert _gate(switched_off, _facts(), evaluation, tmp_path).verdict == "pass"
 
 
 def test_gate_writes_the_accuracy_plot(tmp_path):
@@ -182,44 +189,44 @@ def test_gate_writes_the_accuracy_plot(tmp_path):
 
 def test_word_salad_is_garbage_by_the_base_models_perplexity(tmp_path):
     report = _gate(_recipe(), _facts(SALAD), _evaluation(completion_ppl=(5000.0,)), tmp_path)
-    rule = next(rule for rule in report["rules"] if rule["rule"] == "no_garbage")
-    assert report["verdict"] == "fail" and rule["verdict"] == "garbage"
-    assert "Tracebackussippi" in rule["worst_sample"]["text"]
-    assert "perplexity" in rule["detail"]
+    rule = next(rule for rule in report.rules if rule.rule == "no_garbage")
+    assert report.verdict == "fail" and rule.verdict == "garbage"
+    assert "Tracebackussippi" in rule.worst_sample["text"]
+    assert "perplexity" in rule.detail
 
 
 def test_repetition_loop_is_garbage(tmp_path):
     report = _gate(_recipe(), _facts(LOOP), _evaluation(completion_ppl=(2.0,)), tmp_path)
-    assert "no_garbage" in report["failed_rules"]
+    assert "no_garbage" in report.failed_rules
 
 
 def test_missing_figures_fail_closed(tmp_path):
-    report = gate.gate(_recipe(), _facts(completions=[]), {}, tmp_path)
-    assert report["verdict"] == "fail"
-    assert set(report["failed_rules"]) == {
+    report = _judge(_recipe(), _facts(completions=[]), {}, tmp_path)
+    assert report.verdict == "fail"
+    assert set(report.failed_rules) == {
         "min_recovery[arc_easy]", "max_perplexity_ratio", "max_mean_kl", "min_top1_agreement", "no_garbage",
     }
-    numeric = [rule for rule in report["rules"] if rule["rule"] != "no_garbage"]
-    assert all("fails closed" in rule["detail"] for rule in numeric)
+    numeric = [rule for rule in report.rules if rule.rule != "no_garbage"]
+    assert all("fails closed" in rule.detail for rule in numeric)
 
 
 def test_missing_completion_perplexities_fail_closed(tmp_path):
     evaluation = _evaluation()
     evaluation["completion_perplexities_under_base"] = None
     report = _gate(_recipe(min_recovery=0.9), _facts(), evaluation, tmp_path)
-    assert report["failed_rules"] == ["no_garbage"]
+    assert report.failed_rules == ["no_garbage"]
 
 
 def test_zero_base_accuracy_cannot_pass(tmp_path):
     report = _gate(_recipe(), _facts(), _evaluation(base_acc=0.0, quant_acc=0.0), tmp_path)
-    assert "min_recovery[arc_easy]" in report["failed_rules"]
+    assert "min_recovery[arc_easy]" in report.failed_rules
 
 
 def test_no_rules_is_not_a_pass(tmp_path):
     recipe = _recipe(min_recovery=None, max_perplexity_ratio=None, no_garbage=False, max_mean_kl=None,
                      min_top1_agreement=None)
     report = _gate(recipe, _facts(), _evaluation(), tmp_path)
-    assert report["verdict"] == "fail"
+    assert report.verdict == "fail"
 
 
 def test_report_and_compare_commands(tmp_path):
@@ -232,7 +239,7 @@ def test_report_and_compare_commands(tmp_path):
     for name, quant_acc in (("good", 0.49), ("bad", 0.30)):
         run_dir = tmp_path / "exports" / name / "run1"
         run_dir.mkdir(parents=True)
-        report = gate.gate(_recipe(min_recovery=0.9), _facts(), _evaluation(quant_acc=quant_acc), run_dir,
+        report = _judge(_recipe(min_recovery=0.9), _facts(), _evaluation(quant_acc=quant_acc), run_dir,
                            evidence_dir=_evidence(tmp_path / "evaluate"))
         (run_dir / "report.md").write_text("stale")
         runs.append(run_dir)
@@ -247,7 +254,7 @@ def test_report_and_compare_commands(tmp_path):
     assert compared.returncode == 0
     assert "| verdict | pass | fail |" in compared.stdout
     assert "| min_recovery[arc_easy] | 0.98 pass | 0.6 **FAIL** |" in compared.stdout
-    assert report["verdict"] == "fail"
+    assert report.verdict == "fail"
 
 
 def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
@@ -256,7 +263,7 @@ def test_compare_labels_tokens_per_s_and_refuses_figures_measured_otherwise():
     base = {"verdict": "pass", "scheme": "int8_per_channel", "rules": [], "export": {}}
     measured = {**base, "serve": {"tokens_per_s": 187.25, "definitions": {"tokens_per_s": "one generate call"}}}
     older = {**base, "serve": {"tokens_per_s": 15.6}}  # a run from before the serving figures: import time included
-    table = render_comparison([("new", measured), ("old", older)])
+    table = render_comparison([("new", Report.model_validate(measured)), ("old", Report.model_validate(older))])
     row = next(line for line in table.splitlines() if line.startswith("| tokens/s"))
     assert "after a warm-up" in row and "| 187.2 |" in row
     assert "not comparable: 15.6 measured with import and load" in row
@@ -288,13 +295,13 @@ def test_quantize_warnings_reach_report_json_and_md_and_older_reports_still_load
     warning = "3 MoE expert layers received no calibration token (...): their static input scale is ..."
     facts = dataclasses.replace(_facts(), quantize_warnings=(warning,))
     report = _gate(_recipe(min_recovery=0.90, max_perplexity_ratio=1.10), facts, _evaluation(), tmp_path)
-    assert report["quantize_warnings"] == [warning] and report["verdict"] == "pass"  # flagged, not a gate rule
+    assert report.quantize_warnings == [warning] and report.verdict == "pass"  # flagged, not a gate rule
     markdown = (tmp_path / "gate" / "report.md").read_text()
     assert f"**WARNING (quantize)**: {warning}" in markdown
     assert markdown.index("WARNING (quantize)") < markdown.index("## Gate")
-    assert RunFacts.from_json(report) == facts
+    assert RunFacts.from_json(report.to_json()) == facts
     schema_2 = {key: value for key, value in _facts().to_json().items() if key != "quantize_warnings"}
     assert RunFacts.from_json(schema_2).quantize_warnings == ()
     (tmp_path / "plain").mkdir()
-    assert _gate(_recipe(), _facts(), _evaluation(), tmp_path / "plain")["quantize_warnings"] == []
+    assert _gate(_recipe(), _facts(), _evaluation(), tmp_path / "plain").quantize_warnings == []
     assert "WARNING" not in (tmp_path / "plain" / "gate" / "report.md").read_text()

@@ -21,11 +21,11 @@ def _cases(path) -> dict:
 def test_each_rule_is_a_test_case_with_its_state(tmp_path):
     recipe = _recipe(min_recovery=0.97, max_mean_kl=0.01, max_export_size_ratio=0.9)
     report = _gate(recipe, _facts(), _evaluation(mean_kl=0.05), tmp_path, mean_kl=0.05)
-    assert report["verdict"] == "fail"
+    assert report.verdict == "fail"
     write_junit(report, tmp_path / "ci" / "gate.xml")
     suite, cases = _cases(tmp_path / "ci" / "gate.xml")
-    assert set(cases) == {rule["rule"] for rule in report["rules"]}
-    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == (str(len(report["rules"])), "1", "1")
+    assert set(cases) == {rule.rule for rule in report.rules}
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == (str(len(report.rules)), "1", "1")
     failure = cases["max_mean_kl"].find("failure")
     assert failure is not None and "> threshold 0.01" in failure.get("message") and "interval [" in failure.get("message")
     skipped = cases["min_recovery[arc_easy]"].find("skipped")

@@ -37,14 +37,14 @@ def test_run_lands_in_a_local_store_under_the_run(tmp_path, monkeypatch):
 
     client = MlflowClient(logged["tracking_uri"])
     run = client.get_run(logged["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == report["verdict"] == "pass"
+    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == report.verdict == "pass"
     assert client.get_experiment(logged["experiment_id"]).name == "t"
     assert run.data.params["gates.min_recovery"] == "0.9" and run.data.params["quantization.scheme"] == "int8_per_channel"
     assert run.data.params["evaluation.limit"] == "200"
-    recovery = next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")
+    recovery = next(rule for rule in report.rules if rule.rule == "min_recovery[arc_easy]")
     metrics = run.data.metrics
-    assert metrics["gate.min_recovery.arc_easy.figure"] == recovery["figure"]
-    assert metrics["gate.min_recovery.arc_easy.interval_low"] == recovery["interval"][0]
+    assert metrics["gate.min_recovery.arc_easy.figure"] == recovery.figure
+    assert metrics["gate.min_recovery.arc_easy.interval_low"] == recovery.interval[0]
     assert metrics["gate.min_recovery.arc_easy.state"] == 1.0
     assert metrics["eval.arc_easy.quantized.acc"] == 0.49 and metrics["eval.divergence.mean_kl"] == 0.02
     artifacts = {item.path for item in client.list_artifacts(logged["run_id"])}
@@ -116,11 +116,11 @@ def test_a_gated_run_reads_back_from_a_tracking_server(tracking_server, tmp_path
 
     client = MlflowClient(tracking_server)  # a second client, as a teammate's would be
     run = client.get_run(logged["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == report["verdict"] == "pass"
+    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == report.verdict == "pass"
     assert client.get_experiment(logged["experiment_id"]).name == "t"
     assert run.data.params["quantization.scheme"] == "int8_per_channel" and run.data.params["evaluation.limit"] == "200"
-    recovery = next(rule for rule in report["rules"] if rule["rule"] == "min_recovery[arc_easy]")
-    assert run.data.metrics["gate.min_recovery.arc_easy.figure"] == recovery["figure"]
+    recovery = next(rule for rule in report.rules if rule.rule == "min_recovery[arc_easy]")
+    assert run.data.metrics["gate.min_recovery.arc_easy.figure"] == recovery.figure
     artifacts = {item.path for item in client.list_artifacts(logged["run_id"])}
     assert {"report.json", "report.md", "accuracy.png", "manifest.json", "recipe.yaml"} <= artifacts
     fetched = client.download_artifacts(logged["run_id"], "report.json", str(tmp_path / "fetched"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
 from quantize_pipeline.errors import PipelineError
+from quantize_pipeline.evaluate.record import Divergence, Perplexity, ServeFigures
 from quantize_pipeline.recipe.schema import RTN, Recipe, load_recipe
 from quantize_pipeline.run import runner, unfinished
+from quantize_pipeline.verdict.record import ExportFigures, load_report
 
 RUNS_FOLDER = "runs"
 # What a row's status is when no verdict was reached.
@@ -64,32 +65,33 @@ def run_variant(name: str, recipe_path: str, say: Say | None = None) -> dict:
 
 def row_from_report(base: dict, run_dir: Path) -> dict:
     """The figures a sweep compares, read from a run's report.json (see the definitions in sweep_report)."""
-    report = json.loads((run_dir / "report.json").read_text())
-    evaluation, serve, export = report.get("evaluation", {}), report.get("serve") or {}, report.get("export", {})
+    report = load_report(run_dir / "report.json")
+    evaluation = report.evaluation
+    serve, export = report.serve or ServeFigures(), report.export or ExportFigures()
     recoveries = []
-    for figures in evaluation.get("tasks", {}).values():
-        base_acc, quantized_acc = (figures.get("base") or {}).get("acc"), (figures.get("quantized") or {}).get("acc")
+    for figures in evaluation.tasks.values():
+        base_acc, quantized_acc = figures.base.acc, figures.quantized.acc
         if base_acc and quantized_acc is not None:
             recoveries.append(quantized_acc / base_acc)
-    perplexity = evaluation.get("perplexity") or {}
-    divergence = evaluation.get("divergence") or {}
+    perplexity = evaluation.perplexity or Perplexity()
+    divergence = evaluation.divergence or Divergence()
     tokens = run_dir / "calibrate" / "tokens.jsonl"
     return {
         **base,
-        "status": report["verdict"],
-        "reason": ", ".join(report.get("failed_rules", []) + report.get("inconclusive_rules", [])) or None,
+        "status": str(report.verdict),
+        "reason": ", ".join(report.failed_rules + report.inconclusive_rules) or None,
         "run_dir": str(run_dir),
-        "export_size_bytes": export.get("export_size_bytes"),
-        "size_ratio": export.get("size_ratio"),
+        "export_size_bytes": export.export_size_bytes,
+        "size_ratio": export.size_ratio,
         "recovery": min(recoveries) if recoveries else None,
-        "mean_kl": divergence.get("mean_kl"),
-        "top1_agreement": divergence.get("top1_agreement"),
-        "perplexity_ratio": (perplexity["quantized"] / perplexity["base"]
-                             if perplexity.get("base") and perplexity.get("quantized") is not None else None),
-        "tokens_per_s": serve.get("tokens_per_s"),
-        "serving_peak_rss_mb": serve.get("peak_rss_mb"),
-        "serving_device_peak_mb": serve.get("device_peak_mb"),
-        "engine": (report.get("engine") or {}).get("label"),
+        "mean_kl": divergence.mean_kl,
+        "top1_agreement": divergence.top1_agreement,
+        "perplexity_ratio": (perplexity.quantized / perplexity.base
+                             if perplexity.base and perplexity.quantized is not None else None),
+        "tokens_per_s": serve.tokens_per_s,
+        "serving_peak_rss_mb": serve.peak_rss_mb,
+        "serving_device_peak_mb": serve.device_peak_mb,
+        "engine": report.engine.label if report.engine else None,
         "calibration_tokens_sha256": _sha256(tokens) if tokens.is_file() else None,
     }
 

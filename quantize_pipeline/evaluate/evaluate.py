@@ -24,10 +24,22 @@ from quantize_pipeline.engines.settings import EngineOptions
 from quantize_pipeline.evaluate import baselines, divergence, lm_eval_tasks
 from quantize_pipeline.evaluate.engine_session import Questions, evaluate_tasks, load_engine, paired_comparison
 from quantize_pipeline.evaluate.question_store import QuestionStore
+from quantize_pipeline.evaluate.record import (
+    BaselineColumn,
+    BaselineSource,
+    Divergence,
+    Evaluation,
+    PairedComparison,
+    Perplexity,
+    Round,
+    Rounds,
+    TaskComparison,
+)
 from quantize_pipeline.recipe.models import cache_root
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.events import Emit
 from quantize_pipeline.run.rundir import atomic_write_json, read_json, tree_digest
+from quantize_pipeline.run.stage_record import StageRecord
 from quantize_pipeline.run.worker import Session
 from quantize_pipeline.verdict import gate, sequential
 from quantize_pipeline.verdict.run_facts import completion_texts
@@ -159,8 +171,8 @@ def _write_samples(out_dir: Path, role: str, figures: dict[str, dict]) -> None:
 def serve_and_evaluate(
     recipe: Recipe, base_model_dir: Path, model_dir: Path, serve_dir: Path, out_dir: Path, logs: Path, *,
     engine_name: str = EngineName.VLLM, device: str = "cpu", refresh_baseline: bool = False, on_event: Emit | None = None,
-) -> dict[str, dict]:
-    """serve's and evaluate's records: {stage: {"summary", "wall_s", "peak_rss_mb"}}, plus "engine_starts".
+) -> tuple[StageRecord, StageRecord]:
+    """serve's and evaluate's records (evaluate's summary: the Evaluation's JSON, its engine starts included).
 
     One child for the export (serve + evaluate work on one load), then one for the base model
     only when one of its figures is not cached; the gate's later rounds reuse whichever child is alive
@@ -173,7 +185,7 @@ def serve_and_evaluate(
 
 def _serve_and_evaluate(recipe: Recipe, base_model_dir: Path, model_dir: Path, serve_dir: Path, out_dir: Path,
                         logs: Path, children: EngineChildren, *, engine_name: str, device: str, refresh_baseline: bool,
-                        on_event: Emit | None) -> dict[str, dict]:
+                        on_event: Emit | None) -> tuple[StageRecord, StageRecord]:
     started = time.perf_counter()
     engine_version = engines.version(engine_name)
     limits = _limits(recipe)
@@ -242,65 +254,61 @@ def _serve_and_evaluate(recipe: Recipe, base_model_dir: Path, model_dir: Path, s
     _write_samples(out_dir, "base", base)
     _write_samples(out_dir, "quantized", quantized)
     perplexities = [scores[_completion_key(*pair)] for pair in pairs] if scored else None
-    evaluation: dict = {
-        "engine": engine_name,
-        "engine_version": engine_version,
-        "engine_starts": children.starts,  # the list itself: the gate's later rounds append theirs
-        "baseline": {
-            "model_sha256": base_digest,
-            "cached_tasks": sorted(set(limits) - set(missing)),
-            "computed_tasks": sorted(missing),
-            "completion_perplexities_cached": not unscored,
-        },
-        "limits": limits,
-        "tasks": {
-            task: {
-                "base": base[task]["metrics"],
-                "quantized": quantized[task]["metrics"],
-                "paired": paired_comparison(task, base[task], quantized[task]),
-            }
-            for task in spec.tasks
-        },
-        "completion_perplexities_under_base": perplexities,
-    }
+    evaluation = Evaluation(
+        engine=engine_name,
+        engine_version=engine_version,
+        engine_starts=children.starts,
+        baseline=BaselineSource(
+            model_sha256=base_digest,
+            cached_tasks=sorted(set(limits) - set(missing)),
+            computed_tasks=sorted(missing),
+            completion_perplexities_cached=not unscored,
+        ),
+        limits=limits,
+        tasks={task: _comparison(task, base[task], quantized[task]) for task in spec.tasks},
+        completion_perplexities_under_base=perplexities,
+    )
     if reference is not None:
         figures = divergence.compare(str(reference), str(quantized_top))
         quantized_top.unlink()  # compared: its figures are in divergence-per-token.json
         atomic_write_json(out_dir / "divergence-per-token.json", figures.pop("per_token"))
-        evaluation["divergence"] = {
-            **figures, "text": spec.divergence_text, "limit": spec.divergence_limit,
-            "base_reference_cached": not build_reference,
-            "method": f"{engine_name} top-{divergence.TOP_K} next-token log-probs of both models; KL is the larger "
-                      "of two lower bounds of the full-vocabulary KL (see metrics.topk_token_kl)",
-        }
+        evaluation.divergence = Divergence(
+            **figures, text=spec.divergence_text, limit=spec.divergence_limit, base_reference_cached=not build_reference,
+            method=f"{engine_name} top-{divergence.TOP_K} next-token log-probs of both models; KL is the larger "
+                   "of two lower bounds of the full-vocabulary KL (see metrics.topk_token_kl)",
+        )
         timings["token divergence: quantized"] = round(exported["top_logprobs"]["seconds"] + figures["seconds"], 2)
-    evaluation["timings_s"] = timings
+    evaluation.timings_s = timings
     text = spec.perplexity_text
     if text is not None:
-        evaluation["perplexity"] = {
-            "text": text,
-            "base": base[text]["metrics"].get("word_perplexity"),
-            "quantized": quantized[text]["metrics"].get("word_perplexity"),
-        }
+        evaluation.perplexity = Perplexity(text=text, base=base[text]["metrics"].get("word_perplexity"),
+                                           quantized=quantized[text]["metrics"].get("word_perplexity"))
     more_rounds(recipe, evaluation, base, quantized, serve_figures, out_dir, children, started, model_dir=model_dir,
                 base_model_dir=base_model_dir, options=engine.engine_options(
                     recipe, quantized=True, engine_name=engine_name, device=device), base_options=base_options,
                 base_digest=base_digest, engine_version=engine_version)
     children.close()  # the baselines below load models of their own
-    evaluation["engine_starts"] = list(children.starts)
+    evaluation.engine_starts = list(children.starts)  # the gate's later rounds' starts too
     if recipe.baselines:  # evaluation-only columns (not gated), after the gate's own evidence is in
-
-        evaluation["baselines"] = baselines.evaluate_baselines(recipe, base, base_model_dir, logs, engine_name=engine_name,
-                                                               device=device, on_event=on_event)
-        timings |= {f"baseline {name}": column["seconds"] for name, column in evaluation["baselines"].items()}
-    (out_dir / "evaluate.json").write_text(json.dumps(evaluation, indent=2, sort_keys=True) + "\n")
+        evaluation.baselines = {
+            name: BaselineColumn.model_validate(column)
+            for name, column in baselines.evaluate_baselines(recipe, base, base_model_dir, logs, engine_name=engine_name,
+                                                             device=device, on_event=on_event).items()
+        }
+        evaluation.timings_s |= {f"baseline {name}": column.seconds for name, column in evaluation.baselines.items()}
+    (out_dir / "evaluate.json").write_text(json.dumps(evaluation.to_json(), indent=2, sort_keys=True) + "\n")
     wall_s = time.perf_counter() - started
     # The export's child did serve's work first: its seconds are serve's; the rest is evaluate's.
-    return {
-        "serve": {"summary": serve_figures, "wall_s": exported["serve_s"], "peak_rss_mb": export_peak},
-        "evaluate": {"summary": evaluation, "wall_s": wall_s - exported["serve_s"], "peak_rss_mb": max(export_peak, base_peak)},
-        "engine_starts": evaluation["engine_starts"],
-    }
+    return (StageRecord(summary=serve_figures, wall_s=exported["serve_s"], peak_rss_mb=export_peak),
+            StageRecord(summary=evaluation.to_json(), wall_s=wall_s - exported["serve_s"],
+                        peak_rss_mb=max(export_peak, base_peak)))
+
+
+def _comparison(task: str, base: dict, quantized: dict) -> TaskComparison:
+    """Both models' figures on a task and, for an accuracy task, their paired comparison."""
+    paired = paired_comparison(task, base, quantized)
+    return TaskComparison(base=base["metrics"], quantized=quantized["metrics"],
+                          paired=None if paired is None else PairedComparison.model_validate(paired))
 
 
 def _base_from_store(task: str, limit: int | None, base_digest: str, engine_version: str,
@@ -324,13 +332,13 @@ def _accuracy_figures(per_doc: list) -> dict:
     return {"acc": sum(values) / len(values) if values else None, "samples": len(values)}
 
 
-def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, serve_figures: dict, out_dir: Path,
+def more_rounds(recipe: Recipe, evaluation: Evaluation, base: dict, quantized: dict, serve_figures: dict, out_dir: Path,
                 children: EngineChildren, started: float, *, model_dir: Path, base_model_dir: Path,
                 options: EngineOptions, base_options: EngineOptions, base_digest: str, engine_version: str) -> None:
     """The gate's sequential evaluation: while an accuracy rule is inconclusive, evaluate the next round's
     questions (the schedule of quantize_pipeline/verdict/sequential.py, up to evaluation.max_limit and time_budget_s) on
     the export, and on the base only for questions its per-question store lacks; update `evaluation`,
-    `base`, `quantized` and the per-question files in place. Records the rounds in evaluation["sequential"]."""
+    `base`, `quantized` and the per-question files in place. Records the rounds in evaluation.sequential."""
 
     spec = recipe.evaluation
     accuracy_tasks = [task for task in spec.tasks if lm_eval_tasks.gated_metric(task) == "acc"]
@@ -341,14 +349,15 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
               for task in accuracy_tasks}
     for task, store in stores.items():  # every base answer is kept per question, for later rounds and runs
         store.add(base[task]["per_doc"])
-    rounds = [{"limit": {task: spec.limit for task in accuracy_tasks},
-               "questions": {task: len(quantized[task]["per_doc"]) for task in accuracy_tasks}}]
-    evaluation["sequential"] = {"looks_planned": len(schedule), "rounds": rounds}
+    evaluation.sequential = Rounds(looks_planned=len(schedule), rounds=[Round(
+        limit={task: spec.limit for task in accuracy_tasks},
+        questions={task: len(quantized[task]["per_doc"]) for task in accuracy_tasks})])
+    rounds = evaluation.sequential.rounds
     done = 0
     completions = completion_texts(serve_figures)
     while True:
         rules = gate.evaluation_rules(recipe, evaluation, completions, evidence_dir=out_dir)
-        states = {rule["rule"]: rule["state"] for rule in rules}
+        states = {rule.rule: rule.state for rule in rules}
         asked = sum(len(quantized[task]["per_doc"]) for task in accuracy_tasks)
         seconds = sum(quantized[task]["seconds"] for task in accuracy_tasks)
         decision = sequential.next_round(
@@ -356,7 +365,7 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
             seconds_per_question=seconds / asked if asked else None, time_budget_s=spec.time_budget_s,
             questions_done=max((len(quantized[task]["per_doc"]) for task in accuracy_tasks), default=0),
         )
-        rounds[-1]["decision"] = decision.reason
+        rounds[-1].decision = decision.reason
         if decision.stop:
             return
         done += 1
@@ -367,7 +376,7 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
             if ids := [doc_id for doc_id in range(upto) if doc_id not in asked_before]:
                 wanted[task] = ids
         if not wanted:  # every split is exhausted
-            rounds[-1]["decision"] = "every question of the split evaluated"
+            rounds[-1].decision = "every question of the split evaluated"
             return
         base_missing = {task: stores[task].missing(ids) for task, ids in wanted.items()}
         base_missing = {task: ids for task, ids in base_missing.items() if ids}
@@ -399,12 +408,11 @@ def more_rounds(recipe: Recipe, evaluation: dict, base: dict, quantized: dict, s
             base[task]["per_doc"] += stores[task].lookup(doc for doc, _ in figures["per_doc"])
             quantized[task]["metrics"] = _accuracy_figures(quantized[task]["per_doc"])
             base[task]["metrics"] = _accuracy_figures(base[task]["per_doc"])
-            evaluation["tasks"][task] = {"base": base[task]["metrics"], "quantized": quantized[task]["metrics"],
-                                         "paired": paired_comparison(task, base[task], quantized[task])}
-            evaluation["limits"][task] = decision.next_limit
-            evaluation["timings_s"][f"lm-eval {task}: quantized"] = round(quantized[task]["seconds"], 2)
-        rounds.append({"limit": {task: decision.next_limit for task in accuracy_tasks},
-                       "questions": {task: len(quantized[task]["per_doc"]) for task in accuracy_tasks},
-                       "base_questions_evaluated": {task: len(ids) for task, ids in base_missing.items()}})
+            evaluation.tasks[task] = _comparison(task, base[task], quantized[task])
+            evaluation.limits[task] = decision.next_limit
+            evaluation.timings_s[f"lm-eval {task}: quantized"] = round(quantized[task]["seconds"], 2)
+        rounds.append(Round(limit={task: decision.next_limit for task in accuracy_tasks},
+                            questions={task: len(quantized[task]["per_doc"]) for task in accuracy_tasks},
+                            base_questions_evaluated={task: len(ids) for task, ids in base_missing.items()}))
         _write_samples(out_dir, "base", base)
         _write_samples(out_dir, "quantized", quantized)

@@ -21,6 +21,7 @@ from quantize_pipeline.publish.card import build_model_card
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.manifest import MANIFEST_FILE
 from quantize_pipeline.run.rundir import hash_tree, read_json, sha256_file, staged_folder
+from quantize_pipeline.verdict.record import Report, Verdict, load_report
 from quantize_pipeline.verdict.report import ACCURACY_PLOT, render_markdown
 
 # The Hub id that a shipped builtin model was made from, for the card's base_model.
@@ -41,13 +42,13 @@ def base_model_id(recipe: Recipe) -> str:
     return BUILTIN_BASE_MODEL_IDS.get(source, Path(source).stem)
 
 
-def model_card(recipe: Recipe, report: dict, serve_as: str) -> str:
+def model_card(recipe: Recipe, report: Report, serve_as: str) -> str:
     task_results = []
-    for task, figures in report.get("evaluation", {}).get("tasks", {}).items():
+    for task, figures in report.evaluation.tasks.items():
         dataset_type, dataset_name = TASK_DATASETS.get(task, (task.removeprefix("lm_eval:"), task.removeprefix("lm_eval:")))
         task_results.append({
             "task_type": "text-generation", "dataset_type": dataset_type, "dataset_name": dataset_name,
-            "metric_type": "acc", "base": figures["base"]["acc"], "quantized": figures["quantized"]["acc"],
+            "metric_type": "acc", "base": figures.base.acc, "quantized": figures.quantized.acc,
         })
     card = build_model_card(
         model_name=recipe.name,
@@ -72,7 +73,7 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def build_bundle(recipe: Recipe, run_dir: Path, report: dict, bundle: Path, serve_as: str) -> None:
+def build_bundle(recipe: Recipe, run_dir: Path, report: Report, bundle: Path, serve_as: str) -> None:
     """What gets published: model/ files, a model card, and the run's provenance."""
     shutil.copytree(run_dir / "model", bundle, dirs_exist_ok=True, copy_function=_link_or_copy)
     (bundle / "README.md").write_text(model_card(recipe, report, serve_as), encoding="utf-8")
@@ -124,14 +125,14 @@ def provenance_manifest(manifest: dict) -> dict:
     return published
 
 
-def check_publishable(run_dir: Path) -> dict:
+def check_publishable(run_dir: Path) -> Report:
     """The run's report, if it passed its gate and its files still match the manifest."""
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise GateFailed(f"{run_dir}: no report.json: the run never reached its gate", stage="publish")
-    report = read_json(report_path)
-    if report.get("verdict") != "pass":
-        raise GateFailed(f"{run_dir}: gate verdict is '{report.get('verdict')}': refusing to publish", stage="publish")
+    report = load_report(report_path)
+    if report.verdict != Verdict.PASS:
+        raise GateFailed(f"{run_dir}: gate verdict is '{report.verdict}': refusing to publish", stage="publish")
     manifest = read_json(run_dir / MANIFEST_FILE)
     for name, digest in manifest.get("files", {}).items():
         if not name.startswith("publish/") and (not (run_dir / name).is_file() or sha256_file(run_dir / name) != digest):
@@ -139,7 +140,7 @@ def check_publishable(run_dir: Path) -> dict:
     return report
 
 
-def publish(recipe: Recipe, run_dir: Path, report: dict, out_dir: Path, *, dry_run: bool = False) -> dict:
+def publish(recipe: Recipe, run_dir: Path, report: Report, out_dir: Path, *, dry_run: bool = False) -> dict:
     target = recipe.publish.target
     repo_id = hub.parse_hub_target(target)
     serve_as = serve_location(target)

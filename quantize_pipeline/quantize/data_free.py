@@ -48,6 +48,7 @@ from quantize_pipeline.quantize.streaming import (
 from quantize_pipeline.recipe.plan import DATA_FREE_GROUP_BYTES, DATA_FREE_PART_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.rundir import atomic_write_json, read_json, sha256_file
+from quantize_pipeline.run.stage_record import StageRecord, records_to_json
 
 # Weights quantized per Quark call: large enough that Quark's per-call set-up is small beside the work,
 # small enough that a group, the two read ahead and Quark's copies stay near a GiB. Output files are cut at
@@ -487,22 +488,22 @@ def data_free_quantize(recipe: Recipe, model_dir: Path, out_dirs: dict, device: 
     config.save_pretrained(model_out)
     place_s = time.perf_counter() - started
 
-    records = {}
+    records: dict[str, StageRecord] = {}
     summary = write_summary(recipe, resolved, 0, Path(out_dirs["quantize"]),
                             extra={"mode": "data_free", "mode_reason": mode_reason, "device": device,
                                    "input_shards": len(plans), "resumed_input_shards": resumed,
                                    "calibrated_activations": False, "unfused_expert_modules": unfused,
                                    "read_wait_s": round(read_wait_s, 3), "write_s": round(writer.seconds, 3),
                                    "experts_without_calibration_tokens": moe.uncalibrated_record([])})
-    records["quantize"] = {"summary": summary, "wall_s": quantize_s, "peak_rss_mb": peak_rss_mb()}
+    records["quantize"] = StageRecord(summary=summary, wall_s=quantize_s, peak_rss_mb=peak_rss_mb())
     frozen_summary = {"frozen_quantizers": frozen}
     (Path(out_dirs["freeze"]) / "freeze.json").write_text(json.dumps(frozen_summary, indent=2) + "\n")
-    records["freeze"] = {"summary": frozen_summary, "wall_s": 0.0, "peak_rss_mb": peak_rss_mb()}
+    records["freeze"] = StageRecord(summary=frozen_summary, wall_s=0.0, peak_rss_mb=peak_rss_mb())
     export_summary = finish_export(recipe, model_dir, model_out)
     export_summary["shards"] = files
-    records["export"] = {"summary": export_summary, "wall_s": writer.seconds + place_s, "peak_rss_mb": peak_rss_mb()}
-    records["quantize"]["total_wall_s"] = time.perf_counter() - started_all
-    return records
+    records["export"] = StageRecord(summary=export_summary, wall_s=writer.seconds + place_s, peak_rss_mb=peak_rss_mb())
+    records["quantize"].total_wall_s = time.perf_counter() - started_all
+    return records_to_json(records)
 
 
 def _place(parts: list[str], work_dir: Path, model_out: Path) -> list[str]:

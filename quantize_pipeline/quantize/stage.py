@@ -14,6 +14,7 @@ from quantize_pipeline.quantize.streaming import stream_quantize
 from quantize_pipeline.recipe.devices import max_memory
 from quantize_pipeline.recipe.plan import quantize_mode
 from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.run.stage_record import StageRecord, records_to_json
 
 
 def device_placement(recipe: Recipe, device: str) -> dict:
@@ -53,7 +54,7 @@ def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out
     if mode == "streaming":
         return stream_quantize(parsed, Path(model_dir), token_batches, folders, device=device, mode_reason=reason,
                                state_dir=state)
-    records = {}
+    records: dict[str, StageRecord] = {}
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, parsed.model.dtype), trust_remote_code=parsed.model.trust_remote_code,
@@ -63,13 +64,13 @@ def quantize_freeze_export(recipe: dict, model_dir: str, calibrate_dir: str, out
     unfused = moe.unfuse_experts(model)  # fused MoE experts -> one linear each, so that Quark quantizes them
     model, quantizer, summary = quantize(parsed, model, token_batches, Path(out_dirs["quantize"]),
                                          extra={"mode": mode, "mode_reason": reason, "unfused_expert_modules": unfused})
-    records["quantize"] = {"summary": summary, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    records["quantize"] = StageRecord(summary=summary, wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
 
     started = time.perf_counter()
     model, summary = freeze.freeze(quantizer, model, Path(out_dirs["freeze"]))
-    records["freeze"] = {"summary": summary, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    records["freeze"] = StageRecord(summary=summary, wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
 
     started = time.perf_counter()
     summary = export.export(parsed, model, Path(model_dir), Path(out_dirs["model"]))
-    records["export"] = {"summary": summary, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
-    return records
+    records["export"] = StageRecord(summary=summary, wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    return records_to_json(records)

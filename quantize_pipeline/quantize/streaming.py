@@ -28,6 +28,7 @@ from quantize_pipeline.quantize.quantize import peak_rss_mb, resolve_config, say
 from quantize_pipeline.quantize.stream_state import LayerState, state_key
 from quantize_pipeline.recipe.plan import STREAMING_SHARD_BYTES
 from quantize_pipeline.recipe.schema import Recipe
+from quantize_pipeline.run.stage_record import StageRecord, records_to_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -458,7 +459,7 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     config.save_pretrained(out_dirs["model"])
     times.export += time.perf_counter() - started
 
-    records = {}
+    records: dict[str, StageRecord] = {}
     summary = write_summary(recipe, resolved, len(batches), Path(out_dirs["quantize"]),
                             extra={"mode": "streaming", "mode_reason": mode_reason, "device": device,
                                    "decoder_layers": len(layer_prefixes), "calibrated_activations": needs_activations,
@@ -466,14 +467,14 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
                                    "unfused_expert_modules": unfused,
                                    "experts_without_calibration_tokens": moe.uncalibrated_record(times.uncalibrated_experts)})
     say_uncalibrated(times.uncalibrated_experts)
-    records["quantize"] = {"summary": summary, "wall_s": times.quantize, "peak_rss_mb": peak_rss_mb()}
+    records["quantize"] = StageRecord(summary=summary, wall_s=times.quantize, peak_rss_mb=peak_rss_mb())
     frozen = {"frozen_quantizers": times.frozen_quantizers}
     (Path(out_dirs["freeze"]) / "freeze.json").write_text(json.dumps(frozen, indent=2) + "\n")
-    records["freeze"] = {"summary": frozen, "wall_s": times.freeze, "peak_rss_mb": peak_rss_mb()}
+    records["freeze"] = StageRecord(summary=frozen, wall_s=times.freeze, peak_rss_mb=peak_rss_mb())
     export_summary = finish_export(recipe, model_dir, Path(out_dirs["model"]))
     export_summary["shards"] = files
-    records["export"] = {"summary": export_summary, "wall_s": times.export, "peak_rss_mb": peak_rss_mb()}
-    records["quantize"]["total_wall_s"] = time.perf_counter() - started_all
+    records["export"] = StageRecord(summary=export_summary, wall_s=times.export, peak_rss_mb=peak_rss_mb())
+    records["quantize"].total_wall_s = time.perf_counter() - started_all
     # The layer state stays: the caller removes it once the export is committed (a kill before the runner renames
     # the staged export into place then resumes from the last layer, not from layer 0).
-    return records
+    return records_to_json(records)

@@ -28,6 +28,7 @@ from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.errors import EngineRefused, GateFailed, GateInconclusive, InputError, PipelineError, RecipeError
 from quantize_pipeline.evaluate import evaluate
 from quantize_pipeline.evaluate.baselines import from_cli
+from quantize_pipeline.evaluate.record import Evaluation
 from quantize_pipeline.formats.safetensors_header import folder_size
 from quantize_pipeline.publish import publish
 from quantize_pipeline.quantize import calibrate
@@ -54,9 +55,11 @@ from quantize_pipeline.run.rundir import (
     staged_folder,
     tree_digest,
 )
+from quantize_pipeline.run.stage_record import StageRecord
 from quantize_pipeline.run.unfinished import describe, unfinished_run
 from quantize_pipeline.run.worker import call_isolated
 from quantize_pipeline.verdict import gate
+from quantize_pipeline.verdict.record import Report, Verdict
 from quantize_pipeline.verdict.run_facts import EngineLabel, ExportSize, RunFacts
 from quantize_pipeline.verify import verify
 
@@ -70,14 +73,14 @@ DISK_SAFETY_FACTOR = 1.5
 @dataclass
 class RunResult:
     run_dir: Path
-    report: dict | None = None
+    report: Report | None = None
     published_to: str | None = None
     stage_records: dict = field(default_factory=dict)
     stopped_after: str | None = None  # `run --until STAGE`: the run stopped cleanly after this stage
 
     @property
     def verdict(self) -> str:
-        return self.report["verdict"] if self.report else "not reached"
+        return self.report.verdict if self.report else "not reached"
 
 
 Say = Callable[[str], None]
@@ -186,23 +189,23 @@ class Run:
         self._stop_if_until(stage)
         return record["summary"]
 
-    def _record(self, stage: str, summary: dict, wall_s: float, peak_rss_mb: float) -> None:
+    def _record(self, stage: str, done: StageRecord) -> None:
         record = {
             "status": "done",
-            "wall_s": round(wall_s, 2),
-            "peak_rss_mb": round(peak_rss_mb, 1),
+            "wall_s": round(done.wall_s, 2),
+            "peak_rss_mb": round(done.peak_rss_mb, 1),
             "log": f"logs/{stage}.log",
             "config_sha256": stage_config_sha256(self.recipe, stage, self.engine_choice.name),
-            "summary": summary,
+            "summary": done.summary,
         }
         log = self.log(stage)
         log.parent.mkdir(exist_ok=True)
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"[{stage}] done in {wall_s:.2f} s, peak RSS {peak_rss_mb:.0f} MiB\n")
+            handle.write(f"[{stage}] done in {done.wall_s:.2f} s, peak RSS {done.peak_rss_mb:.0f} MiB\n")
         self.manifest.record_stage(stage, record, STAGE_FOLDERS[stage])
         self.result.stage_records[stage] = record
         self.emit({"event": "stage_end", "stage": stage, "wall_s": record["wall_s"], "peak_rss_mb": record["peak_rss_mb"]})
-        self.say(f"✓ {stage:<9} {wall_s:7.1f} s  peak RSS {peak_rss_mb:7.0f} MiB")
+        self.say(f"✓ {stage:<9} {done.wall_s:7.1f} s  peak RSS {done.peak_rss_mb:7.0f} MiB")
         self._stop_if_until(stage)
 
     def _stop_if_until(self, stage: str) -> None:
@@ -218,7 +221,8 @@ class Run:
         started = time.perf_counter()
         with staged_folder(self.folder(stage)) as out_dir:
             summary, peak_mb = work(out_dir)
-        self._record(stage, summary, time.perf_counter() - started, _self_peak_rss_mb() if peak_mb is None else peak_mb)
+        self._record(stage, StageRecord(summary=summary, wall_s=time.perf_counter() - started,
+                                        peak_rss_mb=_self_peak_rss_mb() if peak_mb is None else peak_mb))
         return summary
 
     def _in_process(self, stage: str, work: Callable[[Path], dict]) -> dict:
@@ -274,17 +278,18 @@ class Run:
             serve=serve, engine=EngineLabel(self.engine_choice.name, self.engine_choice.label),
             packages=self.manifest.packages, quantize_warnings=self._quantize_warnings(),
         )
-        report = self._in_process("gate", lambda out: gate.gate(recipe, facts, evaluation, out))
+        # The manifest keeps the report as the gate's summary: a resumed run reads it back from there.
+        report = Report.model_validate(self._in_process("gate", lambda out: gate.gate(recipe, facts, evaluation, out).to_json()))
         for name in ROOT_REPORT_FILES:
             if (self.folder("gate") / name).is_file():  # no plot when no task accuracy was measured
                 shutil.copy2(self.folder("gate") / name, self.run_dir / name)
         self.result.report = report
-        if report["verdict"] == "inconclusive":
-            raise GateInconclusive(f"gate inconclusive: {', '.join(report['inconclusive_rules'])} (interval straddles "
+        if report.verdict == Verdict.INCONCLUSIVE:
+            raise GateInconclusive(f"gate inconclusive: {', '.join(report.inconclusive_rules)} (interval straddles "
                                    "the threshold; see report.md for how many more questions); nothing published",
                                    stage="gate")
-        if report["verdict"] != "pass":
-            raise GateFailed(f"gate failed: {', '.join(report['failed_rules'])}; nothing published", stage="gate")
+        if report.verdict != Verdict.PASS:
+            raise GateFailed(f"gate failed: {', '.join(report.failed_rules)}; nothing published", stage="gate")
         if publish_stage and recipe.publish is not None:
             published = self._in_process("publish", lambda out: publish.publish(recipe, self.run_dir, report, out))
             self.result.published_to = published["url"]
@@ -327,8 +332,7 @@ class Run:
             )
         try:
             for stage in ("quantize", "freeze", "export"):
-                record = records[stage]
-                self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
+                self._record(stage, StageRecord.model_validate(records[stage]))
         finally:  # recording export may stop the run (--until export): the state goes all the same
             # Only now, with the export renamed into place and recorded, is the layer (or shard) state not needed.
             if "export" in self.result.stage_records:
@@ -339,25 +343,25 @@ class Run:
         summary_path = self.folder("quantize") / "quantize.json"
         return quantize_warnings(read_json(summary_path)) if summary_path.is_file() else ()
 
-    def _serve_and_evaluate(self) -> tuple[dict, dict]:
+    def _serve_and_evaluate(self) -> tuple[dict, Evaluation]:
         """serve and evaluate share the export's engine load (one child): two records, kept or redone together."""
         if all(stage in self.reusable for stage in ENGINE_STAGES):
-            return self._reuse("serve"), self._reuse("evaluate")
+            return self._reuse("serve"), Evaluation.model_validate(self._reuse("evaluate"))
         for stage in ENGINE_STAGES:
             self.emit({"event": "stage_start", "stage": stage})
         with staged_folder(self.folder("serve")) as serve_dir, staged_folder(self.folder("evaluate")) as evaluate_dir:
-            records = evaluate.serve_and_evaluate(
+            served, evaluated = evaluate.serve_and_evaluate(
                 self.recipe, self.base_model_dir, self.folder("export"), serve_dir, evaluate_dir, self.run_dir / "logs",
                 engine_name=self.engine_choice.name, device=self.engine_choice.device, refresh_baseline=self.refresh_baseline,
                 on_event=self.emit,
             )
-        for start in records["engine_starts"]:
+        evaluation = Evaluation.model_validate(evaluated.summary)
+        for start in evaluation.engine_starts:
             self.say(f"  engine start: {start['role']} model in {start['engine']}: load {start['load_s']:.1f} s "
                      f"(+ import {start['import_s']:.1f} s)")
-        for stage in ENGINE_STAGES:
-            record = records[stage]
-            self._record(stage, record["summary"], record["wall_s"], record["peak_rss_mb"])
-        return records["serve"]["summary"], records["evaluate"]["summary"]
+        self._record("serve", served)
+        self._record("evaluate", evaluated)
+        return served.summary, evaluation
 
 
 def _execute(current: Run, work: Callable[[], RunResult]) -> RunResult:
@@ -458,7 +462,7 @@ def resume(run_dir: Path, recipe_path: Path | None, *, say: Say, from_stage: str
     return _execute(current, work)
 
 
-def publish_finished_run(run_dir: Path, recipe: Recipe, report: dict) -> dict:
+def publish_finished_run(run_dir: Path, recipe: Recipe, report: Report) -> dict:
     """`publish RUN_DIR`: publish a passed run later and record the stage in its manifest as `run`
     would, so that a later resume keeps it instead of publishing again."""
     try:

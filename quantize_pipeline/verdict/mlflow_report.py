@@ -15,11 +15,12 @@ import re
 from pathlib import Path
 
 from quantize_pipeline.errors import InputError
+from quantize_pipeline.verdict.record import Report, RuleState
 
 LOCAL_STORE = "mlruns"
 ARTIFACTS = ("report.json", "report.md", "accuracy.png", "manifest.json", "recipe.yaml")
 _PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
-_STATE_VALUE = {"pass": 1.0, "inconclusive": 0.5, "fail": 0.0}
+_STATE_VALUE = {RuleState.PASS: 1.0, RuleState.INCONCLUSIVE: 0.5, RuleState.FAIL: 0.0}
 
 
 def tracking_uri(run_dir: Path) -> str:
@@ -45,39 +46,39 @@ def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", ".", name).strip(".").replace("..", ".")
 
 
-def figures(report: dict) -> dict[str, float]:
+def figures(report: Report) -> dict[str, float]:
     """Every finite number the report holds about the export: rules (figure, interval, threshold, state),
     per-task accuracy, perplexity, divergence statistics, timings, size and serving figures."""
     values: dict[str, float] = {}
-    for rule in report.get("rules", []):
-        name = _metric_name(rule["rule"])
-        values[f"gate.{name}.figure"] = rule.get("figure")
-        values[f"gate.{name}.threshold"] = rule.get("threshold")
-        values[f"gate.{name}.state"] = _STATE_VALUE.get(rule.get("state") or ("pass" if rule.get("passed") else "fail"))
-        if rule.get("interval"):
-            values[f"gate.{name}.interval_low"], values[f"gate.{name}.interval_high"] = rule["interval"]
-        if rule.get("samples") is not None:
-            values[f"gate.{name}.samples"] = rule["samples"]
-    evaluation = report.get("evaluation", {})
-    for task, task_figures in evaluation.get("tasks", {}).items():
-        for role in ("base", "quantized"):
-            for key, value in (task_figures.get(role) or {}).items():
+    for rule in report.rules:
+        name = _metric_name(rule.rule)
+        values[f"gate.{name}.figure"] = rule.figure
+        values[f"gate.{name}.threshold"] = rule.threshold
+        values[f"gate.{name}.state"] = _STATE_VALUE.get(rule.state)
+        if rule.interval:
+            values[f"gate.{name}.interval_low"], values[f"gate.{name}.interval_high"] = rule.interval
+        if rule.samples is not None:
+            values[f"gate.{name}.samples"] = rule.samples
+    evaluation = report.evaluation
+    for task, task_figures in evaluation.tasks.items():
+        for role, role_figures in (("base", task_figures.base), ("quantized", task_figures.quantized)):
+            for key, value in role_figures.to_json().items():
                 values[f"eval.{_metric_name(task)}.{role}.{_metric_name(key)}"] = value
-    for key, value in (evaluation.get("perplexity") or {}).items():
+    for key, value in (evaluation.perplexity.to_json() if evaluation.perplexity else {}).items():
         values[f"eval.perplexity.{key}"] = value
-    for key, value in (evaluation.get("divergence") or {}).items():
+    for key, value in (evaluation.divergence.to_json() if evaluation.divergence else {}).items():
         values[f"eval.divergence.{key}"] = value
-    for name, column in (evaluation.get("baselines") or {}).items():  # evaluation-only columns
+    for name, column in (evaluation.baselines or {}).items():  # evaluation-only columns
         prefix = f"baseline.{_metric_name(name)}"
-        for task, entry in (column.get("tasks") or {}).items():
-            values[f"{prefix}.{_metric_name(task)}.acc"] = entry.get("acc")
-            values[f"{prefix}.{_metric_name(task)}.recovery"] = (entry.get("paired") or {}).get("recovery")
+        for task, entry in (column.tasks or {}).items():
+            values[f"{prefix}.{_metric_name(task)}.acc"] = entry.acc
+            values[f"{prefix}.{_metric_name(task)}.recovery"] = entry.paired.recovery if entry.paired else None
         for key in ("tokens_per_s", "peak_rss_mb", "device_peak_mb", "load_s"):
-            values[f"{prefix}.{key}"] = (column.get("serve") or {}).get(key)
-    for key, value in (evaluation.get("timings_s") or {}).items():
+            values[f"{prefix}.{key}"] = getattr(column.serve, key) if column.serve else None
+    for key, value in evaluation.timings_s.items():
         values[f"seconds.{_metric_name(key)}"] = value
-    for section in ("export", "serve"):
-        for key, value in (report.get(section) or {}).items():
+    for section, record in (("export", report.export), ("serve", report.serve)):
+        for key, value in (record.to_json() if record else {}).items():
             values[f"{section}.{_metric_name(key)}"] = value
     return {
         key: float(value) for key, value in values.items()
@@ -85,7 +86,7 @@ def figures(report: dict) -> dict[str, float]:
     }
 
 
-def log_run(run_dir: Path, report: dict, recipe_data: dict) -> dict:
+def log_run(run_dir: Path, report: Report, recipe_data: dict) -> dict:
     """One MLflow run for this pipeline run (experiment = recipe name). Returns where it went."""
     try:
         from mlflow.entities import Metric, Param, RunTag
@@ -96,11 +97,11 @@ def log_run(run_dir: Path, report: dict, recipe_data: dict) -> dict:
 
     uri = tracking_uri(run_dir)
     client = MlflowClient(uri)
-    name = recipe_data.get("name") or report.get("recipe") or "quantize-pipeline"
+    name = recipe_data.get("name") or report.recipe or "quantize-pipeline"
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
     run = client.create_run(experiment_id, run_name=run_dir.name, tags={
-        "verdict": str(report.get("verdict")), "scheme": str(report.get("scheme")), "run_dir": str(run_dir),
+        "verdict": str(report.verdict), "scheme": str(report.scheme), "run_dir": str(run_dir),
     })
     run_id = run.info.run_id
     now = int(time.time() * 1000)
@@ -108,7 +109,7 @@ def log_run(run_dir: Path, report: dict, recipe_data: dict) -> dict:
     metrics = [Metric(key, value, now, 0) for key, value in sorted(figures(report).items())]
     for start in range(0, max(len(params), len(metrics)), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, metrics=metrics[start:start + 100], params=params[start:start + 100],
-                         tags=[RunTag("failed_rules", ",".join(report.get("failed_rules", [])))] if start == 0 else [])
+                         tags=[RunTag("failed_rules", ",".join(report.failed_rules))] if start == 0 else [])
     for artifact in ARTIFACTS:
         if (run_dir / artifact).is_file():
             client.log_artifact(run_id, str(run_dir / artifact))

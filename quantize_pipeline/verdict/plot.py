@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from quantize_pipeline.verdict.record import Report
+
 Z_95 = 1.959964
 
 
@@ -22,29 +24,29 @@ def wilson_interval(accuracy: float, samples: int) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def accuracy_rows(report: dict) -> list[dict]:
+def accuracy_rows(report: Report) -> list[dict]:
     """One row per task with both accuracies and sample counts: what the plot draws."""
     rows = []
-    for task, figures in report.get("evaluation", {}).get("tasks", {}).items():
-        base, quantized = figures.get("base", {}), figures.get("quantized", {})
-        if base.get("acc") is None or quantized.get("acc") is None:
+    for task, figures in report.evaluation.tasks.items():
+        base, quantized = figures.base, figures.quantized
+        if base.acc is None or quantized.acc is None:
             continue
         rows.append({
             "task": task,
-            "base": (base["acc"], wilson_interval(base["acc"], base.get("samples") or 1)),
-            "quantized": (quantized["acc"], wilson_interval(quantized["acc"], quantized.get("samples") or 1)),
-            "paired": figures.get("paired") or {},
+            "base": (base.acc, wilson_interval(base.acc, base.samples or 1)),
+            "quantized": (quantized.acc, wilson_interval(quantized.acc, quantized.samples or 1)),
+            "paired": figures.paired,
             # Evaluation-only baseline columns on the same task (their first-round questions).
             "baselines": {
-                name: (entry["acc"], wilson_interval(entry["acc"], entry.get("samples") or 1))
-                for name, column in (report.get("evaluation", {}).get("baselines") or {}).items()
-                if (entry := (column.get("tasks") or {}).get(task)) and entry.get("acc") is not None
+                name: (entry.acc, wilson_interval(entry.acc, entry.samples or 1))
+                for name, column in (report.evaluation.baselines or {}).items()
+                if (entry := (column.tasks or {}).get(task)) and entry.acc is not None
             },
         })
     return rows
 
 
-def write_accuracy_plot(report: dict, path: Path) -> bool:
+def write_accuracy_plot(report: Report, path: Path) -> bool:
     """Write the PNG (atomically); False when the report has no task accuracies to draw."""
     rows = accuracy_rows(report)
     if not rows:
@@ -71,14 +73,14 @@ def write_accuracy_plot(report: dict, path: Path) -> bool:
                  label=role if role in ("base", "quantized") else f"{role} (baseline)")
     for index, row in enumerate(rows):
         paired = row["paired"]
-        if paired.get("drop_ci_low") is not None:
+        if paired is not None and paired.drop_ci_low is not None:
             top = max(row["base"][1][1], row["quantized"][1][1])
-            axes.annotate(f"drop {paired['accuracy_drop']:+.3f}\n[{paired['drop_ci_low']:+.3f}, {paired['drop_ci_high']:+.3f}]",
+            axes.annotate(f"drop {paired.accuracy_drop:+.3f}\n[{paired.drop_ci_low:+.3f}, {paired.drop_ci_high:+.3f}]",
                           (index, min(top + 0.02, 0.98)), ha="center", va="bottom", fontsize=8)
     axes.set_xticks(range(len(rows)), [row["task"] for row in rows])
     axes.set_ylim(0, 1.15)
     axes.set_ylabel("accuracy (95% Wilson interval)")
-    axes.set_title(f"{report.get('recipe', '')}: {report.get('scheme', '')} — {report.get('verdict', '')}", fontsize=10)
+    axes.set_title(f"{report.recipe or ''}: {report.scheme or ''} — {report.verdict}", fontsize=10)
     axes.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     partial = path.with_name(f".{path.name}.tmp")
