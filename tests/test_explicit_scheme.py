@@ -220,3 +220,21 @@ def test_kv_cache_fp8_support_is_recorded_per_engine(monkeypatch):
     recipe = _recipe("int8_per_channel", kv_cache="fp8")
     verdict = checks.recipe_support(recipe, "vllm-cpu")
     assert verdict.supported and "kv_cache fp8" in verdict.reason
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (dict(weight_granularity="per_group"), "per_group weights need a group_size"),
+    (dict(weight_granularity="per_channel", group_size=64), "only per_group weights take one"),
+    (dict(weight_granularity="per_group", group_size=0), "group_size 0 is not positive"),
+    (dict(weight_granularity="per_block", block_size=32), "per_block weights need a block_size and a scale_dtype"),
+    (dict(weight_granularity="per_channel", global_scale=True), "only per_block weights take a global scale"),
+    (dict(weight_granularity="per_channel", activation_granularity="per_token"), "weight-only: no activation"),
+    (dict(weight_granularity="per_channel", activation_dtype="int8", activation_granularity="per_block"),
+     "per_block activations share the weights' blocks"),
+    (dict(weight_granularity="per_row"), "weight int4 per_row is not one of ours"),
+])
+def test_a_scheme_in_a_bad_state_cannot_be_built(fields, problem):
+    with pytest.raises(ValueError, match=problem):
+        schemes.SchemeSpec("bad", "bad", "int4", **fields)
+    with pytest.raises(ValueError, match=problem):  # nor made by changing a good one
+        dataclasses.replace(SCHEMES["int4_wo_64"], **({"group_size": None} | fields))

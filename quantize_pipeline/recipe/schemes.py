@@ -55,6 +55,32 @@ class SchemeSpec:
     scale_dtype: str | None = None  # "e8m0" (OCP MX) or "fp8_e4m3" (NVFP4)
     global_scale: bool = False  # NVFP4: one FP32 scale per tensor above the FP8 block scales
 
+    def __post_init__(self) -> None:
+        """Bad states are unwritable: each granularity carries exactly the sizes it needs (a per-group scheme
+        without a group size cannot be built), and a weight-only scheme carries no activation fields."""
+        problems = []
+        if self.weight_dtype not in WEIGHT_DTYPES or self.weight_granularity not in WEIGHT_GRANULARITIES:
+            problems.append(f"weight {self.weight_dtype} {self.weight_granularity} is not one of ours")
+        if (self.weight_granularity == "per_group") != (self.group_size is not None):
+            problems.append("per_group weights need a group_size, and only per_group weights take one")
+        elif self.group_size is not None and self.group_size <= 0:
+            problems.append(f"group_size {self.group_size} is not positive")
+        blocks = self.weight_granularity == "per_block"
+        if blocks != (self.block_size is not None) or blocks != (self.scale_dtype in BLOCK_SCALE_DTYPES):
+            problems.append("per_block weights need a block_size and a scale_dtype, and only they take them")
+        if self.global_scale and not blocks:
+            problems.append("only per_block weights take a global scale")
+        if self.activation_dtype is None:
+            if self.activation_granularity is not None or self.activation_static:
+                problems.append("weight-only: no activation granularity or static activation scale")
+        elif (self.activation_dtype not in ACTIVATION_DTYPES
+              or self.activation_granularity not in ACTIVATION_GRANULARITIES):
+            problems.append(f"activations {self.activation_dtype} {self.activation_granularity} are not one of ours")
+        elif self.activation_granularity == "per_block" and not blocks:
+            problems.append("per_block activations share the weights' blocks: the weights must be per_block")
+        if problems:
+            raise ValueError(f"scheme {self.name}: " + "; ".join(problems))
+
     @property
     def weight_only(self) -> bool:
         return self.activation_dtype is None
