@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quark.torch import ModelQuantizer, export_safetensors
 from quantize_pipeline.recipe import layers
 from quantize_pipeline.recipe.schema import load_recipe
-from quantize_pipeline.quantize.quantize import build_quark_config  # the same Quark config object, nothing else of the pipeline
+from quantize_pipeline.formats.quark_config import build_quark_config  # the same Quark config object, nothing else of the pipeline
 recipe = load_recipe(sys.argv[1])
 model_dir, tokens_file, out = sys.argv[2:5]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, recipe.model.dtype)).eval()

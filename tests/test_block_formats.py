@@ -13,10 +13,11 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
-from quantize_pipeline.errors import RecipeError, VerifyFailed
 from quantize_pipeline.engines import compat
+from quantize_pipeline.errors import RecipeError, VerifyFailed
+from quantize_pipeline.formats.quark_config import infer_from_quark_config
 from quantize_pipeline.recipe.schema import Recipe, load_recipe
-from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, infer_from_quark_config
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme
 from quantize_pipeline.verify import verify
 from tests.conftest import REPO
 

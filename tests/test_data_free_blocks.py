@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
+from quantize_pipeline.formats.quark_config import build_quark_config
 from quantize_pipeline.quantize import data_free
-from quantize_pipeline.quantize.quantize import build_quark_config
 from quantize_pipeline.recipe.schema import Recipe
 
 pytestmark = pytest.mark.slow  # imports Quark (its kernels: ~15 s)

@@ -12,10 +12,11 @@ import yaml
 
 from quantize_pipeline.engines import compat
 from quantize_pipeline.errors import RecipeError
+from quantize_pipeline.formats.quark_config import infer_from_quark_config, infer_kv_cache
 from quantize_pipeline.recipe import checks, schemes
 from quantize_pipeline.recipe.plan import make_plan
 from quantize_pipeline.recipe.schema import Recipe, load_recipe
-from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, infer_from_quark_config, recipe_value
+from quantize_pipeline.recipe.schemes import SCHEMES, get_scheme, recipe_value
 from quantize_pipeline.verify import verify
 from tests.conftest import MINIMAL_RECIPE, REPO
 
@@ -203,7 +204,7 @@ def test_verify_checks_the_kv_cache_group():
     config = {"quantization_config": {"kv_cache_quant_config": {"*k_proj": group, "*v_proj": group}}}
     exported = {f"{layer}.output_scale": {"dtype": "BF16", "shape": []} for layer in layers[:2]}
     assert verify.check_kv_cache("fp8", config, exported, layers) == []
-    assert schemes.infer_kv_cache(config["quantization_config"]) == "fp8"
+    assert infer_kv_cache(config["quantization_config"]) == "fp8"
     assert verify.check_kv_cache("fp8", {"quantization_config": {}}, {}, layers) == [
         "quantization_config has no kv_cache_quant_config (the recipe asks for kv_cache)",
         "model.layers.0.self_attn.k_proj: no output_scale for the KV cache (+1 more k/v layers)",

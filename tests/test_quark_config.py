@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from quantize_pipeline.formats import quark_config
 from quantize_pipeline.quantize import quantize
 from quantize_pipeline.recipe.schema import ALGORITHMS, Recipe
 from quantize_pipeline.recipe.schemes import SCHEMES
@@ -25,7 +26,7 @@ def _recipe(scheme, **quantization) -> Recipe:
 
 
 def _config(recipe: Recipe):
-    return quantize.build_quark_config(recipe, "llama", EXCLUDED, {})
+    return quark_config.build_quark_config(recipe, "llama", EXCLUDED, {})
 
 
 @pytest.mark.parametrize("name", [name for name, spec in SCHEMES.items() if spec.quark_scheme and not spec.progressive])
@@ -33,7 +34,7 @@ def test_our_layer_config_equals_quarks_template_scheme(name):
     """The builder that serves explicit forms rebuilds Quark's own named schemes exactly."""
     from quark.torch import LLMTemplate
 
-    ours = quantize.layer_config(SCHEMES[name]).to_dict()
+    ours = quark_config.layer_config(SCHEMES[name]).to_dict()
     quarks = LLMTemplate._SCHEME_COLLECTION.get_scheme(SCHEMES[name].quark_scheme).config.to_dict()
     assert ours == quarks
 
@@ -61,7 +62,7 @@ def test_an_explicit_form_reaches_quark_field_by_field():
     assert list(overrides) == ["model.layers.0.self_attn.o_proj"]
     assert overrides["model.layers.0.self_attn.o_proj"] == recipe.quantization.layer_schemes()["o_proj"]
     assert overrides["model.layers.0.self_attn.o_proj"].name == "w-int8-per_channel-sym+a-uint8-per_tensor-static-asym"
-    config = quantize.build_quark_config(recipe, "llama", EXCLUDED, overrides).to_dict()
+    config = quark_config.build_quark_config(recipe, "llama", EXCLUDED, overrides).to_dict()
     weight = config["global_quant_config"]["weight"]
     assert (weight["dtype"], weight["qscheme"], weight["group_size"], weight["symmetric"]) == ("uint4", "per_group", 64, False)
     assert config["global_quant_config"]["input_tensors"] is None

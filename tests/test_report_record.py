@@ -13,7 +13,7 @@ import pytest
 from quantize_pipeline.errors import InputError
 from quantize_pipeline.evaluate.record import Evaluation
 from quantize_pipeline.verdict.junit import junit_xml
-from quantize_pipeline.verdict.record import Report, RuleState, Verdict, load_report
+from quantize_pipeline.verdict.record import RuleState, Verdict, load_report
 from quantize_pipeline.verdict.report import render_markdown
 from tests.conftest import REPO
 

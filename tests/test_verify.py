@@ -141,7 +141,7 @@ def test_static_activation_scheme_needs_input_scales():
 
 
 def test_scheme_is_read_back_from_a_quark_config():
-    from quantize_pipeline.recipe.schemes import infer_from_quark_config
+    from quantize_pipeline.formats.quark_config import infer_from_quark_config
 
     assert infer_from_quark_config(QUARK_INT8_PER_CHANNEL) == "int8_per_channel"
     fp8 = {"global_quant_config": {

@@ -13,8 +13,8 @@ import numpy as np
 
 from quantize_pipeline.engines.base import Generation
 from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.formats.quark_config import quark_stages
 from quantize_pipeline.quantize.moe import IMPORT_RENAMES, is_moe_config, live_quantization_config
-from quantize_pipeline.recipe.schemes import quark_stages
 
 LM_EVAL_BATCH_SIZE = 8
 

@@ -8,18 +8,20 @@ The config names dtypes and qschemes in Quark's vocabulary (`global_quant_config
 from __future__ import annotations
 
 from quantize_pipeline.formats.base import Claim, FormatError, LayerTensors, cdiv, standard_scale_shapes
+from quantize_pipeline.formats.quark_config import (
+    QUARK_DTYPE,
+    block_scale_of,
+    infer_from_quark_config,
+    infer_kv_cache,
+    quark_stages,
+)
 from quantize_pipeline.recipe import layers
 from quantize_pipeline.recipe.schemes import (
-    QUARK_DTYPE,
     STORED_BLOCK_SCALE_DTYPE,
     STORED_WEIGHT_DTYPE,
     WEIGHT_BITS,
     SchemeSpec,
-    block_scale_of,
     get_scheme,
-    infer_from_quark_config,
-    infer_kv_cache,
-    quark_stages,
 )
 
 # How Quark's quantization_config names our granularities and dtypes (FP4/FP6 blocks are its

@@ -1,9 +1,9 @@
 """Quantization schemes: recipe name (or explicit form) -> what it means (dtypes, granularity).
 
-This module is data only (no torch, no Quark) so `validate` stays fast. The
-Quark config is built from these specs in `quantize/quantize.py`; `verify` checks
-the exported tensors against the same specs, so a mislabelled export ("FP8"
-that is really INT8) cannot pass.
+This module is data only (no torch, no Quark) so `validate` stays fast. Quark's
+config is derived from these specs, and an exported Quark config read back into
+one, in `formats/quark_config.py`; `verify` checks the exported tensors against
+the same specs, so a mislabelled export ("FP8" that is really INT8) cannot pass.
 
 A scheme written in the recipe's explicit form gets a descriptive name that
 spells out every field (`w-int8-per_channel-sym+a-int8-per_token-dynamic-asym`);
@@ -306,95 +306,3 @@ def recipe_value(spec: SchemeSpec) -> str | dict:
             "dynamic": not spec.activation_static, "symmetric": spec.activation_symmetric,
         }
     return value
-
-
-# Quark's dtype names for ours (Quark says "fp4" for FP4 E2M1).
-QUARK_DTYPE = {dtype: dtype for dtype in (*WEIGHT_DTYPES, *ACTIVATION_DTYPES)} | {"fp4_e2m1": "fp4"}
-FROM_QUARK_DTYPE = {quark: ours for ours, quark in QUARK_DTYPE.items()}
-
-
-def quark_stages(entry) -> tuple[dict | None, dict | None]:
-    """(element config, scale config) of a Quark weight/input_tensors entry. A list is either a
-    scale-quantized pair (NVFP4: the FP4 element spec, then an `is_scale_quant` FP8 spec for its
-    scales) or progressive steps (int4_fp8: the last step is what is stored)."""
-    if isinstance(entry, list):
-        if len(entry) == 2 and isinstance(entry[1], dict) and entry[1].get("is_scale_quant"):
-            return entry[0], entry[1]
-        return (entry[-1] if entry else None), None
-    return (entry if isinstance(entry, dict) else None), None
-
-
-def block_scale_of(element: dict, scale_stage: dict | None) -> tuple[str | None, bool]:
-    """(scale dtype, global scale) of a Quark per_group element config over FP4/FP6 elements:
-    e8m0 scales (OCP MX), or FP8 E4M3 scales quantized per tensor (NVFP4)."""
-    if scale_stage is not None:
-        fp8_per_tensor = scale_stage.get("dtype") == "fp8_e4m3" and scale_stage.get("qscheme") == "per_tensor"
-        return ("fp8_e4m3", True) if fp8_per_tensor else (None, False)
-    return ("e8m0", False) if element.get("scale_format") == "e8m0" else (None, False)
-
-
-def infer_from_quark_config(quantization_config: dict) -> str | None:
-    """The recipe scheme an exported Quark `quantization_config` claims to be (a named scheme, or
-    an explicit-form name), or None."""
-    global_config = quantization_config.get("global_quant_config") or {}
-    weight, activation = global_config.get("weight"), global_config.get("input_tensors")
-    if isinstance(weight, list) and quark_stages(weight)[1] is None:  # progressive (two-step) weights: int4_fp8
-        return "int4_fp8" if weight and weight[-1].get("dtype") in ("int4", "uint4") else None
-    weight, weight_scale = quark_stages(weight)
-    if weight is None:
-        return None
-    return _explicit_from_quark(weight, weight_scale, activation)
-
-
-# Quark writes a per-token activation scale as qscheme per_channel (ch_axis 1 on [tokens, hidden]);
-# FP4/FP6 blocks as per_group with the block as group_size.
-_QUARK_ACTIVATION_QSCHEME = {"per_tensor": "per_tensor", "per_channel": "per_token", "per_group": "per_block"}
-
-
-def _explicit_from_quark(weight: dict, weight_scale: dict | None, activation) -> str | None:
-    """The scheme (named when it is one) whose fields a Quark weight/input_tensors config spells out."""
-    weight_dtype, granularity = FROM_QUARK_DTYPE.get(weight.get("dtype")), weight.get("qscheme")
-    if weight_dtype not in WEIGHT_DTYPES or granularity not in WEIGHT_GRANULARITIES or weight.get("is_dynamic"):
-        return None
-    arguments: dict = dict(weight_dtype=weight_dtype, weight_symmetric=weight.get("symmetric", True) is not False)
-    if weight_dtype in BLOCK_DTYPES or (granularity == "per_group" and weight.get("scale_format") == "e8m0"):
-        scale_dtype, global_scale = block_scale_of(weight, weight_scale)
-        if granularity != "per_group" or scale_dtype is None or BLOCK_SCALE_DTYPES[scale_dtype] != weight.get("group_size"):
-            return None
-        arguments.update(weight_granularity="per_block", block_size=weight["group_size"], scale_dtype=scale_dtype,
-                         global_scale=global_scale)
-    else:
-        group_size = weight.get("group_size") if granularity == "per_group" else None
-        if granularity == "per_group" and not isinstance(group_size, int):
-            return None
-        arguments.update(weight_granularity=granularity, group_size=group_size)
-    if activation:
-        activation, activation_scale = quark_stages(activation)
-        activation_dtype = FROM_QUARK_DTYPE.get((activation or {}).get("dtype"))
-        if activation_dtype not in ACTIVATION_DTYPES:
-            return None
-        activation_granularity = _QUARK_ACTIVATION_QSCHEME.get(activation.get("qscheme"))
-        if activation_granularity is None or (activation_granularity == "per_token" and not activation.get("is_dynamic")):
-            return None
-        if activation_dtype in BLOCK_DTYPES and activation_granularity != "per_block":
-            return None
-        if activation_granularity == "per_block" and activation_dtype not in PER_BLOCK_DTYPES:
-            return None
-        if activation_granularity == "per_block" and (
-            arguments["weight_granularity"] != "per_block" or activation.get("group_size") != arguments["block_size"]
-            or block_scale_of(activation, activation_scale) != (arguments["scale_dtype"], arguments["global_scale"])
-        ):
-            return None
-        arguments.update(
-            activation_dtype=activation_dtype, activation_granularity=activation_granularity,
-            activation_static=not activation.get("is_dynamic"),
-            activation_symmetric=activation.get("symmetric", True) is not False,
-        )
-    return explicit_scheme(**arguments).name
-
-
-def infer_kv_cache(quantization_config: dict) -> str | None:
-    """The recipe kv_cache an export's Quark kv_cache_quant_config claims: fp8, or None."""
-    groups = quantization_config.get("kv_cache_quant_config") or {}
-    dtypes = {((group or {}).get("output_tensors") or {}).get("dtype") for group in groups.values()}
-    return "fp8" if dtypes == {"fp8_e4m3"} else None
