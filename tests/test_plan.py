@@ -166,3 +166,16 @@ def test_plan_of_the_largest_moe_configs_offline_prints_experts_routers_and_stre
     assert f"MoE: {experts} experts a layer; expert layers: {routers * experts * 3} int4_fp8; routers: {routers} of " \
            f"{routers} kept in the model dtype" in printed.stdout
     assert "streaming peak memory (estimate)" in printed.stdout
+
+
+@pytest.mark.parametrize("recipe_name", ["mixtral-int4-fp8.yaml", "mixtral-fp8.yaml", "llama70b-fp8.yaml"])
+def test_can_serve_answers_the_same_from_the_layers_as_from_the_recipe_alone(recipe_name):
+    """One can-serve answer: plan (the meta model's layers) and validate/run/check of a Hub id not on disk (the
+    recipe's patterns alone) agree, reason included, on every engine."""
+    from quantize_pipeline.engines import compat
+
+    recipe = load_recipe(REPO / "recipes" / recipe_name)
+    config = "mixtral-8x7b-instruct" if recipe_name.startswith("mixtral") else "llama-3.1-70b-instruct"
+    plan = make_plan(recipe, CONFIGS / config / "config.json")
+    for engine in compat.ENGINES:
+        assert compat.can_serve(recipe, engine, None) == plan.engines[engine], engine

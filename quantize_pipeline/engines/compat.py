@@ -374,27 +374,45 @@ FORMAT_SUPPORT: dict[tuple[str, str], dict[str, Support]] = {
 FORMAT_NAMES = {"compressed-tensors": {"int8_per_channel": "W8A8", "int4_wo_64": "W4A16 (group 64)"}}
 
 
-def engine_support(recipe, layer_schemes: dict[str, str | None], engine: str) -> Support:
-    """The weakest support among the schemes a Recipe's layers actually use on this engine (a Build):
-    the one answer `plan`, `validate`, `run` and `check` get (through checks.recipe_support or directly)."""
-    verdict = Support(True, "", MEASURED)
-    for scheme in sorted(set(filter(None, layer_schemes.values()))):
-        names = [name for name, assigned in layer_schemes.items() if assigned == scheme]
-        experts = sum(layers.is_expert_layer(name) for name in names)
+def can_serve(recipe, engine: str, layer_names: list[str] | None) -> Support:
+    """Can `engine` (a Build) serve this Recipe? The one answer `plan`, `validate`, `run` and `check` get: the
+    weakest support among the schemes the recipe's layers use, and its KV cache.
+
+    layer_names: the model's linear layers (a local model, or plan's meta model): each scheme is judged on the
+    layers it actually gets, MoE experts by their own kernels. None (a Hub id not on disk): judged on the recipe
+    alone, the recipe's scheme on dense layers and each `layers` override on experts when its pattern names them."""
+    if layer_names is not None:
+        uses = _uses(layers.assign_schemes(recipe, layer_names))
+    else:
+        uses = [(recipe.scheme.name, False)] + [(spec.name, "experts" in pattern)
+                                                for pattern, spec in recipe.quantization.layer_schemes().items()]
+    return _weakest(sorted(set(uses)), recipe.quantization.kv_cache, engine)
+
+
+def _uses(layer_schemes: dict[str, str | None]) -> list[tuple[str, bool]]:
+    """(scheme, on MoE experts) for every kind of layer a scheme is assigned to."""
+    uses = []
+    for scheme in set(filter(None, layer_schemes.values())):
+        experts = [layers.is_expert_layer(name) for name, assigned in layer_schemes.items() if assigned == scheme]
+        uses += [(scheme, on_experts) for on_experts in set(experts)]
+    return uses
+
+
+def _weakest(uses: list[tuple[str, bool]], kv_cache: str | None, engine: str) -> Support:
+    reasons: list[str] = []
+    source = MEASURED
+    for scheme, on_experts in uses:
         # MoE expert layers have kernels of their own (MOE_EXPERT_SUPPORT): both kinds must be served.
-        entries = ([support(scheme, engine)] if experts < len(names) else []) + (
-            [support(scheme, engine, moe_experts_only=True)] if experts else [])
-        for entry in entries:
-            if not entry.supported:
-                return Support(False, f"{scheme}: {entry.reason}", entry.source)
-            if entry.source != MEASURED:
-                verdict = Support(True, "", entry.source)
-            verdict = Support(True, "; ".join(filter(None, [verdict.reason, f"{scheme}: {entry.reason}"])),
-                              verdict.source)
-    kv_cache = recipe.quantization.kv_cache
+        entry = support(scheme, engine, moe_experts_only=on_experts)
+        if not entry.supported:
+            return Support(False, f"{scheme}: {entry.reason}", entry.source)
+        if entry.source != MEASURED:  # the answer is as good as its least measured part: that part's reason
+            reasons, source = [], entry.source
+        if f"{scheme}: {entry.reason}" not in reasons:  # dense and expert layers may give the same one
+            reasons.append(f"{scheme}: {entry.reason}")
     if kv_cache is not None:
         entry = kv_cache_support(kv_cache, engine)
         if not entry.supported:
             return Support(False, f"kv_cache {kv_cache}: {entry.reason}", entry.source)
-        verdict = Support(True, f"{verdict.reason}; kv_cache {kv_cache}: {entry.reason}", verdict.source)
-    return verdict
+        reasons.append(f"kv_cache {kv_cache}: {entry.reason}")
+    return Support(True, "; ".join(reasons), source)

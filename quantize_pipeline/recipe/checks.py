@@ -93,23 +93,7 @@ def fused_scheme_problems(recipe: Recipe, names: list[str]) -> list[tuple[str, s
 
 
 def recipe_support(recipe: Recipe, engine: str) -> compat.Support:
-    """Engine support for every scheme the recipe uses and its KV cache. A local model answers by its
-    layers, as `plan` does (MoE experts have kernels of their own, whichever field gives them their scheme);
-    a Hub id, by the recipe alone: `layers` patterns naming experts count as MoE-only."""
+    """compat.can_serve for a recipe as validate, run and check see it: by the layers of its model when the
+    model is local (as `plan` does), by the recipe alone for a Hub id not on disk."""
     model_dir = local_model_dir(recipe)
-    if model_dir is not None:
-        return compat.engine_support(recipe, layers.assign_schemes(recipe, weight_layer_names(model_dir)), engine)
-    entry = compat.support(recipe.scheme.name, engine)
-    if not entry.supported:
-        return entry
-    for pattern, spec in recipe.quantization.layer_schemes().items():
-        override = compat.support(spec.name, engine, moe_experts_only="experts" in pattern)
-        if not override.supported:
-            return compat.Support(False, f"{spec.name} on {pattern!r}: {override.reason}", override.source)
-    kv_cache = compat.kv_cache_support(recipe.quantization.kv_cache, engine)
-    if not kv_cache.supported:
-        return compat.Support(False, f"kv_cache {recipe.quantization.kv_cache}: {kv_cache.reason}", kv_cache.source)
-    if recipe.quantization.kv_cache is not None:
-        return compat.Support(True, f"{entry.reason}; kv_cache {recipe.quantization.kv_cache}: {kv_cache.reason}",
-                              entry.source)
-    return entry
+    return compat.can_serve(recipe, engine, weight_layer_names(model_dir) if model_dir is not None else None)
