@@ -378,6 +378,7 @@ def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_o
     per-question outcomes and checks the run did what the look required; a strict max_accuracy_drop makes
     any disagreement between the models undecidable at 20 questions. The prompts are the default run's, so
     the base's perplexity of the (repeated) completions is cached too."""
+    from quantize_pipeline.evaluate.record import Evaluation, Rounds
     from quantize_pipeline.recipe.schema import load_recipe
     from quantize_pipeline.verdict import gate, metrics
 
@@ -400,7 +401,7 @@ def test_an_inconclusive_first_look_evaluates_more_questions_and_the_base_only_o
     b = sum(1 for base_right, quantized_right in first if base_right and not quantized_right)
     c = sum(1 for base_right, quantized_right in first if quantized_right and not base_right)
     both = sum(1 for base_right, quantized_right in first if base_right and quantized_right)
-    confidence, looks = gate.accuracy_confidence(load_recipe(recipe), {"sequential": {"looks_planned": 2}})
+    confidence, looks = gate.accuracy_confidence(load_recipe(recipe), Evaluation(sequential=Rounds(looks_planned=2)))
     first_look = metrics.paired_comparison_from_counts(both, b, c, FIRST_LOOK - both - b - c, confidence=confidence)
     undecided = first_look["drop_ci_low"] <= 0.0001 < first_look["drop_ci_high"]
     if undecided:
