@@ -1,1 +1,2 @@
-"""Run machinery: the runner that drives the stages, isolated child processes, the crash-safe run folder, manifests, resume, progress events."""
+"""Run machinery: the runner that drives the stages, the stage record, isolated child processes, the crash-safe run folder,
+manifests, resume, progress events."""

@@ -1,1 +1,2 @@
-"""The gate stage and what it reports: rules, statistics, sequential rounds, the report, plots, JUnit, MLflow."""
+"""The gate stage and what it reports: rules, statistics, sequential rounds, the report (record.py: Report, Rule,
+RuleState, Verdict; report.json), plots, JUnit, MLflow."""
