@@ -482,16 +482,17 @@ def schemes() -> None:
 
     for name, spec in SCHEMES.items():
         table.add_row(name, spec.description, *cells(lambda engine, name=name: compat.support(name, engine)))
-    for name in compat.MEASURED_EXPLICIT_ON_CPU:
+    for name in compat.declared("listed_explicit"):
         table.add_row(name, get_scheme(name).description,
                       *cells(lambda engine, name=name: compat.support(name, engine)))
-    for (quant_method, name), entries in compat.FORMAT_SUPPORT.items():
+    for quant_method, name in compat.declared("checkpoint_formats"):
         table.add_row(f"{quant_method} {compat.FORMAT_NAMES[quant_method][name]}", get_scheme(name).description,
-                      *cells(lambda engine, entries=entries: entries[engine]))
-    for name, entries in compat.MOE_EXPERT_SUPPORT.items():
+                      *cells(lambda engine, quant_method=quant_method, name=name:
+                             compat.checkpoint_format_support(quant_method, name, engine)))
+    for name in compat.declared("expert_schemes"):
         table.add_row(f"{name} (MoE experts)", get_scheme(name).description + "; on an MoE model's experts",
-                      *cells(lambda engine, entries=entries: entries[engine]))
-    for kv_cache in compat.KV_CACHE_SUPPORT:
+                      *cells(lambda engine, name=name: compat.support(name, engine, moe_experts_only=True)))
+    for kv_cache in compat.declared("kv_caches"):
         table.add_row(f"kv_cache: {kv_cache}", "Quark kv_cache_group: fp8 scales on k_proj/v_proj outputs; "
                       "combines with any scheme above",
                       *cells(lambda engine, kv_cache=kv_cache: compat.kv_cache_support(kv_cache, engine)))

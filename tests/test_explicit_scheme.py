@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from quantize_pipeline.engines import compat
+from quantize_pipeline.engines import compat, vllm_serves
 from quantize_pipeline.errors import RecipeError
 from quantize_pipeline.formats.quark_config import infer_from_quark_config, infer_kv_cache
 from quantize_pipeline.recipe import checks, schemes
@@ -135,9 +135,9 @@ def test_scheme_is_read_back_from_an_explicit_quark_config():
 
 
 def test_compat_decides_explicit_forms_from_vllm_loader_rules(monkeypatch):
-    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # where it was measured
+    monkeypatch.setattr(vllm_serves, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # where it was measured
     uint4 = _recipe(UINT4_ASYM).scheme.name
-    assert compat.support(uint4, "vllm-cpu") == compat.Support(True, compat.MEASURED_EXPLICIT_ON_CPU[uint4], compat.MEASURED)
+    assert compat.support(uint4, "vllm-cpu") == compat.Support(True, vllm_serves.MEASURED_EXPLICIT_ON_CPU[uint4], compat.MEASURED)
     assert compat.support(uint4, "vllm-cuda").supported
     int8_wo = _recipe(INT8_WEIGHT_ONLY).scheme.name
     for engine in compat.VLLM_ENGINES:
@@ -215,7 +215,7 @@ def test_verify_checks_the_kv_cache_group():
 
 
 def test_kv_cache_fp8_support_is_recorded_per_engine(monkeypatch):
-    monkeypatch.setattr(compat, "cpu_flags", lambda: {"avx512f", "amx_tile"})  # AVX2 refuses it: test_compat
+    monkeypatch.setattr(vllm_serves, "cpu_flags", lambda: {"avx512f", "amx_tile"})  # AVX2 refuses it: test_compat
     entry = compat.kv_cache_support("fp8", "vllm-cpu")
     assert entry.supported and entry.source == compat.MEASURED
     recipe = _recipe("int8_per_channel", kv_cache="fp8")

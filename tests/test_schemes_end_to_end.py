@@ -89,11 +89,11 @@ def _export_only(recipe_name: str, tmp_path: Path):
 
 
 def test_ptpc_fp8(tmp_path):
-    from quantize_pipeline.engines import compat
+    from quantize_pipeline.engines import vllm_serves
     from quantize_pipeline.run.runner import check_engine
 
     name = "smollm2-135m-ptpc-fp8.yaml"
-    if compat.fp8_too_slow_on_this_cpu():
+    if vllm_serves.fp8_too_slow_on_this_cpu():
         # vLLM cannot serve it usefully on this CPU (AMX without AMX-FP8: ~1 token/minute measured; AVX2:
         # not measured): `engine: auto` picks transformers, labelled. How the fallback evaluates and
         # gates is test_fp8_is_evaluated_by_the_fallback_engine_and_labelled's; here, the export and the choice.

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from quantize_pipeline.engines.support import Serves
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -17,6 +19,7 @@ class Generation:
 
 class Engine(Protocol):
     name: str  # registry name: "vllm" or "transformers"
+    serves: Serves | None  # what it declares it serves, per build (None: baseline columns only)
     import_s: float  # importing the engine's libraries (not part of load_s)
     load_s: float  # building the loaded model: weights, compilation, KV cache (no imports)
     tokenizer: Any  # the model's HF tokenizer

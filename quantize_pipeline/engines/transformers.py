@@ -13,6 +13,7 @@ import numpy as np
 
 from quantize_pipeline.engines.base import Generation
 from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.engines.transformers_serves import TRANSFORMERS_SERVES
 from quantize_pipeline.formats.quark_config import quark_stages
 from quantize_pipeline.quantize.moe import IMPORT_RENAMES, is_moe_config, live_quantization_config
 
@@ -21,6 +22,7 @@ LM_EVAL_BATCH_SIZE = 8
 
 class TransformersEngine:
     name = "transformers"
+    serves = TRANSFORMERS_SERVES  # any Quark export, through Quark's emulation (engines/transformers_serves.py)
 
     def __init__(self, model_dir: str, options: EngineOptions):
         started = time.perf_counter()

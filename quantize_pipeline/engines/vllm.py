@@ -12,6 +12,7 @@ from quantize_pipeline.engines.base import Generation
 from quantize_pipeline.engines.lm_eval_vllm import vllm_lm_class
 from quantize_pipeline.engines.memory import device_used_mb
 from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.engines.vllm_serves import VLLM_SERVES
 
 
 def let_quark_compute_in_float32() -> None:
@@ -38,6 +39,7 @@ def let_quark_compute_in_float32() -> None:
 
 class VllmEngine:
     name = "vllm"
+    serves = VLLM_SERVES  # what each vLLM build serves (engines/vllm_serves.py)
 
     def __init__(self, model_dir: str, options: EngineOptions):
         started = time.perf_counter()
