@@ -143,6 +143,9 @@ def ours(model_dir: Path, work: Path, shape: str, scheme: str, mode: str, sample
             # reader thread; write_s the writer thread's (overlapped) writing; total: the function, no imports.
             "data_free_s": {key: summary[key] for key in ("read_wait_s", "write_s") if key in summary}
             | ({"total": round(records["quantize"]["total_wall_s"], 1)} if "total_wall_s" in records["quantize"] else {}),
+            # streaming: seconds summed over the layers (quantize/streaming.py StreamTotals): waits on the read-ahead
+            # thread, Quark's calibration, freeing layers, the writer thread's writes and the waits on them.
+            "streaming_s": summary.get("seconds"),
             "what": "quantize_freeze_export in a child: imports, read, quantize, write, config"}
 
 

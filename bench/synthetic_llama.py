@@ -31,6 +31,13 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    # The 14B shape cut to 4 layers: profiling streaming's per-layer cost without writing 27.5 GiB.
+    "14b-4layers": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=4, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    # Wide and shallow (narrow attention through head_dim, a small MLP): a calibration boundary of GiBs for
+    # seconds of compute, where the boundary, not a layer, decides a streaming run's peak (plan vs measured).
+    "wide-2layers": dict(hidden_size=8192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=1, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
     # Tiny other architectures (seconds to write): experts stored one tensor per expert, fused q/k/v and
     # gate/up (Phi-3), q/k norms (Qwen3). The default model's vocabulary, so its tokenizer fits.
     "mixtral-tiny": dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=4,

@@ -144,10 +144,11 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
 
     in_memory: Quark holds the whole model in its dtype, its quantized copies, observers and activations:
     about twice the checkpoint (bench/memory_scaling.py measured 1.7x on a 1B shape, 2.1x on 3B), on the
-    host or spread over the GPUs. streaming: one decoder layer (its weights and the
-    quantized copy) or the embedding matrix, the calibration hidden states at the layer boundary in the
-    model dtype (updated in place, batch by batch), the output shard being filled, plus the libraries'
-    fixed overhead. bench/memory_scaling.py compares both with measured peaks.
+    host or spread over the GPUs. streaming, the larger of its two phases (plus the libraries' fixed overhead):
+    the embedding matrix (while it is read: its mapped pages and the copy; then beside the calibration hidden
+    states at the layer boundary it computes, in the model dtype), or a decoder layer (its weights and Quark's
+    quantized copy, the next layer read ahead) with the boundary and an output shard. bench/memory_scaling.py,
+    bench/scale_vs_peers.py and bench/large_boundary.py compare them with measured peaks.
     """
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
     base = model.total_params * dtype_bytes
@@ -160,6 +161,14 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.
     one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
     shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds one output shard until it writes it
+    # Streaming on the CPU, the larger of two phases. The embedding: read (2x), then held while it embeds the
+    # calibration tokens into the first boundary. The layers: the boundary, the layer being quantized with Quark's
+    # quantized copy and the next one read ahead (3x), and one shard (the one being written; the one filling is
+    # small by then). Measured (issue #26): the 14B shape 3.08 GiB (planned 3.70: the embedding phase), the
+    # wide-2layers shape's 3.1 GiB float32 boundary through `run` 5.41 GiB (planned 5.42: the embedding beside it).
+    embedding_bytes = model.embedding_params * dtype_bytes
+    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding_bytes + max(embedding_bytes, boundary),
+                                                  boundary + 3 * model.largest_block_params * dtype_bytes + shard)
     # data_free, the larger of its two phases. Linears: three groups of weights (one quantized, two read ahead;
     # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
     # queued, one being written). The embedding matrix (copied, not quantized: one tensor, not cut): it and its
@@ -172,7 +181,7 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     if device == "cpu":
         return {
             "in_memory": {"host": in_memory + LIBRARY_OVERHEAD_BYTES, "device": 0},
-            "streaming": {"host": LIBRARY_OVERHEAD_BYTES + one_layer + boundary + shard, "device": 0},
+            "streaming": {"host": streaming_host, "device": 0},
             "data_free": {"host": data_free, "device": 0},
         }
     # On an accelerator the weights and hidden states live there; the host stages one layer read from the shards.
