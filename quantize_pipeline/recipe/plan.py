@@ -160,14 +160,14 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # A decoder layer while Quark quantizes it (its weights, float32 temporaries and the quantized copy: ~4x), or
     # the embedding matrix while it is read (the shard's mapped pages and the copy: 2x). Measured, see below.
     one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
-    shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds one output shard until it writes it
+    shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds an output shard until it is written
+    embedding = model.embedding_params * dtype_bytes
     # Streaming on the CPU, the larger of two phases. The embedding: read (2x), then held while it embeds the
     # calibration tokens into the first boundary. The layers: the boundary, the layer being quantized with Quark's
     # quantized copy and the next one read ahead (3x), and one shard (the one being written; the one filling is
     # small by then). Measured (issue #26): the 14B shape 3.08 GiB (planned 3.70: the embedding phase), the
     # wide-2layers shape's 3.1 GiB float32 boundary through `run` 5.41 GiB (planned 5.42: the embedding beside it).
-    embedding_bytes = model.embedding_params * dtype_bytes
-    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding_bytes + max(embedding_bytes, boundary),
+    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding + max(embedding, boundary),
                                                   boundary + 3 * model.largest_block_params * dtype_bytes + shard)
     # data_free, the larger of its two phases. Linears: three groups of weights (one quantized, two read ahead;
     # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
@@ -175,7 +175,6 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # cast, with one group read ahead and one file being written. Counted as a sum, the two phases gave 6.70 GiB
     # for the 14B shape's measured 3.25 (bench/scale_vs_peers.py); as the larger, 3.05.
     group, part = min(DATA_FREE_GROUP_BYTES, base), min(DATA_FREE_PART_BYTES, base)
-    embedding = model.embedding_params * dtype_bytes
     cast = 1 if model.checkpoint_dtype == recipe.model.dtype else 2  # else the matrix as read, and cast
     data_free = LIBRARY_OVERHEAD_BYTES + max(3 * group + 3 * part, cast * embedding + group + part)
     if device == "cpu":
