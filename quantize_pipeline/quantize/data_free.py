@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import os
 import queue
@@ -35,7 +34,7 @@ from pathlib import Path
 from quantize_pipeline.formats.safetensors_header import read_header
 from quantize_pipeline.quantize import moe
 from quantize_pipeline.quantize.export import finish_export
-from quantize_pipeline.quantize.freeze import count_frozen
+from quantize_pipeline.quantize.freeze import count_frozen, weights_fake_quantized_on_freeze
 from quantize_pipeline.quantize.quantize import peak_rss_mb, resolve_config, write_summary
 from quantize_pipeline.quantize.stream_state import state_key
 from quantize_pipeline.quantize.streaming import (
@@ -45,6 +44,7 @@ from quantize_pipeline.quantize.streaming import (
     exported_tensors,
     quantization_config_dict,
 )
+from quantize_pipeline.quantize.weight_observers import use_weight_observers, weight_observer
 from quantize_pipeline.recipe.plan import DATA_FREE_GROUP_BYTES, DATA_FREE_PART_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.rundir import atomic_write_json, read_json, sha256_file
@@ -140,14 +140,6 @@ def _rows_independent(spec, weight) -> bool:
     return (qscheme == "per_channel" and axis == 0) or (qscheme == "per_group" and axis in (1, -1))
 
 
-@functools.cache
-def _weight_observer(observer_cls: type) -> type:
-    """Quark's observer class, less its count of calibration tokens: for a weight the count is meaningless (it
-    sizes MoE experts' calibration), and finding the non-zero rows is a full extra pass over every weight, a
-    third of the fast path's time (measured on 14B MLP weights, AVX2 EPYC). Min/max and scales are Quark's."""
-    return type(f"Weight{observer_cls.__name__}", (observer_cls,), {"record_observed_tokens": lambda self, tensor: None})
-
-
 def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype, chunk_elements: int = CHUNK_ELEMENTS,
                    workers: ThreadPoolExecutor | None = None) -> dict:
     """One linear by Quark's file-to-file quantizer, plus what its in-memory exporter adds (INT8's zero point).
@@ -160,7 +152,7 @@ def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype, chunk_e
 
     weight = weight.to(dtype)
     spec = copy.copy(spec)
-    spec.observer_cls = _weight_observer(spec.observer_cls)
+    spec.observer_cls = weight_observer(spec.observer_cls)
     rows = max(1, chunk_elements // max(1, weight.shape[-1])) if _rows_independent(spec, weight) else weight.shape[0]
 
     def quantize_block(block) -> dict:
@@ -234,9 +226,9 @@ def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tu
     container = _container(modules)
     quark_config = copy.deepcopy(quark_config)  # Quark narrows the exclude list to the modules it is given
     quantizer = ModelQuantizer(_weights_only(quark_config))
+    use_weight_observers(quark_config)
     container = quantizer.quantize_model(container, None)
-    # Not freeze(quantize=False), which skips the fake-quantized copy of the weights: tried, its export differed.
-    container = ModelQuantizer.freeze(container)
+    container = ModelQuantizer.freeze(container, quantize=weights_fake_quantized_on_freeze(quark_config))
     frozen = count_frozen(container)
     _, tensors = exported_tensors(container, quark_config, model_type)
     return tensors, frozen

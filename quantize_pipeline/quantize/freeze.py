@@ -22,3 +22,17 @@ def freeze(quantizer, model, out_dir: Path):
     summary = {"frozen_quantizers": frozen}
     (out_dir / "freeze.json").write_text(json.dumps(summary, indent=2) + "\n")
     return model, summary
+
+
+def weights_fake_quantized_on_freeze(quark_config) -> bool:
+    """Whether `ModelQuantizer.freeze` must replace the weights by their fake-quantized values (its default) for the
+    export to hold Quark's in-memory bytes. The exporter quantizes whatever weights freeze leaves; for symmetric
+    weights, quantizing the originals gives the same bytes (compared for every named scheme, in bfloat16 and float32,
+    on the tiny model), so the copy (0.6 s a 14B layer, issue #26) is skipped. Asymmetric weights differ (UINT4 per
+    group with zero points: compared), so they keep it."""
+    for layer in (quark_config.global_quant_config, *quark_config.layer_quant_config.values(),
+                  *quark_config.layer_type_quant_config.values()):
+        specs = layer.weight if isinstance(layer.weight, list) else [layer.weight]
+        if any(spec is not None and spec.symmetric is False for spec in specs):
+            return True
+    return False

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from quantize_pipeline.quantize import moe
 from quantize_pipeline.quantize.export import finish_export
-from quantize_pipeline.quantize.freeze import count_frozen
+from quantize_pipeline.quantize.freeze import count_frozen, weights_fake_quantized_on_freeze
 from quantize_pipeline.quantize.quantize import peak_rss_mb, resolve_config, say_uncalibrated, write_summary
 from quantize_pipeline.quantize.stream_state import LayerState, state_key
+from quantize_pipeline.quantize.weight_observers import use_weight_observers
 from quantize_pipeline.recipe.plan import STREAMING_SHARD_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.stage_record import StageRecord, records_to_json
@@ -357,6 +358,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     # A copy per layer: Quark narrows the config's exclude list to the modules of the model it is given.
     quark_config = copy.deepcopy(quark_config)
     quantizer = ModelQuantizer(quark_config)
+    use_weight_observers(quark_config)  # each weight observed once, not once per calibration batch
     started = time.perf_counter()
     data = None
     if inputs is not None:
@@ -377,7 +379,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     times.quantize += time.perf_counter() - started
 
     started = time.perf_counter()
-    container = ModelQuantizer.freeze(container)
+    container = ModelQuantizer.freeze(container, quantize=weights_fake_quantized_on_freeze(quark_config))
     times.frozen_quantizers += count_frozen(container)
     times.freeze += time.perf_counter() - started
 
