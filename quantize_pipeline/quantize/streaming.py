@@ -358,7 +358,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     # A copy per layer: Quark narrows the config's exclude list to the modules of the model it is given.
     quark_config = copy.deepcopy(quark_config)
     quantizer = ModelQuantizer(quark_config)
-    use_weight_observers(quark_config)  # each weight observed once, not once per calibration batch
+    use_weight_observers(quark_config)  # weights not counted as calibration tokens (a full pass over each)
     started = time.perf_counter()
     data = None
     if inputs is not None:
