@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from quantize_pipeline.formats.quark_config import quark_layer_configs
 from quantize_pipeline.formats.safetensors_header import read_header
 from quantize_pipeline.quantize import moe
 from quantize_pipeline.quantize.export import finish_export
@@ -63,9 +64,7 @@ CHUNK_ELEMENTS = 1 << 20
 def static_activation_layer(quark_config) -> str | None:
     """The first layer config of Quark's with a static (calibrated) input or output scale, or None.
     Quark's own `is_all_dynamic` says no for a mix of weight-only and dynamic layers, which need no data either."""
-    configs = {"global": quark_config.global_quant_config, **quark_config.layer_quant_config,
-               **quark_config.layer_type_quant_config}
-    for name, layer in configs.items():
+    for name, layer in quark_layer_configs(quark_config):
         for specs in (layer.input_tensors, layer.output_tensors):
             for spec in specs if isinstance(specs, list) else [specs]:
                 if spec is not None and not spec.is_dynamic:
@@ -102,8 +101,7 @@ def _container(modules: dict):
 def _weights_only(quark_config):
     """The config with its (dynamic: checked before) activation specs dropped: they store nothing in the export,
     and Quark asks for calibration data whenever weight-only and dynamic layers are mixed. In place."""
-    for layer in (quark_config.global_quant_config, *quark_config.layer_quant_config.values(),
-                  *quark_config.layer_type_quant_config.values()):
+    for _, layer in quark_layer_configs(quark_config):
         layer.input_tensors = layer.output_tensors = None
     return quark_config
 

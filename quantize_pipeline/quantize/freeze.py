@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantize_pipeline.formats.quark_config import quark_layer_configs
+
 
 def count_frozen(model) -> int:
     """Quark's frozen quantizers in `model` (FrozenScaledFakeQuantize in Quark 0.13; FrozenFakeQuantize before:
@@ -30,8 +32,7 @@ def weights_fake_quantized_on_freeze(quark_config) -> bool:
     weights, quantizing the originals gives the same bytes (compared for every named scheme, in bfloat16 and float32,
     on the tiny model), so the copy (0.6 s a 14B layer, issue #26) is skipped. Asymmetric weights differ (UINT4 per
     group with zero points: compared), so they keep it."""
-    for layer in (quark_config.global_quant_config, *quark_config.layer_quant_config.values(),
-                  *quark_config.layer_type_quant_config.values()):
+    for _, layer in quark_layer_configs(quark_config):
         specs = layer.weight if isinstance(layer.weight, list) else [layer.weight]
         if any(spec is not None and spec.symmetric is False for spec in specs):
             return True

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 
+from quantize_pipeline.formats.quark_config import quark_layer_configs
+
 
 def _skip_token_count(self, tensor) -> None:
     return None
@@ -26,8 +28,7 @@ def use_weight_observers(quark_config) -> None:
     """Every single-stage weight spec of the config observed by `weight_observer`. In place: give it a copy.
     Each weight spec is replaced by a copy first: Quark's templates share one spec object between weights and
     activations, and an activation keeps its count (issue #26: the shared spec first changed both)."""
-    for layer in (quark_config.global_quant_config, *quark_config.layer_quant_config.values(),
-                  *quark_config.layer_type_quant_config.values()):
+    for _, layer in quark_layer_configs(quark_config):
         spec = layer.weight
         if spec is not None and not isinstance(spec, list) and spec.observer_cls is not None:
             layer.weight = copy.copy(spec)
