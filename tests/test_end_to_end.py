@@ -257,10 +257,15 @@ def test_the_hub_download_serves_in_vllm_at_the_tokens_per_s_timed_by_hand(hub_r
     figures, rates = measured["figures"], measured["hand_timed_rates"]
     capital = next(item for item in figures["completions"] if "France" in item["prompt"])
     assert capital["tokens"] > 0 and "Paris" in capital["completion"]
-    # ±25%: under `make test`'s two workers the other worker's load moves this core's speed between calls
-    # (measured on an AVX2 EPYC: 10.3 tokens/s from serve against 7.7-8.9 timed by hand on the same load).
-    assert 0.75 * min(rates) <= figures["tokens_per_s"] <= 1.25 * max(rates), (figures["tokens_per_s"], rates)
-    assert max(rates) <= 1.5 * min(rates), rates  # the machine was steady enough for the comparison to mean something
+    # The error this guards against is an order of magnitude (an import or a load timed into the figure: load_s
+    # is 10-30x one generate call), so the band is 2x, not the spread of a steady machine. Under `make test`'s
+    # two workers the other worker taking or freeing a core halves or doubles this one's speed between two
+    # calls: a CI run on 7c6109a timed 72.7, 72.4, 69.6 tokens/s before serve and 43.7, 36.2, 43.7 after.
+    assert 0.5 * min(rates) <= figures["tokens_per_s"] <= 2 * max(rates), (figures["tokens_per_s"], rates)
+    # One core of two taken is 2x; beyond 3x the band would be too wide to tell a load timed in from noise.
+    assert max(rates) <= 3 * min(rates), rates
+    assert figures["generated_tokens"] / (figures["generate_s"] + figures["load_s"]) < 0.5 * min(rates), (
+        "the test's band cannot tell a figure with the load timed in from the real one", figures, rates)
     # The other figures exist, are labelled, and are ordered as physics says.
     assert figures["load_s"] > 0 and figures["import_s"] > 0 and 0 < figures["ttft_s"] < figures["generate_s"]
     assert figures["batch_size"] == 16 * len(figures["completions"])
