@@ -120,6 +120,13 @@ def remember(value: int) -> dict:
     return {"remembered": list(_remembered), "pid": os.getpid()}
 
 
+def engine_job(model_dir: str, engine_options: dict, value: int) -> dict:
+    """Stands in for an evaluate job (EngineChildren's tests): the first call in a child "starts an engine"."""
+    started = not _remembered
+    result = remember(value)
+    return {**result, "engine_start": {"role": model_dir} if started else None}
+
+
 def exit_hard(code: int) -> dict:
     """Die as an OOM kill or a segfault would: no result, no traceback."""
     import os

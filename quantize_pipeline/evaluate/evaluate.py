@@ -19,6 +19,7 @@ from pathlib import Path
 from quantize_pipeline import engines
 from quantize_pipeline.engines import serve
 from quantize_pipeline.engines import settings as engine
+from quantize_pipeline.engines.memory import room_for_another
 from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.engines.settings import EngineOptions
 from quantize_pipeline.evaluate import baselines, divergence, lm_eval_tasks
@@ -93,14 +94,16 @@ def round_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions],
 
 
 class EngineChildren:
-    """serve's and evaluate's engine children: at most one alive, so two models never share the memory
-    (a 70B export and its base do not fit one GPU together). A model's later work (the gate's next round)
-    runs in its child while that child lives: its engine is not started again."""
+    """serve's and evaluate's engine children, one per model ("quantized", "base"): a model's later work (the gate's
+    next round) runs in its child while that child lives, so its engine is not started again. When the other
+    model's child starts, the first stays alive if there is room for both (`engines.memory.room_for_another`: host
+    memory on a CPU); else it is closed first, so two models never share memory that holds one (a 70B export and
+    its base do not fit one GPU together) and a model needed again starts again."""
 
-    def __init__(self, logs: Path, on_event: Emit | None) -> None:
-        self.logs, self.on_event = logs, on_event
-        self.role: str | None = None
-        self._session: Session | None = None
+    def __init__(self, logs: Path, on_event: Emit | None, jobs_module: str = __name__) -> None:
+        self.logs, self.on_event, self.jobs_module = logs, on_event, jobs_module
+        self.role: str | None = None  # the model of the last call
+        self._sessions: dict[str, Session] = {}
         self.starts: list[dict] = []  # every engine start, in order
 
     def __enter__(self) -> EngineChildren:
@@ -110,19 +113,31 @@ class EngineChildren:
         self.close()
 
     def call(self, role: str, job: str, kwargs: dict, *, log_name: str, stage: str) -> tuple[dict, float]:
-        """Run `quantize_pipeline.evaluate.evaluate:<job>` for the model of `role` ("quantized" or "base")."""
-        if self.role != role or self._session is None or not self._session.alive:
-            self.close()
-            self._session, self.role = Session(log_path=self.logs / log_name, on_event=self.on_event), role
-        result, peak_mb = self._session.call(f"quantize_pipeline.evaluate.evaluate:{job}", kwargs, stage=stage, label=role)
+        """Run `<jobs_module>:<job>` (this module's jobs) for the model of `role` ("quantized" or "base")."""
+        session = self._sessions.get(role)
+        if session is not None and not session.alive:
+            self._close(role)
+            session = None
+        if session is None:
+            options = EngineOptions.from_json(kwargs["engine_options"])
+            for other in [name for name in self._sessions if name != role]:
+                if not room_for_another(Path(kwargs["model_dir"]), options):
+                    self._close(other)
+            session = self._sessions[role] = Session(log_path=self.logs / log_name, on_event=self.on_event)
+        self.role = role
+        result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
         if result.get("engine_start") is not None:
             self.starts.append(result["engine_start"])
         return result, peak_mb
 
+    def _close(self, role: str) -> None:
+        self._sessions.pop(role).close()
+        if self.role == role:
+            self.role = None
+
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-        self._session, self.role = None, None
+        for role in list(self._sessions):
+            self._close(role)
 
 
 def _cache_file(base_digest: str, what: str, engine_version: str, options: EngineOptions, suffix: str) -> Path:
@@ -394,7 +409,7 @@ def more_rounds(recipe: Recipe, evaluation: Evaluation, base: dict, quantized: d
             for task, figures in computed["tasks"].items():
                 stores[task].add(figures["per_doc"])
 
-        # Whichever model's child is alive goes first: its engine is loaded already.
+        # Whichever model's child is alive goes first (the last one used, when both are): its engine is loaded.
         if base_missing and children.role == "base":
             base_round()
             extra = export_round()

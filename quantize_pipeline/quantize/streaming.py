@@ -199,6 +199,37 @@ def _read_module(reader: CheckpointReader, prefix: str) -> dict:
     return reader.read(reader.names(prefix + "."))
 
 
+def _read_module_into_memory(reader: CheckpointReader, prefix: str) -> dict:
+    """The checkpoint's tensors named `prefix.*`, their bytes in memory (the read-ahead thread's work)."""
+    tensors = _read_module(reader, prefix)
+    fault_in(tensors)
+    return tensors
+
+
+MADV_POPULATE_READ = 22  # madvise(2), Linux 5.14+: fault a range in now, reading it from its file
+
+
+def fault_in(tensors: dict) -> None:
+    """Read the pages of tensors that map their file into memory now. Why: safetensors maps the checkpoint, so a
+    tensor's bytes come from the disk when first touched: without this, in the calibration forward on the main
+    thread, not on the read-ahead thread (14b-4layers, page cache dropped: calibrate 6.5 s warm, 9.7 s cold).
+    One madvise per tensor; where the kernel lacks MADV_POPULATE_READ, one byte per page is touched instead."""
+    import ctypes
+    import mmap
+
+    import torch
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    for tensor in tensors.values():
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
+            continue
+        start = tensor.data_ptr() // page * page
+        length = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_POPULATE_READ) != 0:
+            tensor.view(-1).view(torch.uint8)[::page].sum()
+
+
 def _materialize(module, prefix: str, reader: CheckpointReader, device: str, model_type: str = "",
                  tensors: dict | None = None) -> None:
     """Load `module`'s weights (named `prefix.*` in the checkpoint) from the shards onto `device`.
@@ -472,14 +503,14 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
 
     # The next layer's weights are read on a thread while this one is calibrated and quantized (one layer ahead).
     with _gc_frozen(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader") as reading:
-        ahead = reading.submit(_read_module, reader, layer_prefixes[resumed]) if resumed < len(layer_prefixes) else None
+        ahead = reading.submit(_read_module_into_memory, reader, layer_prefixes[resumed]) if resumed < len(layer_prefixes) else None
         for index in range(resumed, len(layer_prefixes)):
             prefix, layer = layer_prefixes[index], layer_list[index]
             started = time.perf_counter()
             layer_tensors = ahead.result()
             times.read_wait += time.perf_counter() - started
             if index + 1 < len(layer_prefixes):
-                ahead = reading.submit(_read_module, reader, layer_prefixes[index + 1])
+                ahead = reading.submit(_read_module_into_memory, reader, layer_prefixes[index + 1])
             _materialize(layer, prefix, reader, device, model_type, tensors=layer_tensors)
             del layer_tensors
             times.quantize += time.perf_counter() - started  # reading the layer's weights counts as quantize time

@@ -1,0 +1,65 @@
+"""EngineChildren (quantize_pipeline/evaluate/evaluate.py): each model's engine child starts once per run when
+both fit beside each other (the gate's rounds alternate between the export and the base), and one at a time
+when not. Real child processes (run/worker.Session) with a stand-in job: vLLM's start is tested end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from quantize_pipeline.engines import memory
+from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.evaluate.evaluate import EngineChildren
+
+OPTIONS = EngineOptions(engine="vllm", dtype="bfloat16", max_model_len=2048, enforce_eager=True, tensor_parallel_size=1,
+                        pipeline_parallel_size=1, distributed_executor_backend=None, data_parallel_size=1, device="cpu",
+                        kv_cache_dtype=None, int4_weights_without_zero_points=False, offline=True)
+
+
+def _model(tmp_path, name: str, size: int = 1000):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+    return folder
+
+
+def _alternate(tmp_path, options: EngineOptions) -> tuple[list[int], list[dict]]:
+    """export, base, base, export, export, base (the cold order of serve, the base's figures and two more rounds):
+    the child pid of each call, and the engine starts."""
+    models = {"quantized": _model(tmp_path, "export"), "base": _model(tmp_path, "base")}
+    pids = []
+    with EngineChildren(tmp_path / "logs", None, jobs_module="tests.worker_targets") as children:
+        for value, role in enumerate(["quantized", "base", "base", "quantized", "quantized", "base"]):
+            result, _ = children.call(role, "engine_job", {"model_dir": str(models[role]),
+                                                           "engine_options": options.to_json(), "value": value},
+                                      log_name=f"{role}.log", stage="evaluate")
+            pids.append(result["pid"])
+        return pids, children.starts
+
+
+def test_on_the_cpu_each_model_starts_once_when_both_fit(tmp_path):
+    pids, starts = _alternate(tmp_path, OPTIONS)
+    assert len(set(pids)) == 2 and pids[0] == pids[3] == pids[4] and pids[1] == pids[2] == pids[5]
+    assert [start["role"] for start in starts] == [str(tmp_path / "export"), str(tmp_path / "base")]
+
+
+def test_when_the_second_model_does_not_fit_the_first_child_is_closed_and_starts_again(tmp_path, monkeypatch):
+    # More memory than any host has free: the export's child closes before the base's starts, each time.
+    monkeypatch.setattr(memory, "ENGINE_PROCESS_BYTES", 2**62)
+    pids, starts = _alternate(tmp_path, OPTIONS)
+    assert pids[1] == pids[2] and pids[3] == pids[4] and len(set(pids)) == 4
+    assert len(starts) == 4
+
+
+def test_on_an_accelerator_one_engine_child_at_a_time(tmp_path):
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"))
+    assert len(set(pids)) == 4 and len(starts) == 4
+
+
+@pytest.mark.parametrize("dtype, factor", [("bfloat16", 1), ("float32", 2)])
+def test_an_engine_childs_memory_counts_its_weights_kv_cache_and_process(tmp_path, monkeypatch, dtype, factor):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    model = _model(tmp_path, "m", size=5 * 2**20)
+    need = memory.engine_child_bytes(model, dataclasses.replace(OPTIONS, dtype=dtype))
+    assert need == factor * 5 * 2**20 + 3 * 2**30 + memory.ENGINE_PROCESS_BYTES
