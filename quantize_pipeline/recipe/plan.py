@@ -144,10 +144,10 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
 
     in_memory: Quark holds the whole model in its dtype, its quantized copies, observers and activations:
     about twice the checkpoint (bench/memory_scaling.py measured 1.7x on a 1B shape, 2.1x on 3B), on the
-    host or spread over the GPUs. streaming, the larger of its two phases (plus the libraries' fixed overhead):
-    the embedding matrix (while it is read: its mapped pages and the copy; then beside the calibration hidden
-    states at the layer boundary it computes, in the model dtype), or a decoder layer (its weights and Quark's
-    quantized copy, the next layer read ahead) with the boundary and an output shard. bench/memory_scaling.py,
+    host or spread over the GPUs. streaming, the largest of its three phases (plus the libraries' fixed overhead):
+    the embedding (a cast one while it is read, then beside the calibration hidden states at the layer boundary
+    it computes), a decoder layer (its weights and Quark's quantized copy, the next layer read ahead) with the
+    boundary and an output shard, or a matrix copied through at the end. bench/memory_scaling.py,
     bench/scale_vs_peers.py and bench/large_boundary.py compare them with measured peaks.
     """
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
@@ -162,12 +162,21 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     one_layer = max(4 * model.largest_block_params, 2 * model.embedding_params) * dtype_bytes
     shard = min(STREAMING_SHARD_BYTES, base)  # the shard writer holds an output shard until it is written
     embedding = model.embedding_params * dtype_bytes
-    # Streaming on the CPU, the larger of two phases. The embedding: read (2x), then held while it embeds the
-    # calibration tokens into the first boundary. The layers: the boundary, the layer being quantized with Quark's
-    # quantized copy and the next one read ahead (3x), and one shard (the one being written; the one filling is
-    # small by then). Measured (issue #26): the 14B shape 3.08 GiB (planned 3.70: the embedding phase), the
-    # wide-2layers shape's 3.1 GiB float32 boundary through `run` 5.41 GiB (planned 5.42: the embedding beside it).
-    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding + max(embedding, boundary),
+    stored = model.embedding_params * DTYPE_BYTES.get(model.checkpoint_dtype, dtype_bytes)  # as the shards hold it
+    # Streaming on the CPU, the largest of three phases. safetensors maps the shards: a tensor read but not yet
+    # touched costs nothing. The embedding: in the checkpoint's dtype it stays mapped and embedding the calibration
+    # tokens touches their rows alone, so the first boundary is all; cast, the matrix is read whole (its mapped
+    # pages and the cast copy), then the copy is held beside the boundary it computes. The layers: the boundary,
+    # the layer being quantized with Quark's quantized copy and the next one read ahead (3x), and one shard (the
+    # one being written; the one filling is small by then). The end: a matrix copied through (embeddings, an
+    # excluded lm_head) is read while its shard is written, beside the last boundary. Measured (issue #26): the
+    # 14B shape 3.21-3.31 GiB (planned 3.34: the layers), the wide-2layers shape's 3.1 GiB float32 boundary
+    # through `run` 5.41 GiB (planned 5.42: the cast embedding beside it).
+    if model.checkpoint_dtype == recipe.model.dtype:
+        embedding_phase = boundary
+    else:
+        embedding_phase = embedding + max(stored, boundary)
+    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding_phase, boundary + stored,
                                                   boundary + 3 * model.largest_block_params * dtype_bytes + shard)
     # data_free, the larger of its two phases. Linears: three groups of weights (one quantized, two read ahead;
     # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
