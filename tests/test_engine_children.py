@@ -24,12 +24,13 @@ def _model(tmp_path, name: str, size: int = 1000):
     return folder
 
 
-def _alternate(tmp_path, options: EngineOptions) -> tuple[list[int], list[dict]]:
+def _alternate(tmp_path, options: EngineOptions, keep_both: bool = True) -> tuple[list[int], list[dict]]:
     """export, base, base, export, export, base (the cold order of serve, the base's figures and two more rounds):
     the child pid of each call, and the engine starts."""
     models = {"quantized": _model(tmp_path, "export"), "base": _model(tmp_path, "base")}
     pids = []
-    with EngineChildren(tmp_path / "logs", None, jobs_module="tests.worker_targets") as children:
+    with EngineChildren(tmp_path / "logs", None, keep_both=keep_both,
+                        jobs_module="tests.worker_targets") as children:
         for value, role in enumerate(["quantized", "base", "base", "quantized", "quantized", "base"]):
             result, _ = children.call(role, "engine_job", {"model_dir": str(models[role]),
                                                            "engine_options": options.to_json(), "value": value},
@@ -50,6 +51,24 @@ def test_when_the_second_model_does_not_fit_the_first_child_is_closed_and_starts
     pids, starts = _alternate(tmp_path, OPTIONS)
     assert pids[1] == pids[2] and pids[3] == pids[4] and len(set(pids)) == 4
     assert len(starts) == 4
+
+
+def test_with_one_round_planned_the_first_child_is_closed_when_the_second_starts(tmp_path):
+    # keep_both=False: the gate plans one round, so the export's child is not called after the base's.
+    pids, starts = _alternate(tmp_path, OPTIONS, keep_both=False)
+    assert len(set(pids)) == 4 and len(starts) == 4
+
+
+def test_keep_both_follows_the_gates_round_schedule(tmp_path):
+    from quantize_pipeline.evaluate.evaluate import _round_schedule
+    from quantize_pipeline.recipe.schema import load_recipe
+    from tests.ci_recipes import ci_sized
+    from tests.conftest import DEFAULT_RECIPE
+
+    assert len(_round_schedule(load_recipe(DEFAULT_RECIPE))) == 3  # 200, 500, then ARC-Easy's 570
+    one_look = tmp_path / "one-look.yaml"
+    one_look.write_text(ci_sized(DEFAULT_RECIPE.read_text()))  # the tests' recipes: max_limit = limit
+    assert len(_round_schedule(load_recipe(one_look))) == 1
 
 
 def test_on_an_accelerator_one_engine_child_at_a_time(tmp_path):

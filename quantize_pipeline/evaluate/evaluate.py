@@ -96,12 +96,14 @@ def round_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions],
 class EngineChildren:
     """serve's and evaluate's engine children, one per model ("quantized", "base"): a model's later work (the gate's
     next round) runs in its child while that child lives, so its engine is not started again. When the other
-    model's child starts, the first stays alive if there is room for both (`engines.memory.room_for_another`: host
-    memory on a CPU); else it is closed first, so two models never share memory that holds one (a 70B export and
-    its base do not fit one GPU together) and a model needed again starts again."""
+    model's child starts, the first stays alive if it may be called again (`keep_both`: the gate plans more than
+    one round) and there is room for both (`engines.memory.room_for_another`: host memory on a CPU); else it is
+    closed first, so two models never share memory that holds one (a 70B export and its base do not fit one GPU
+    together) and a model needed again starts again."""
 
-    def __init__(self, logs: Path, on_event: Emit | None, jobs_module: str = __name__) -> None:
+    def __init__(self, logs: Path, on_event: Emit | None, *, keep_both: bool, jobs_module: str = __name__) -> None:
         self.logs, self.on_event, self.jobs_module = logs, on_event, jobs_module
+        self.keep_both = keep_both  # whether a model's child may be called again after the other's
         self.role: str | None = None  # the model of the last call
         self._sessions: dict[str, Session] = {}
         self.starts: list[dict] = []  # every engine start, in order
@@ -121,7 +123,7 @@ class EngineChildren:
         if session is None:
             options = EngineOptions.from_json(kwargs["engine_options"])
             for other in [name for name in self._sessions if name != role]:
-                if not room_for_another(Path(kwargs["model_dir"]), options):
+                if not (self.keep_both and room_for_another(Path(kwargs["model_dir"]), options)):
                     self._close(other)
             session = self._sessions[role] = Session(log_path=self.logs / log_name, on_event=self.on_event)
         self.role = role
@@ -192,7 +194,9 @@ def serve_and_evaluate(
     One child for the export (serve + evaluate work on one load), then one for the base model
     only when one of its figures is not cached; the gate's later rounds reuse whichever child is alive
     (see EngineChildren)."""
-    with EngineChildren(logs, on_event) as children:
+    # Both models' children are kept only when a later round may need them again: one round, and each runs once.
+    rounds_may_follow = bool(_accuracy_tasks(recipe)) and len(_round_schedule(recipe)) > 1
+    with EngineChildren(logs, on_event, keep_both=rounds_may_follow) as children:
         return _serve_and_evaluate(recipe, base_model_dir, model_dir, serve_dir, out_dir, logs, children,
                                    engine_name=engine_name, device=device, refresh_baseline=refresh_baseline,
                                    on_event=on_event)
@@ -347,6 +351,17 @@ def _accuracy_figures(per_doc: list) -> dict:
     return {"acc": sum(values) / len(values) if values else None, "samples": len(values)}
 
 
+def _accuracy_tasks(recipe: Recipe) -> list[str]:
+    return [task for task in recipe.evaluation.tasks if lm_eval_tasks.gated_metric(task) == "acc"]
+
+
+def _round_schedule(recipe: Recipe) -> tuple:
+    """The gate's planned rounds (verdict/sequential.py) for the recipe's accuracy tasks."""
+    spec = recipe.evaluation
+    known_sizes = [size for size in map(lm_eval_tasks.split_size, _accuracy_tasks(recipe)) if size is not None]
+    return sequential.round_schedule(spec.limit, spec.max_limit, max(known_sizes) if known_sizes else None)
+
+
 def more_rounds(recipe: Recipe, evaluation: Evaluation, base: dict, quantized: dict, serve_figures: dict, out_dir: Path,
                 children: EngineChildren, started: float, *, model_dir: Path, base_model_dir: Path,
                 options: EngineOptions, base_options: EngineOptions, base_digest: str, engine_version: str) -> None:
@@ -356,10 +371,9 @@ def more_rounds(recipe: Recipe, evaluation: Evaluation, base: dict, quantized: d
     `base`, `quantized` and the per-question files in place. Records the rounds in evaluation.sequential."""
 
     spec = recipe.evaluation
-    accuracy_tasks = [task for task in spec.tasks if lm_eval_tasks.gated_metric(task) == "acc"]
+    accuracy_tasks = _accuracy_tasks(recipe)
     sizes = {task: lm_eval_tasks.split_size(task) for task in accuracy_tasks}
-    known_sizes = [size for size in sizes.values() if size is not None]
-    schedule = sequential.round_schedule(spec.limit, spec.max_limit, max(known_sizes) if known_sizes else None)
+    schedule = _round_schedule(recipe)
     stores = {task: QuestionStore.for_base(base_digest, task, engine_version, base_options.to_json())
               for task in accuracy_tasks}
     for task, store in stores.items():  # every base answer is kept per question, for later rounds and runs
