@@ -5,6 +5,7 @@ Passed to lm-eval as dict configs, so no task registry scanning and no Hub acces
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def gated_metric(name: str) -> str:
     return SHIPPED[name][2] if name in SHIPPED else "acc"
 
 
+@functools.cache  # the shipped files do not change while a process runs; evaluate asks per task several times
 def split_size(name: str) -> int | None:
     """Questions in the split a shipped task evaluates (read from its arrow file: no model, no lm-eval);
     None for registry tasks, whose data is not local."""
