@@ -151,14 +151,14 @@ def build_quark_config(recipe: Recipe, model_type: str, excluded_layers: list[st
     )
 
 
-# --- reading: an exported quantization_config -> the scheme it claims ---------------------------------
-
-
 def quark_layer_configs(quark_config) -> list[tuple]:
     """(name, QLayerConfig) for every layer config of a Quark QConfig: the global one, then by layer name
     pattern, then by module type."""
     return [("global", quark_config.global_quant_config), *quark_config.layer_quant_config.items(),
             *quark_config.layer_type_quant_config.items()]
+
+
+# --- reading: an exported quantization_config -> the scheme it claims ---------------------------------
 
 
 # Quark's dtype names for ours (Quark says "fp4" for FP4 E2M1).
