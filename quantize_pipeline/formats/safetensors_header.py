@@ -10,7 +10,13 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> {"dtype": "I8", "shape": [..], ...} for one .safetensors file."""
+    """Tensor name -> {"dtype": "I8", "shape": [..], "data_offsets": [begin, end]} for one .safetensors file
+    (offsets from the end of the header: see read_header_and_data_start)."""
+    return read_header_and_data_start(path)[0]
+
+
+def read_header_and_data_start(path: Path) -> tuple[dict[str, dict], int]:
+    """read_header's tensors, and the file offset where their bytes start (the header's end)."""
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
@@ -20,7 +26,7 @@ def read_header(path: Path) -> dict[str, dict]:
             raise ValueError(f"{path}: implausible safetensors header size {length}")
         header = json.loads(handle.read(length))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 def read_folder(folder: Path) -> dict[str, dict]:

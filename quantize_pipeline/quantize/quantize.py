@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quantize_pipeline.formats.quark_config import build_quark_config, quark_scheme_name
 from quantize_pipeline.quantize import moe
+from quantize_pipeline.quantize.forward_batches import forward_batches
 from quantize_pipeline.recipe import layers
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.recipe.schemes import SchemeSpec
@@ -135,7 +136,8 @@ def quantize(recipe: Recipe, model, token_batches: list[list[int]], out_dir: Pat
     quantizer = ModelQuantizer(resolved.quark_config)
     if recipe.quantization.algorithm_name is not None:
         token_batches = equal_length_batches(token_batches)
-    batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
+    batches = [torch.tensor(samples, dtype=torch.long)
+               for samples in forward_batches(token_batches, resolved.quark_config)]
     with torch.no_grad():
         model = quantizer.quantize_model(model, batches)
     uncalibrated = moe.fill_uncalibrated_expert_scales(model, resolved.model_type)

@@ -19,10 +19,11 @@ from quantize_pipeline.run.rundir import atomic_save_tensors, atomic_write_json,
 KEY_FILE = "key.json"
 
 
-def state_key(recipe_sections: dict, model_dir: Path, token_batches: list[list[int]], device: str) -> str:
-    """What a layer's outputs depend on: the recipe's model/calibration/quantization, the model, the tokens."""
+def state_key(recipe_sections: dict, model_dir: Path, forward_passes: list[list[list[int]]], device: str) -> str:
+    """What a layer's outputs depend on: the recipe's model/calibration/quantization, the model, the tokens and
+    how they are grouped into forward passes (a saved boundary holds one tensor a pass)."""
     data = {"recipe": recipe_sections, "model_dir": str(model_dir), "device": device,
-            "tokens": hashlib.sha256(json.dumps(token_batches).encode()).hexdigest()}
+            "tokens": hashlib.sha256(json.dumps(forward_passes).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -5,7 +5,8 @@ embedding weights alone; then, for each decoder layer in order, its weights are 
 shards (`safe_open`), Quark's ModelQuantizer quantizes a container that holds just that layer
 under its full-model name (so exclude/`layers:` patterns and Quark's config apply unchanged),
 Quark freezes it and converts it to the exported tensors (ModelPostProcessor: the code
-`export_safetensors` runs), the tensors go to the shard writer and the layer is freed.
+`export_safetensors` runs), the tensors go to the shard writer and the layer is freed. What is copied
+through unchanged (embeddings, an excluded lm_head) goes file to file in the kernel meanwhile (copy_through.py).
 
 Static activation scales: Quark's in-memory calibration runs with fake quantization disabled
 (`ModelQuantizer._do_calibration`), so layer i observes the *float* outputs of layers 0..i-1.
@@ -23,8 +24,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from quantize_pipeline.formats.safetensors_header import read_header_and_data_start
 from quantize_pipeline.quantize import fp8_row_blocks, moe
+from quantize_pipeline.quantize.copy_through import write_copied_shard
 from quantize_pipeline.quantize.export import finish_export
+from quantize_pipeline.quantize.forward_batches import forward_batches
 from quantize_pipeline.quantize.freeze import count_frozen, weights_fake_quantized_on_freeze
 from quantize_pipeline.quantize.quantize import peak_rss_mb, resolve_config, say_uncalibrated, write_summary
 from quantize_pipeline.quantize.stream_state import LayerState, state_key
@@ -67,6 +71,15 @@ class CheckpointReader:
     def names(self, prefix: str = "") -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix)]
 
+    def sizes(self, names: list[str]) -> dict[str, int]:
+        """Each tensor's bytes as its shard stores them (from the headers: nothing is read)."""
+        wanted, sizes = set(names), {}
+        for file_name in sorted({self.weight_map[name] for name in wanted}):
+            header, _ = read_header_and_data_start(self.model_dir / file_name)
+            sizes |= {name: entry["data_offsets"][1] - entry["data_offsets"][0]
+                      for name, entry in header.items() if name in wanted}
+        return sizes
+
     def read(self, names: list[str]) -> dict:
         from safetensors import safe_open
 
@@ -99,6 +112,8 @@ class ShardWriter:
         self.wait_s = 0.0  # the caller's seconds waiting for the previous shard's write
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writing: Future | None = None
+        self._copying: list[Future] = []  # shards copied through in the kernel (copy_through), on a thread of their own
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-through")
 
     def add(self, tensors: dict) -> None:
         for name, tensor in sorted(tensors.items()):  # by name: the same shards whether fresh or resumed
@@ -108,6 +123,26 @@ class ShardWriter:
             self.pending[name] = tensor.detach().to("cpu").contiguous()
             self.pending_bytes += size
             self.total_bytes += size
+
+    def copy_through(self, reader: CheckpointReader, names: list[str]) -> None:
+        """`names` as the checkpoint stores them, byte for byte, in shards of their own (at most max_shard_bytes,
+        a larger tensor alone) numbered before the shards added after this call; copied in the kernel
+        (quantize/copy_through.py) on a thread beside the writer's, so the caller goes on at once."""
+        sizes = reader.sizes(names)
+        groups: list[list[str]] = []
+        group_bytes = 0
+        for name in sorted(names):
+            if not groups or (groups[-1] and group_bytes + sizes[name] > self.max_shard_bytes):
+                groups.append([])
+                group_bytes = 0
+            groups[-1].append(name)
+            group_bytes += sizes[name]
+        for group in groups:
+            file_name = f"part-{len(self.shards):05d}.safetensors.tmp"
+            self.shards.append((file_name, group))
+            self.total_bytes += sum(sizes[name] for name in group)
+            sources = {name: reader.model_dir / reader.weight_map[name] for name in group}
+            self._copying.append(self._copier.submit(write_copied_shard, sources, self.out_dir / file_name))
 
     def flush(self) -> None:
         if not self.pending:
@@ -138,6 +173,11 @@ class ShardWriter:
         self.flush()
         self._wait()
         self._thread.shutdown()
+        started = time.perf_counter()
+        for copying in self._copying:
+            copying.result()  # its error, if any, raised here
+        self._copier.shutdown()
+        self.wait_s += time.perf_counter() - started
         if len(self.shards) == 1:
             os.replace(self.out_dir / self.shards[0][0], self.out_dir / SINGLE_FILE)
             return [SINGLE_FILE]
@@ -472,8 +512,20 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     if quantized_tail and (tied or quantized_tail != ["lm_head"]):
         raise ValueError(f"streaming quantizes decoder layers and an untied lm_head; not {quantized_tail}")
 
+    # Everything else (embeddings, final norm, an excluded lm_head) is copied through unchanged;
+    # a tied lm_head has no tensor of its own, as in save_pretrained's output.
+    skeleton_names = set(model.state_dict())
+    rest = [name for name in reader.weight_map if name in skeleton_names
+            and not any(name.startswith(prefix + ".") for prefix in layer_prefixes + quantized_tail)]
+    # Copied in the kernel from the start when they fill a shard (the 14B shape's embeddings and lm_head: 2.9 GB,
+    # nothing in this process's memory); a smaller rest rides in the last shard, keeping a small model one file.
+    copied_in_kernel = sum(reader.sizes(rest).values()) >= max_shard_bytes
+    if copied_in_kernel:
+        writer.copy_through(reader, rest)
+
     needs_activations = _needs_activations(ModelQuantizer(quark_config))
-    batches = [torch.tensor([ids], dtype=torch.long) for ids in token_batches]
+    passes = forward_batches(token_batches, quark_config)  # as in memory (quantize.py): the same bytes
+    batches = [torch.tensor(samples, dtype=torch.long) for samples in passes]
     hidden = arguments = None
     started = time.perf_counter()
     if needs_activations:
@@ -489,7 +541,7 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
     resumed = 0
     if state_dir is not None:
         sections = {name: recipe.model_dump(mode="json")[name] for name in ("model", "calibration", "quantization")}
-        state = LayerState(Path(state_dir), state_key(sections, model_dir, token_batches, device))
+        state = LayerState(Path(state_dir), state_key(sections, model_dir, passes, device))
         resumed = state.finished_layers(len(layer_prefixes), needs_hidden=needs_activations)
     if resumed:
         print(f"resuming after layer {resumed}/{len(layer_prefixes)}: its tensors and boundary verified", flush=True)
@@ -544,14 +596,9 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
                                         [{} for _ in normed] if normed is not None else None, times)
         writer.add(tensors)
     started = time.perf_counter()
-    # Everything else (embeddings, final norm, an excluded lm_head) is copied through unchanged;
-    # a tied lm_head has no tensor of its own, as in save_pretrained's output.
-    written = {name for _, names in writer.shards for name in names} | set(writer.pending)
-    skeleton_names = set(model.state_dict())
-    rest = [name for name in reader.weight_map if name in skeleton_names and name not in written
-            and not any(name.startswith(prefix + ".") for prefix in layer_prefixes)]
-    for name in rest:
-        writer.add(reader.read([name]))
+    if not copied_in_kernel:
+        for name in rest:
+            writer.add(reader.read([name]))
     files = writer.close()
     config.quantization_config = quantization_config
     config.dtype = dtype

@@ -147,7 +147,7 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     host or spread over the GPUs. streaming, the largest of its three phases (plus the libraries' fixed overhead):
     the embedding (a cast one while it is read, then beside the calibration hidden states at the layer boundary
     it computes), a decoder layer (its weights and Quark's quantized copy, the next layer read ahead) with the
-    boundary and an output shard, or a matrix copied through at the end. bench/memory_scaling.py,
+    boundary and an output shard, or a matrix under a shard copied through at the end. bench/memory_scaling.py,
     bench/scale_vs_peers.py and bench/large_boundary.py compare them with measured peaks.
     """
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
@@ -168,15 +168,17 @@ def quantize_peaks(recipe: Recipe, model: MetaModel, device: str) -> dict[str, d
     # tokens touches their rows alone, so the first boundary is all; cast, the matrix is read whole (its mapped
     # pages and the cast copy), then the copy is held beside the boundary it computes. The layers: the boundary,
     # the layer being quantized with Quark's quantized copy and the next one read ahead (3x), and one shard (the
-    # one being written; the one filling is small by then). The end: a matrix copied through (embeddings, an
-    # excluded lm_head) is read while its shard is written, beside the last boundary. Measured (issue #26): the
-    # 14B shape 3.21-3.31 GiB (planned 3.34: the layers), the wide-2layers shape's 3.1 GiB float32 boundary
-    # through `run` 5.41 GiB (planned 5.42: the cast embedding beside it).
+    # one being written; the one filling is small by then). The end: tensors copied through (embeddings, an
+    # excluded lm_head) that fill a shard were copied in the kernel from the start (quantize/copy_through.py: never
+    # in this process's memory); a smaller matrix is read while the last shard is written, beside the last
+    # boundary. Measured (issue #26): the 14B shape 3.21-3.31 GiB (planned 3.34: the layers), the wide-2layers
+    # shape's 3.1 GiB float32 boundary through `run` 5.41 GiB (planned 5.42: the cast embedding beside it).
     if model.checkpoint_dtype == recipe.model.dtype:
         embedding_phase = boundary
     else:
         embedding_phase = embedding + max(stored, boundary)
-    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding_phase, boundary + stored,
+    end_phase = boundary + stored if stored < STREAMING_SHARD_BYTES else 0
+    streaming_host = LIBRARY_OVERHEAD_BYTES + max(embedding_phase, end_phase,
                                                   boundary + 3 * model.largest_block_params * dtype_bytes + shard)
     # data_free, the larger of its two phases. Linears: three groups of weights (one quantized, two read ahead;
     # Quark's float32 copies are of cache-sized row blocks only) and three output files (one filling, one
