@@ -24,18 +24,21 @@ def _model(tmp_path, name: str, size: int = 1000):
     return folder
 
 
-def _alternate(tmp_path, options: EngineOptions, keep_both: bool = True) -> tuple[list[int], list[dict]]:
+def _alternate(tmp_path, options: EngineOptions, keep_both: bool = True, children_out: list | None = None,
+               **job) -> tuple[list[int], list[dict]]:
     """export, base, base, export, export, base (the cold order of serve, the base's figures and two more rounds):
-    the child pid of each call, and the engine starts."""
+    the child pid of each call, and the engine starts. job: the stand-in's sleep_fails / wake_fails."""
     models = {"quantized": _model(tmp_path, "export"), "base": _model(tmp_path, "base")}
     pids = []
     with EngineChildren(tmp_path / "logs", None, keep_both=keep_both,
                         jobs_module="tests.worker_targets") as children:
         for value, role in enumerate(["quantized", "base", "base", "quantized", "quantized", "base"]):
             result, _ = children.call(role, "engine_job", {"model_dir": str(models[role]),
-                                                           "engine_options": options.to_json(), "value": value},
+                                                           "engine_options": options.to_json(), "value": value, **job},
                                       log_name=f"{role}.log", stage="evaluate")
             pids.append(result["pid"])
+        if children_out is not None:
+            children_out.append(children)
         return pids, children.starts
 
 
@@ -71,9 +74,43 @@ def test_keep_both_follows_the_gates_round_schedule(tmp_path):
     assert len(_round_schedule(load_recipe(one_look))) == 1
 
 
-def test_on_an_accelerator_one_engine_child_at_a_time(tmp_path):
+def test_on_an_accelerator_each_model_starts_once_the_other_sleeping(tmp_path, monkeypatch):
+    """The stand-in engine fails if two are awake on the accelerator at once: each call finds the other asleep."""
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    held: list = []
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"), children_out=held)
+    assert len(set(pids)) == 2 and pids[0] == pids[3] == pids[4] and pids[1] == pids[2] == pids[5]
+    assert len(starts) == 2 and all(start["sleep_mode"] for start in starts)  # built to sleep (may_sleep)
+    # the export sleeps for the base's first call, the base for the export's, the export again for the base's
+    assert [entry["role"] for entry in held[0].sleeps] == ["quantized", "base", "quantized"]
+
+
+def test_on_an_accelerator_a_child_that_cannot_sleep_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"), sleep_fails=True)
+    assert len(set(pids)) == 4 and len(starts) == 4  # every switch: the other closed, as without sleep mode
+
+
+def test_on_an_accelerator_a_child_that_fails_to_wake_is_started_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"), wake_fails=True)
+    # calls 4 and 6 find their model's child asleep; its wake fails, so a fresh child takes the call
+    assert pids[1] == pids[2] and pids[3] == pids[4] and len(set(pids)) == 4 and len(starts) == 4
+
+
+def test_on_an_accelerator_without_host_memory_for_the_sleeping_weights_one_child_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    monkeypatch.setattr(memory, "HEADROOM_BYTES", 2**62)
     pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"))
     assert len(set(pids)) == 4 and len(starts) == 4
+
+
+def test_on_an_accelerator_with_one_round_planned_nothing_sleeps(tmp_path, monkeypatch):
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    held: list = []
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"), keep_both=False,
+                              children_out=held)
+    assert len(set(pids)) == 4 and not any(start["sleep_mode"] for start in starts) and held[0].sleeps == []
 
 
 @pytest.mark.parametrize("dtype, factor", [("bfloat16", 1), ("float32", 2)])

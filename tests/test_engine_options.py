@@ -57,6 +57,21 @@ def test_multi_gpu_settings_reach_lm_eval_vllm_model_args_unchanged():
     assert not {"pipeline_parallel_size", "distributed_executor_backend", "max_logprobs"} & named
 
 
+def test_sleep_mode_reaches_vllm_only_when_asked():
+    """enable_sleep_mode is one of vllm.LLM's engine arguments that lm-eval passes through (not its own), and is
+    set only for an engine child that may sleep (evaluate.EngineChildren on an accelerator)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    options = engine.engine_options(_recipe(**MULTI_GPU), quantized=True)
+    assert "enable_sleep_mode" not in engine.lm_eval_vllm_args("/models/x", options)
+    assert engine.lm_eval_vllm_args("/models/x", options, sleep_mode=True)["enable_sleep_mode"] is True
+    named, passes_the_rest = _lm_eval_vllm_init_arguments()
+    assert "enable_sleep_mode" not in named and passes_the_rest
+    assert "enable_sleep_mode" in {field.name for field in dataclasses.fields(EngineArgs)}
+
+
 def test_more_than_one_data_parallel_replica_is_refused_with_the_reason(write_recipe):
     """lm-eval's replicas keep no model for serve's generations and the divergence: a second full copy of the
     model would compete for the same GPUs' memory, so the recipe refuses the setting (one line, the field)."""

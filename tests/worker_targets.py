@@ -120,11 +120,72 @@ def remember(value: int) -> dict:
     return {"remembered": list(_remembered), "pid": os.getpid()}
 
 
-def engine_job(model_dir: str, engine_options: dict, value: int) -> dict:
-    """Stands in for an evaluate job (EngineChildren's tests): the first call in a child "starts an engine"."""
+_asleep: list[bool] = [False]  # the stand-in engine's sleep (engine_job, sleep_job)
+
+
+def _awake_file(model_dir: str):
+    import os
+    from pathlib import Path
+
+    return Path(model_dir).parent / f"awake-{os.getpid()}"
+
+
+def engine_job(model_dir: str, engine_options: dict, value: int, may_sleep: bool = False, sleep_fails: bool = False,
+               wake_fails: bool = False) -> dict:
+    """Stands in for an evaluate job (EngineChildren's tests): the first call in a child "starts an engine" (one
+    that can sleep when may_sleep), a later one wakes it if it sleeps. On an accelerator ("device" not "cpu") it
+    fails if another live child's engine is awake, as a second engine on a full GPU would."""
+    import json
+    import os
+
+    if engine_options["device"] != "cpu":
+        for marker in _awake_file(model_dir).parent.glob("awake-*"):
+            pid = int(marker.name.split("-")[1])
+            if pid != os.getpid() and _alive(pid):
+                raise RuntimeError(f"another engine is awake on the accelerator (pid {pid})")
     started = not _remembered
+    woke = _asleep[0]
+    if woke and wake_fails:
+        raise RuntimeError("wake_up failed")
+    _asleep[0] = False
+    _awake_file(model_dir).write_text(json.dumps({"sleep_fails": sleep_fails}))
     result = remember(value)
-    return {**result, "engine_start": {"role": model_dir} if started else None}
+    return {**result, "woke": woke,
+            "engine_start": {"role": model_dir, "sleep_mode": may_sleep} if started else None}
+
+
+def sleep_job() -> dict:
+    """Stands in for evaluate's sleep_job: the stand-in engine sleeps (or fails to, as asked at its start)."""
+    import json
+
+    awake = list(_awake_file_of_self())
+    if awake and json.loads(awake[0].read_text())["sleep_fails"]:
+        raise RuntimeError("sleep failed")
+    for marker in awake:
+        marker.unlink()
+    _asleep[0] = True
+    return {"asleep": True, "seconds": 0.0}
+
+
+def _awake_file_of_self():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ["QP_TEST_AWAKE_DIR"]).glob(f"awake-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
 
 
 def exit_hard(code: int) -> dict:

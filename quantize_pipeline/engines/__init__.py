@@ -26,10 +26,15 @@ ENGINES = {
 __all__ = ["ENGINES", "Engine", "Generation", "load", "version"]
 
 
-def load(model_dir: str, options: EngineOptions) -> Engine:
-    """The loaded engine (import and load timed apart: engine.import_s, engine.load_s)."""
+def load(model_dir: str, options: EngineOptions, *, sleep_mode: bool = False) -> Engine:
+    """The loaded engine (import and load timed apart: engine.import_s, engine.load_s). sleep_mode: built so that it
+    can sleep (give the accelerator's memory back between calls), where the engine and the platform can: its
+    `sleep_mode` attribute says whether it was."""
     module_name, class_name = ENGINES[options.engine][0].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(model_dir, options)
+    engine_class = getattr(importlib.import_module(module_name), class_name)
+    if sleep_mode and getattr(engine_class, "has_sleep_mode", False):
+        return engine_class(model_dir, options, sleep_mode=True)
+    return engine_class(model_dir, options)
 
 
 def version(engine_name: str) -> str:

@@ -81,3 +81,14 @@ def room_for_another(model_dir: Path, options: EngineOptions) -> bool:
     if options.device != "cpu":
         return False
     return engine_child_bytes(model_dir, options) + HEADROOM_BYTES <= psutil.virtual_memory().available
+
+
+def room_to_sleep(model_dir: Path, options: EngineOptions) -> bool:
+    """Whether this model's engine may sleep (vLLM's level 1 keeps its weights in host memory, pinned): the host has
+    the weights, twice in float32, and HEADROOM_BYTES free."""
+    import psutil
+
+    weights = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
+    if options.dtype == "float32":
+        weights *= 2
+    return weights + HEADROOM_BYTES <= psutil.virtual_memory().available

@@ -89,10 +89,10 @@ def llm_kwargs(model_dir: str, options: EngineOptions) -> dict:
     }
 
 
-def lm_eval_vllm_args(model_dir: str, options: EngineOptions) -> dict:
+def lm_eval_vllm_args(model_dir: str, options: EngineOptions, sleep_mode: bool = False) -> dict:
     """Keyword arguments for lm-eval's VLLM model: vllm.LLM's (it passes unknown ones through) plus its own
-    data_parallel_size. Its `pretrained` is vLLM's `model`."""
-    kwargs = llm_kwargs(model_dir, options)
+    data_parallel_size. Its `pretrained` is vLLM's `model`. sleep_mode: vLLM's (engines/vllm.py VllmEngine.sleep)."""
+    kwargs = llm_kwargs(model_dir, options) | ({"enable_sleep_mode": True} if sleep_mode else {})
     return {"pretrained": kwargs.pop("model"), "batch_size": "auto", "data_parallel_size": options.data_parallel_size,
             **kwargs}
 

@@ -37,23 +37,43 @@ def let_quark_compute_in_float32() -> None:
     QuarkConfig.get_supported_act_dtypes = with_float32
 
 
+def sleep_mode_available() -> bool:
+    """Whether vLLM has its sleep mode on this platform (CUDA, ROCm, XPU in vLLM 0.32; not its CPU build)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_sleep_mode_available()
+
+
 class VllmEngine:
     name = "vllm"
     serves = VLLM_SERVES  # what each vLLM build serves (engines/vllm_serves.py)
+    has_sleep_mode = True  # vLLM's, where the platform has it (engines.load)
 
-    def __init__(self, model_dir: str, options: EngineOptions):
+    def __init__(self, model_dir: str, options: EngineOptions, sleep_mode: bool = False):
         started = time.perf_counter()
 
         lm_class = vllm_lm_class()  # imports vllm and lm-eval's backend
         if options.dtype == "float32" and options.device == "cpu":
             let_quark_compute_in_float32()
+        self.sleep_mode = sleep_mode and sleep_mode_available()
+        self.asleep = False
         self.import_s = time.perf_counter() - started
         started = time.perf_counter()
         # lm-eval's VLLM builds the vllm.LLM (as `.model`) from these arguments: one load serves both.
-        self._lm = lm_class(**settings.lm_eval_vllm_args(model_dir, options))  # one replica: the recipe refuses more
+        self._lm = lm_class(**settings.lm_eval_vllm_args(model_dir, options, sleep_mode=self.sleep_mode))
         self.llm = self._lm.model
         self.load_s = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
+
+    def sleep(self) -> None:
+        """Level 1: the weights to host memory, the KV cache dropped; the accelerator's memory is free for another
+        model's engine (evaluate.EngineChildren). wake_up() before the next request."""
+        self.llm.sleep(level=1)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.asleep = False
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams

@@ -53,23 +53,44 @@ def evaluate_tasks(loaded: engines.Engine, tasks: dict[str, Questions]) -> dict[
 _loaded: tuple[tuple[str, str], engines.Engine] | None = None
 
 
-def load_engine(model_dir: str, options: EngineOptions, role: str) -> tuple[engines.Engine, dict | None]:
-    """(the engine, its start record), or (the engine an earlier call of this child loaded, None)."""
+def load_engine(model_dir: str, options: EngineOptions, role: str,
+                may_sleep: bool = False) -> tuple[engines.Engine, dict | None]:
+    """(the engine, its start record), or (the engine an earlier call of this child loaded, woken if asleep, None).
+    may_sleep: built with the engine's sleep mode where it has one (sleep_job; evaluate.EngineChildren)."""
     global _loaded
     key = (model_dir, json.dumps(options.to_json(), sort_keys=True))
     if _loaded is not None and _loaded[0] == key:
-        return _loaded[1], None
+        loaded = _loaded[1]
+        if getattr(loaded, "asleep", False):
+            started = time.perf_counter()
+            loaded.wake_up()
+            report_event({"event": "engine_wake", "role": role, "wake_s": round(time.perf_counter() - started, 2)})
+        return loaded, None
     _loaded = None  # another model: let go of the first (a session keeps one model per child)
     engine.prepare_environment(options)
-    loaded = engines.load(model_dir, options)
+    loaded = engines.load(model_dir, options, sleep_mode=may_sleep)
     start = _engine_start(loaded, role)
     report_event({"event": "engine_start", **start})
     _loaded = (key, loaded)
     return loaded, start
 
 
+def sleep_job() -> dict:
+    """Child-process job: this child's engine to sleep, where it was built with a sleep mode (vLLM's level 1: its
+    weights to host memory, its KV cache dropped), so that another model's engine can use the accelerator while
+    this child lives; the next load_engine of the same model wakes it. {"asleep": whether it sleeps, "seconds"}."""
+    started = time.perf_counter()
+    loaded = _loaded[1] if _loaded is not None else None
+    if loaded is None or not getattr(loaded, "sleep_mode", False):
+        return {"asleep": False, "seconds": 0.0}
+    if not loaded.asleep:
+        loaded.sleep()
+    return {"asleep": True, "seconds": round(time.perf_counter() - started, 2)}
+
+
 def _engine_start(loaded: engines.Engine, role: str) -> dict:
-    return {"role": role, "engine": loaded.name, "import_s": round(loaded.import_s, 2), "load_s": round(loaded.load_s, 2)}
+    return {"role": role, "engine": loaded.name, "import_s": round(loaded.import_s, 2), "load_s": round(loaded.load_s, 2),
+            "sleep_mode": bool(getattr(loaded, "sleep_mode", False))}
 
 
 def paired_comparison(task: str, base: dict, quantized: dict) -> dict | None:

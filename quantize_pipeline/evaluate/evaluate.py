@@ -19,11 +19,18 @@ from pathlib import Path
 from quantize_pipeline import engines
 from quantize_pipeline.engines import serve
 from quantize_pipeline.engines import settings as engine
-from quantize_pipeline.engines.memory import room_for_another
+from quantize_pipeline.engines.memory import room_for_another, room_to_sleep
 from quantize_pipeline.engines.names import EngineName
 from quantize_pipeline.engines.settings import EngineOptions
+from quantize_pipeline.errors import PipelineError
 from quantize_pipeline.evaluate import baselines, divergence, lm_eval_tasks
-from quantize_pipeline.evaluate.engine_session import Questions, evaluate_tasks, load_engine, paired_comparison
+from quantize_pipeline.evaluate.engine_session import (  # noqa: F401  (sleep_job: a job of this module)
+    Questions,
+    evaluate_tasks,
+    load_engine,
+    paired_comparison,
+    sleep_job,
+)
 from quantize_pipeline.evaluate.question_store import QuestionStore
 from quantize_pipeline.evaluate.record import (
     BaselineColumn,
@@ -48,13 +55,13 @@ from quantize_pipeline.verdict.run_facts import completion_texts
 
 def export_job(model_dir: str, engine_options: dict, prompts: list[str], max_new_tokens: int,
                tasks: dict[str, Questions], divergence_texts: list[str] | None, serve_dir: str,
-               top_logprobs_path: str) -> dict:
+               top_logprobs_path: str, may_sleep: bool = False) -> dict:
     """Child-process job for the export: one load; serve's work, then evaluate's."""
     from dataclasses import asdict
 
     options = EngineOptions.from_json(engine_options)
     started = time.perf_counter()
-    loaded, start = load_engine(model_dir, options, "quantized")
+    loaded, start = load_engine(model_dir, options, "quantized", may_sleep)
     figures = serve.serve(loaded, engines.version(options.engine), prompts, max_new_tokens, Path(serve_dir))
     serve_s = time.perf_counter() - started
     results: dict = {"engine_start": start, "serve": asdict(figures),
@@ -67,13 +74,13 @@ def export_job(model_dir: str, engine_options: dict, prompts: list[str], max_new
 
 
 def base_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], score_texts: list[list[str]],
-             divergence_texts: list[str] | None, reference_path: str | None) -> dict:
+             divergence_texts: list[str] | None, reference_path: str | None, may_sleep: bool = False) -> dict:
     """Child-process job for the base model: only the figures that were not cached.
 
     score_texts: [prompt, completion] pairs whose completion this model scores (the base
     judging the export's generations: how word salad is caught)."""
     options = EngineOptions.from_json(engine_options)
-    loaded, start = load_engine(model_dir, options, "base")
+    loaded, start = load_engine(model_dir, options, "base", may_sleep)
     results: dict = {"engine_start": start, "tasks": evaluate_tasks(loaded, tasks)}
     if score_texts:
         started = time.perf_counter()
@@ -85,11 +92,12 @@ def base_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], 
     return results
 
 
-def round_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], role: str) -> dict:
+def round_job(model_dir: str, engine_options: dict, tasks: dict[str, Questions], role: str,
+              may_sleep: bool = False) -> dict:
     """Child-process job for a later round of the gate's sequential evaluation: more questions of
     the tasks (role: "quantized" or "base"), on the engine the session's child has loaded, if it has."""
     options = EngineOptions.from_json(engine_options)
-    loaded, start = load_engine(model_dir, options, role)
+    loaded, start = load_engine(model_dir, options, role, may_sleep)
     return {"engine_start": start, "tasks": evaluate_tasks(loaded, tasks)}
 
 
@@ -97,16 +105,23 @@ class EngineChildren:
     """serve's and evaluate's engine children, one per model ("quantized", "base"): a model's later work (the gate's
     next round) runs in its child while that child lives, so its engine is not started again. When the other
     model's child starts, the first stays alive if it may be called again (`keep_both`: the gate plans more than
-    one round) and there is room for both (`engines.memory.room_for_another`: host memory on a CPU); else it is
-    closed first, so two models never share memory that holds one (a 70B export and its base do not fit one GPU
-    together) and a model needed again starts again."""
+    one round) and either there is room for both (`engines.memory.room_for_another`: host memory on a CPU) or it
+    can sleep (on an accelerator: its engine built with vLLM's sleep mode, `sleep_job`, and host memory for its
+    weights, `engines.memory.room_to_sleep`); else it is closed first, so two models never share memory that holds
+    one (a 70B export and its base do not fit one GPU together) and a model needed again starts again. A sleeping
+    child is woken by its next call, after the other one has gone to sleep in turn."""
 
     def __init__(self, logs: Path, on_event: Emit | None, *, keep_both: bool, jobs_module: str = __name__) -> None:
         self.logs, self.on_event, self.jobs_module = logs, on_event, jobs_module
         self.keep_both = keep_both  # whether a model's child may be called again after the other's
         self.role: str | None = None  # the model of the last call
         self._sessions: dict[str, Session] = {}
+        self._model_dirs: dict[str, Path] = {}
+        self._can_sleep: dict[str, bool] = {}  # from each child's engine start record
+        self._asleep: set[str] = set()
+        self._side_by_side = False  # both children awake together (there was room for both)
         self.starts: list[dict] = []  # every engine start, in order
+        self.sleeps: list[dict] = []  # every time a child's engine was put to sleep: {"role", "seconds"}
 
     def __enter__(self) -> EngineChildren:
         return self
@@ -120,20 +135,55 @@ class EngineChildren:
         if session is not None and not session.alive:
             self._close(role)
             session = None
+        model_dir, options = Path(kwargs["model_dir"]), EngineOptions.from_json(kwargs["engine_options"])
+        for other in [name for name in self._sessions if name != role and name not in self._asleep]:
+            if self._side_by_side:
+                continue
+            if session is None and self.keep_both and room_for_another(model_dir, options):
+                self._side_by_side = True
+                continue
+            self._give_way(other, options)
         if session is None:
-            options = EngineOptions.from_json(kwargs["engine_options"])
-            for other in [name for name in self._sessions if name != role]:
-                if not (self.keep_both and room_for_another(Path(kwargs["model_dir"]), options)):
-                    self._close(other)
             session = self._sessions[role] = Session(log_path=self.logs / log_name, on_event=self.on_event)
+            self._model_dirs[role] = model_dir
         self.role = role
-        result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
+        # On an accelerator, a child that may be called again after the other's is built to sleep.
+        kwargs = kwargs | {"may_sleep": self.keep_both and options.device != "cpu"}
+        try:
+            result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
+        except PipelineError as error:
+            if role not in self._asleep:
+                raise
+            # A child that slept and failed (its wake, most likely): a fresh one, as without sleeping.
+            print(f"the {role} model's sleeping engine failed ({error}): started again", flush=True)
+            self._close(role)
+            session = self._sessions[role] = Session(log_path=self.logs / log_name, on_event=self.on_event)
+            result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
+        self._asleep.discard(role)  # the job woke it
         if result.get("engine_start") is not None:
             self.starts.append(result["engine_start"])
+            self._can_sleep[role] = bool(result["engine_start"].get("sleep_mode"))
         return result, peak_mb
+
+    def _give_way(self, role: str, options: EngineOptions) -> None:
+        """The child of `role` frees the accelerator for the other model's: asleep if it can and may be called
+        again, else closed (also when its sleep fails: the other model starts either way)."""
+        if self.keep_both and self._can_sleep.get(role) and room_to_sleep(self._model_dirs[role], options):
+            try:
+                result, _ = self._sessions[role].call(f"{self.jobs_module}:sleep_job", {}, stage="evaluate",
+                                                      label=role)
+            except PipelineError as error:
+                print(f"the {role} model's engine could not sleep ({error}): closed instead", flush=True)
+            else:
+                if result["asleep"]:
+                    self._asleep.add(role)
+                    self.sleeps.append({"role": role, "seconds": result["seconds"]})
+                    return
+        self._close(role)
 
     def _close(self, role: str) -> None:
         self._sessions.pop(role).close()
+        self._asleep.discard(role)
         if self.role == role:
             self.role = None
 
