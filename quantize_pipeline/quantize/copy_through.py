@@ -35,7 +35,9 @@ def copy_range(source: int, target: int, offset: int, count: int) -> None:
             block = os.pread(source, min(count, CHUNK_BYTES), offset)
             if not block:
                 raise ValueError(f"file ended {count} bytes early") from error
-            os.write(target, block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(target, view):]
             offset, count = offset + len(block), count - len(block)
 
 
