@@ -365,8 +365,10 @@ def test_a_truncated_export_is_rebuilt_byte_identical_and_served_by_one_engine_s
     starts = [event for event in events if event["event"] == "engine_start"]
     assert [(event["role"], event["engine"], event["stage"]) for event in starts] == [("quantized", "vllm", "serve")]
     assert starts[0]["load_s"] > 0 and starts[0]["import_s"] > 0
+    assert starts[0]["sleep_mode"] is False  # vLLM's CPU build has no sleep mode (evaluate.EngineChildren)
     evaluation = json.loads((run_dir / "evaluate" / "evaluate.json").read_text())
-    assert evaluation["engine_starts"] == [{key: starts[0][key] for key in ("role", "engine", "import_s", "load_s")}]
+    assert evaluation["engine_starts"] == [{key: starts[0][key]
+                                            for key in ("role", "engine", "import_s", "load_s", "sleep_mode")}]
     assert evaluation["baseline"]["computed_tasks"] == [] and evaluation["baseline"]["completion_perplexities_cached"]
     assert evaluation["divergence"]["base_reference_cached"]
 
