@@ -98,6 +98,18 @@ def test_on_an_accelerator_a_child_that_fails_to_wake_is_started_again(tmp_path,
     assert pids[1] == pids[2] and pids[3] == pids[4] and len(set(pids)) == 4 and len(starts) == 4
 
 
+def test_on_an_accelerator_a_start_that_fails_beside_a_sleeping_engine_is_retried_alone(tmp_path, monkeypatch):
+    """What a sleeping vLLM keeps on the device (CUDA context, graphs) can leave too little for the other model's
+    start: the sleeping child is closed and the start retried, as without sleep mode."""
+    monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
+    held: list = []
+    pids, starts = _alternate(tmp_path, dataclasses.replace(OPTIONS, device="cuda"), children_out=held,
+                              start_fails_beside_a_sleeper=True)
+    # the base's first start fails beside the sleeping export and runs alone; so does the export's second start
+    assert pids[1] == pids[2] and pids[3] == pids[4] and len(set(pids)) == 4 and len(starts) == 4
+    assert [entry["role"] for entry in held[0].sleeps] == ["quantized", "base", "quantized"]
+
+
 def test_on_an_accelerator_without_host_memory_for_the_sleeping_weights_one_child_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setenv("QP_TEST_AWAKE_DIR", str(tmp_path))
     monkeypatch.setattr(memory, "HEADROOM_BYTES", 2**62)

@@ -131,7 +131,7 @@ def _awake_file(model_dir: str):
 
 
 def engine_job(model_dir: str, engine_options: dict, value: int, may_sleep: bool = False, sleep_fails: bool = False,
-               wake_fails: bool = False) -> dict:
+               wake_fails: bool = False, start_fails_beside_a_sleeper: bool = False) -> dict:
     """Stands in for an evaluate job (EngineChildren's tests): the first call in a child "starts an engine" (one
     that can sleep when may_sleep), a later one wakes it if it sleeps. On an accelerator ("device" not "cpu") it
     fails if another live child's engine is awake, as a second engine on a full GPU would."""
@@ -144,10 +144,14 @@ def engine_job(model_dir: str, engine_options: dict, value: int, may_sleep: bool
             if pid != os.getpid() and _alive(pid):
                 raise RuntimeError(f"another engine is awake on the accelerator (pid {pid})")
     started = not _remembered
+    if started and start_fails_beside_a_sleeper and any(
+            _alive(int(marker.name.split("-")[1])) for marker in _awake_file(model_dir).parent.glob("asleep-*")):
+        raise RuntimeError("not enough device memory beside a sleeping engine")
     woke = _asleep[0]
     if woke and wake_fails:
         raise RuntimeError("wake_up failed")
     _asleep[0] = False
+    _awake_file(model_dir).with_name(f"asleep-{os.getpid()}").unlink(missing_ok=True)
     _awake_file(model_dir).write_text(json.dumps({"sleep_fails": sleep_fails}))
     result = remember(value)
     return {**result, "woke": woke,
@@ -162,7 +166,7 @@ def sleep_job() -> dict:
     if awake and json.loads(awake[0].read_text())["sleep_fails"]:
         raise RuntimeError("sleep failed")
     for marker in awake:
-        marker.unlink()
+        marker.rename(marker.with_name(marker.name.replace("awake-", "asleep-")))
     _asleep[0] = True
     return {"asleep": True, "seconds": 0.0}
 

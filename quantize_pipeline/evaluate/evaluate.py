@@ -109,7 +109,8 @@ class EngineChildren:
     can sleep (on an accelerator: its engine built with vLLM's sleep mode, `sleep_job`, and host memory for its
     weights, `engines.memory.room_to_sleep`); else it is closed first, so two models never share memory that holds
     one (a 70B export and its base do not fit one GPU together) and a model needed again starts again. A sleeping
-    child is woken by its next call, after the other one has gone to sleep in turn."""
+    child is woken by its next call, after the other one has gone to sleep in turn; a wake, or a start beside a
+    sleeping child, that fails is retried in a fresh child with no other alive."""
 
     def __init__(self, logs: Path, on_event: Emit | None, *, keep_both: bool, jobs_module: str = __name__) -> None:
         self.logs, self.on_event, self.jobs_module = logs, on_event, jobs_module
@@ -152,11 +153,16 @@ class EngineChildren:
         try:
             result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
         except PipelineError as error:
-            if role not in self._asleep:
+            sleeping = [name for name in self._asleep if name != role]
+            if role not in self._asleep and not sleeping:
                 raise
-            # A child that slept and failed (its wake, most likely): a fresh one, as without sleeping.
-            print(f"the {role} model's sleeping engine failed ({error}): started again", flush=True)
-            self._close(role)
+            # A child that slept and failed (its wake, most likely), or a start beside a sleeping engine that did not
+            # fit (what a sleeping vLLM keeps on the device: its CUDA context, graphs): the call again in a fresh
+            # child with no other alive, as without sleeping.
+            print(f"the {role} model's engine failed beside a sleeping one ({error}): started again alone", flush=True)
+            for name in [role, *sleeping]:
+                if name in self._sessions:
+                    self._close(name)
             session = self._sessions[role] = Session(log_path=self.logs / log_name, on_event=self.on_event)
             result, peak_mb = session.call(f"{self.jobs_module}:{job}", kwargs, stage=stage, label=role)
         self._asleep.discard(role)  # the job woke it
