@@ -12,7 +12,8 @@ One sitting, one after the other, on a synthetic checkpoint (bench/synthetic_lla
   from PyPI (`torch==2.13.0`, then `llmcompressor==0.14.0.1`): wall of the child process, peak RSS of its tree;
 - this pipeline, calibrated `fp8` in streaming mode (static activation scales, 8 x 128 random tokens).
 
-Each export of ours is checked by `verify`; every export is removed after its row (disk). Prints a table, the
+Every row starts with the checkpoint out of the page cache (`cold`: what an earlier row read or wrote does not
+help or hinder the next, whatever the order). Each export of ours is checked by `verify`; every export is removed after its row (disk). Prints a table, the
 ratios the issue sets targets for, and plan's estimate next to each measured peak; writes JSON.
 
     .venv/bin/python bench/scale_vs_peers.py [--shape 14b] [--work /var/tmp/qp-scale] [--out bench/data]
@@ -70,6 +71,20 @@ def _timed_process(command: list[str], log: Path) -> tuple[float, int, int]:
             peak = max(peak, tree_rss_bytes(process.pid))
             time.sleep(0.2)
         return time.perf_counter() - started, peak, process.returncode
+
+
+def cold(model_dir: Path) -> None:
+    """The checkpoint's pages dropped from the page cache (dirty ones written first): the next row reads it from
+    the disk, as a first run after a download does. posix_fadvise needs no privileges; pages another process maps
+    stay."""
+    os.sync()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
 
 
 def read_write(model_dir: Path, work: Path) -> dict:
@@ -182,6 +197,7 @@ def main() -> None:
           f"{psutil.virtual_memory().total / GIB:.1f} GiB", flush=True)
     rows = []
     for name in args.rows.split(","):
+        cold(model_dir)
         if name == "read_write":
             row = read_write(model_dir, args.work)
         elif name == "data_free":

@@ -131,7 +131,7 @@ def test_shard_writer_numbers_the_copied_shards_first_and_indexes_every_tensor(t
     # 3 KiB shards: the 3 KiB embedding alone, the 2.3 KiB lm_head alone, the norm with the small ones
     writer = ShardWriter(out, max_shard_bytes=3072)
     copied = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "counts", "scaled"]
-    writer.copy_through(reader, copied)
+    writer.copy_through(reader, reader.sizes(copied))
     layer = {"model.layers.0.mlp.up_proj.weight": torch.ones(16, 16)}
     writer.add(layer)
     files = writer.close()
@@ -163,6 +163,18 @@ def test_a_failed_copy_is_raised_by_close(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(streaming, "write_copied_shard", fail)
-    writer.copy_through(streaming.CheckpointReader(source), ["counts"])
+    reader = streaming.CheckpointReader(source)
+    writer.copy_through(reader, reader.sizes(["counts"]))
     with pytest.raises(OSError, match="No space left"):
         writer.close()
+
+
+def test_no_copy_thread_until_something_is_copied_through(tmp_path):
+    import torch
+
+    from quantize_pipeline.quantize.streaming import ShardWriter
+
+    writer = ShardWriter(tmp_path)
+    writer.add({"a": torch.ones(2)})
+    assert writer._copier is None
+    assert writer.close() == ["model.safetensors"]

@@ -52,3 +52,29 @@ def test_weight_observers_skip_the_token_count_and_leave_activations_counting():
     weight_observer(tensor * 3)
     input_observer(tensor * 3)
     assert torch.equal(weight_observer._calculate_qparams()[0], input_observer._calculate_qparams()[0])
+
+
+def test_activation_observers_skip_the_count_only_when_asked():
+    config = _quark_config("fp8")
+    use_weight_observers(config, activations=True)
+    layer = config.global_quant_config
+    counted = _quark_config("fp8").global_quant_config.input_tensors.observer_cls
+    uncounted = layer.input_tensors.observer_cls
+    assert uncounted is not counted and issubclass(uncounted, counted)
+    observer = uncounted(layer.input_tensors)
+    observer.record_observed_tokens(torch.ones(4, 8))
+    assert observer._num_observed_tokens == 0
+
+
+def test_only_per_expert_modules_count_as_experts():
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from quantize_pipeline.quantize import moe
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "vocab_size": 64}
+    dense = LlamaForCausalLM(LlamaConfig(**small))
+    assert not moe.has_experts(dense.model.layers[0])
+    mixtral = MixtralForCausalLM(MixtralConfig(**small, num_local_experts=2, num_experts_per_tok=1))
+    moe.unfuse_experts(mixtral)
+    assert moe.has_experts(mixtral.model.layers[0])

@@ -62,12 +62,16 @@ ENGINE_PROCESS_BYTES = 2 * 2**30
 HEADROOM_BYTES = 4 * 2**30
 
 
-def engine_child_bytes(model_dir: Path, options: EngineOptions) -> int:
-    """Host memory an engine child on the CPU needs for this model: its weights (in float32, twice what a 16-bit
-    checkpoint stores), vLLM's CPU KV cache and the process itself."""
+def _weights_bytes(model_dir: Path, options: EngineOptions) -> int:
+    """The model's weights as the engine holds them: in float32, twice what a 16-bit checkpoint stores."""
     weights = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-    if options.dtype == "float32":
-        weights *= 2
+    return weights * 2 if options.dtype == "float32" else weights
+
+
+def engine_child_bytes(model_dir: Path, options: EngineOptions) -> int:
+    """Host memory an engine child on the CPU needs for this model: its weights, vLLM's CPU KV cache and the
+    process itself."""
+    weights = _weights_bytes(model_dir, options)
     kv_cache = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)) * 2**30
     return int(weights + kv_cache + ENGINE_PROCESS_BYTES)
 
@@ -88,7 +92,4 @@ def room_to_sleep(model_dir: Path, options: EngineOptions) -> bool:
     the weights, twice in float32, and HEADROOM_BYTES free."""
     import psutil
 
-    weights = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-    if options.dtype == "float32":
-        weights *= 2
-    return weights + HEADROOM_BYTES <= psutil.virtual_memory().available
+    return _weights_bytes(model_dir, options) + HEADROOM_BYTES <= psutil.virtual_memory().available

@@ -45,7 +45,7 @@ from quantize_pipeline.quantize.streaming import (
     exported_tensors,
     quantization_config_dict,
 )
-from quantize_pipeline.quantize.weight_observers import use_weight_observers, weight_observer
+from quantize_pipeline.quantize.weight_observers import observer_without_token_count, use_weight_observers
 from quantize_pipeline.recipe.plan import DATA_FREE_GROUP_BYTES, DATA_FREE_PART_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.rundir import atomic_write_json, read_json, sha256_file
@@ -150,7 +150,7 @@ def _quantize_fast(live_name: str, weight, spec, model_type: str, dtype, chunk_e
 
     weight = weight.to(dtype)
     spec = copy.copy(spec)
-    spec.observer_cls = weight_observer(spec.observer_cls)
+    spec.observer_cls = observer_without_token_count(spec.observer_cls)
     rows = max(1, chunk_elements // max(1, weight.shape[-1])) if _rows_independent(spec, weight) else weight.shape[0]
 
     def quantize_block(block) -> dict:

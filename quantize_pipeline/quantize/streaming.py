@@ -113,7 +113,7 @@ class ShardWriter:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writing: Future | None = None
         self._copying: list[Future] = []  # shards copied through in the kernel (copy_through), on a thread of their own
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-through")
+        self._copier: ThreadPoolExecutor | None = None  # that thread, started by the first copy_through
 
     def add(self, tensors: dict) -> None:
         for name, tensor in sorted(tensors.items()):  # by name: the same shards whether fresh or resumed
@@ -124,15 +124,17 @@ class ShardWriter:
             self.pending_bytes += size
             self.total_bytes += size
 
-    def copy_through(self, reader: CheckpointReader, names: list[str]) -> None:
-        """`names` as the checkpoint stores them, byte for byte, in shards of their own (at most max_shard_bytes,
-        a larger tensor alone) numbered before the shards added after this call; copied in the kernel
-        (quantize/copy_through.py) on a thread beside the writer's, so the caller goes on at once."""
-        sizes = reader.sizes(names)
+    def copy_through(self, reader: CheckpointReader, sizes: dict[str, int]) -> None:
+        """The tensors named in `sizes` (name: bytes, CheckpointReader.sizes) as the checkpoint stores them, byte for
+        byte, in shards of their own (at most max_shard_bytes, a larger tensor alone) numbered before the shards
+        added after this call; copied in the kernel (quantize/copy_through.py) on a thread beside the writer's, so
+        the caller goes on at once."""
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-through")
         groups: list[list[str]] = []
         group_bytes = 0
-        for name in sorted(names):
-            if not groups or (groups[-1] and group_bytes + sizes[name] > self.max_shard_bytes):
+        for name in sorted(sizes):
+            if not groups or group_bytes + sizes[name] > self.max_shard_bytes:
                 groups.append([])
                 group_bytes = 0
             groups[-1].append(name)
@@ -176,7 +178,8 @@ class ShardWriter:
         started = time.perf_counter()
         for copying in self._copying:
             copying.result()  # its error, if any, raised here
-        self._copier.shutdown()
+        if self._copier is not None:
+            self._copier.shutdown()
         self.wait_s += time.perf_counter() - started
         if len(self.shards) == 1:
             os.replace(self.out_dir / self.shards[0][0], self.out_dir / SINGLE_FILE)
@@ -440,7 +443,8 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     # A copy per layer: Quark narrows the config's exclude list to the modules of the model it is given.
     quark_config = copy.deepcopy(quark_config)
     quantizer = ModelQuantizer(quark_config)
-    use_weight_observers(quark_config)  # weights not counted as calibration tokens (a full pass over each)
+    # Weights not counted as calibration tokens (a full pass over each); activations counted only for MoE experts.
+    use_weight_observers(quark_config, activations=not moe.has_experts(module))
     started = time.perf_counter()
     data = None
     if inputs is not None:
@@ -529,9 +533,10 @@ def _stream_quantize(recipe: Recipe, model_dir: Path, token_batches: list[list[i
             and not any(name.startswith(prefix + ".") for prefix in layer_prefixes + quantized_tail)]
     # Copied in the kernel from the start when they fill a shard (the 14B shape's embeddings and lm_head: 2.9 GB,
     # nothing in this process's memory); a smaller rest rides in the last shard, keeping a small model one file.
-    copied_in_kernel = sum(reader.sizes(rest).values()) >= max_shard_bytes
+    rest_sizes = reader.sizes(rest)
+    copied_in_kernel = sum(rest_sizes.values()) >= max_shard_bytes
     if copied_in_kernel:
-        writer.copy_through(reader, rest)
+        writer.copy_through(reader, rest_sizes)
 
     needs_activations = _needs_activations(ModelQuantizer(quark_config))
     passes = forward_batches(token_batches, quark_config)  # as in memory (quantize.py): the same bytes
