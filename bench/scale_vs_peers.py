@@ -13,8 +13,9 @@ One sitting, one after the other, on a synthetic checkpoint (bench/synthetic_lla
 - this pipeline, calibrated `fp8` in streaming mode (static activation scales, 8 x 128 random tokens).
 
 Every row starts with the checkpoint out of the page cache (`cold`: what an earlier row read or wrote does not
-help or hinder the next, whatever the order). Each export of ours is checked by `verify`; every export is removed after its row (disk). Prints a table, the
-ratios the issue sets targets for, and plan's estimate next to each measured peak; writes JSON.
+help or hinder the next, whatever the order). Each export of ours is checked by `verify`; every export is removed
+after its row (disk). Prints a table, the ratios the issue sets targets for, and plan's estimate next to each
+measured peak; writes JSON.
 
     .venv/bin/python bench/scale_vs_peers.py [--shape 14b] [--work /var/tmp/qp-scale] [--out bench/data]
         [--peer-venv /var/tmp/qp-peer-venv] [--rows read_write,data_free,peer,fp8_streaming]

@@ -106,12 +106,14 @@ def unfuse_experts(model) -> int:
     return fused
 
 
+# A per-expert module's name, as unfuse_experts leaves them: `...experts.<index>` and what is inside it.
+_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
+
+
 def has_experts(module) -> bool:
-    """Whether `module` holds per-expert modules (named `...experts.<index>...`, as unfuse_experts leaves them)."""
+    """Whether `module` holds per-expert modules."""
     return any(_EXPERT.search(name) for name, _ in module.named_modules())
 
-
-_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
 
 # An expert's static input quantizer, by its live module name: (the layer's experts, expert index, projection).
 _EXPERT_INPUT_QUANTIZER = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<projection>[^.]+)\._input_quantizer$")
