@@ -14,10 +14,12 @@ def test_returning_freed_memory_starts_no_process(monkeypatch):
     def no_process(*args, **kwargs):
         raise AssertionError(f"a process was started: {args[1:2]}")
 
+    streaming._libc.cache_clear()
     streaming._malloc_trim.cache_clear()
     monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
     streaming._return_freed_memory()
     streaming._return_freed_memory()
+    streaming.fault_in({})
 
 
 def test_glibc_malloc_trim_is_found():

@@ -12,7 +12,7 @@ import torch
 
 from quantize_pipeline.formats.quark_config import build_quark_config
 from quantize_pipeline.quantize.freeze import weights_fake_quantized_on_freeze
-from quantize_pipeline.quantize.weight_observers import use_weight_observers
+from quantize_pipeline.quantize.weight_observers import use_uncounted_observers
 from quantize_pipeline.recipe.schema import Recipe
 
 pytestmark = pytest.mark.slow  # imports Quark (its kernels: ~15 s)
@@ -38,7 +38,7 @@ def test_freeze_keeps_the_fake_quantized_weights_for_asymmetric_weights_only(sch
 def test_weight_observers_skip_the_token_count_and_leave_activations_counting():
     config = _quark_config("fp8")
     original = copy.deepcopy(config)
-    use_weight_observers(config)
+    use_uncounted_observers(config)
     layer = config.global_quant_config
     weight_cls, input_cls = layer.weight.observer_cls, layer.input_tensors.observer_cls
     assert weight_cls is not input_cls and issubclass(weight_cls, input_cls)
@@ -56,7 +56,7 @@ def test_weight_observers_skip_the_token_count_and_leave_activations_counting():
 
 def test_activation_observers_skip_the_count_only_when_asked():
     config = _quark_config("fp8")
-    use_weight_observers(config, activations=True)
+    use_uncounted_observers(config, activations=True)
     layer = config.global_quant_config
     counted = _quark_config("fp8").global_quant_config.input_tensors.observer_cls
     uncounted = layer.input_tensors.observer_cls

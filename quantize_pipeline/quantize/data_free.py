@@ -43,9 +43,10 @@ from quantize_pipeline.quantize.streaming import (
     SINGLE_FILE,
     CheckpointReader,
     exported_tensors,
+    fault_in,
     quantization_config_dict,
 )
-from quantize_pipeline.quantize.weight_observers import observer_without_token_count, use_weight_observers
+from quantize_pipeline.quantize.weight_observers import observer_without_token_count, use_uncounted_observers
 from quantize_pipeline.recipe.plan import DATA_FREE_GROUP_BYTES, DATA_FREE_PART_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.rundir import atomic_write_json, read_json, sha256_file
@@ -224,7 +225,7 @@ def _quantize_modules(weights: dict, quark_config, model_type: str, dtype) -> tu
     container = _container(modules)
     quark_config = copy.deepcopy(quark_config)  # Quark narrows the exclude list to the modules it is given
     quantizer = ModelQuantizer(_weights_only(quark_config))
-    use_weight_observers(quark_config)
+    use_uncounted_observers(quark_config)
     container = quantizer.quantize_model(container, None)
     container = ModelQuantizer.freeze(container, quantize=weights_fake_quantized_on_freeze(quark_config))
     frozen = count_frozen(container)
@@ -357,10 +358,14 @@ class _Writer(threading.Thread):
 
 
 def _read_ahead(reader: CheckpointReader, jobs: list[tuple[str, list[str]]], out: queue.Queue) -> None:
-    """Reads each job's tensors in order into `out` (bounded: at most two groups ahead of the quantizer)."""
+    """Reads each job's tensors in order into `out`: one waiting there and one being read, two groups ahead of the
+    quantizer. Their pages are read here (fault_in), not on first touch by the quantizing threads, so what waits
+    in `out` is in memory (plan counts the two)."""
     try:
         for kind, names in jobs:
-            out.put((kind, names, reader.read(names)))
+            tensors = reader.read(names)
+            fault_in(tensors)
+            out.put((kind, names, tensors))
     except BaseException as error:
         out.put(("error", [], error))
 
@@ -415,7 +420,7 @@ def data_free_quantize(recipe: Recipe, model_dir: Path, out_dirs: dict, device: 
         jobs.extend(("copy", chunk) for chunk in plan.copied)
     if resumed:
         print(f"resuming: {resumed}/{len(plans)} input shards finished and verified", flush=True)
-    tensors_queue: queue.Queue = queue.Queue(maxsize=2)
+    tensors_queue: queue.Queue = queue.Queue(maxsize=1)  # see _read_ahead
     reader_thread = threading.Thread(target=_read_ahead, args=(reader, jobs, tensors_queue), daemon=True)
     reader_thread.start()
     writer = _Writer()

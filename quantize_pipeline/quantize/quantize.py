@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize_pipeline.formats.quark_config import build_quark_config, quark_scheme_name
-from quantize_pipeline.quantize import moe
+from quantize_pipeline.quantize import moe, row_min_max
 from quantize_pipeline.quantize.forward_batches import forward_batches
 from quantize_pipeline.recipe import layers
 from quantize_pipeline.recipe.schema import Recipe
@@ -81,6 +81,7 @@ def resolve_config(recipe: Recipe, model) -> ResolvedConfig:
     overrides = {by_checkpoint_name[name]: scheme
                  for name, scheme in layer_overrides(recipe, checkpoint_names, excluded_names).items()}
     config = build_quark_config(recipe, model_type, excluded, overrides)
+    row_min_max.install()  # every quantizing path resolves its config first
     return ResolvedConfig(config, linear_names, excluded, overrides, model_type)
 
 

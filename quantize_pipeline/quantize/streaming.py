@@ -33,7 +33,7 @@ from quantize_pipeline.quantize.forward_batches import forward_batches
 from quantize_pipeline.quantize.freeze import count_frozen, weights_fake_quantized_on_freeze
 from quantize_pipeline.quantize.quantize import peak_rss_mb, resolve_config, say_uncalibrated, write_summary
 from quantize_pipeline.quantize.stream_state import LayerState, state_key
-from quantize_pipeline.quantize.weight_observers import use_weight_observers
+from quantize_pipeline.quantize.weight_observers import use_uncounted_observers
 from quantize_pipeline.recipe.plan import STREAMING_SHARD_BYTES
 from quantize_pipeline.recipe.schema import Recipe
 from quantize_pipeline.run.stage_record import StageRecord, records_to_json
@@ -235,14 +235,20 @@ def _return_freed_memory() -> None:
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, from the libraries this process has loaded; None without it (not glibc). Why not
-    ctypes.util.find_library("c"): it runs `ldconfig -p` in a subprocess, and did so once a layer: a forked copy
-    of this process that a sample of the process tree's RSS could catch and count twice (the 14B fp8 streaming
-    row's peak read 4.0-4.7 GiB in some sittings, 3.1-3.3 GiB in the others)."""
+def _libc():
+    """The C library, from the libraries this process has loaded, once. Why not ctypes.util.find_library("c"): it
+    runs `ldconfig -p` in a subprocess, and did so once a layer: a forked copy of this process that a sample of
+    the process tree's RSS could catch and count twice (the 14B fp8 streaming row's peak read 4.0-4.7 GiB in some
+    sittings, 3.1-3.3 GiB in the others)."""
     import ctypes
 
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim; None without it (not glibc)."""
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def _read_module(reader: CheckpointReader, prefix: str) -> dict:
@@ -270,7 +276,7 @@ def fault_in(tensors: dict, advice: int = MADV_POPULATE_READ) -> None:
 
     import torch
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     page = mmap.PAGESIZE
     for tensor in tensors.values():
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
@@ -452,7 +458,7 @@ def _quantize_group(path: str, module, quark_config, inputs: list | None, argume
     quark_config = copy.deepcopy(quark_config)
     quantizer = ModelQuantizer(quark_config)
     # Weights not counted as calibration tokens (a full pass over each); activations counted only for MoE experts.
-    use_weight_observers(quark_config, activations=not moe.has_experts(module))
+    use_uncounted_observers(quark_config, activations=not moe.has_experts(module))
     started = time.perf_counter()
     data = None
     if inputs is not None:

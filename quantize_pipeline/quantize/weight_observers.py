@@ -28,7 +28,7 @@ def observer_without_token_count(observer_cls: type) -> type:
     return type(f"Uncounted{observer_cls.__name__}", (observer_cls,), {"record_observed_tokens": _skip_token_count})
 
 
-def use_weight_observers(quark_config, activations: bool = False) -> None:
+def use_uncounted_observers(quark_config, activations: bool = False) -> None:
     """Every single-stage weight spec of the config observed by `observer_without_token_count`. In place: give it
     a copy. Each weight spec is replaced by a copy first: Quark's templates share one spec object between weights and
     activations, and an activation keeps its count (issue #26: the shared spec first changed both).
