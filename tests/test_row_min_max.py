@@ -39,8 +39,8 @@ def test_min_and_max_over_a_dim_are_torch_aminmaxs_values(dtype, dim, keepdim):
     for want, have in ((expected.min, got.min), (expected.max, got.max)):
         assert want.dtype == have.dtype and want.shape == have.shape
         assert torch.equal(want.isnan(), have.isnan())
-        finite = ~want.isnan()
-        assert torch.equal(want[finite], have[finite])  # -0.0 == 0.0: which zero a row of both gives may differ
+        compared = ~want.isnan()
+        assert torch.equal(want[compared], have[compared])  # -0.0 == 0.0: which zero a row of both gives may differ
 
 
 def test_without_a_dim_and_every_other_name_are_torchs_own():
